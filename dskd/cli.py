@@ -1,0 +1,159 @@
+"""``dskd`` command line: finetune, distill, evaluate, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from dskd.errors import DskdError
+
+EXAMPLES = """\
+examples:
+  dskd finetune --config configs/quickstart.yaml --output runs/teacher
+  dskd distill  --config configs/quickstart.yaml --output runs/student --set teacher.path=runs/teacher
+  dskd distill  --config configs/tiny.yaml --output runs/tiny --deepspeed ds_configs/zero2_bf16.json
+  dskd evaluate --model runs/student/model --config configs/quickstart.yaml
+  dskd export   --run runs/student --out exported/student
+  launchers/local.sh 2 distill --config configs/tiny.yaml --output runs/tiny2 --deepspeed ds_configs/zero2_fp32.json
+"""
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set training.lr=3e-5 --set data.path=/data/glue (repeatable)",
+    )
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    _add_config(p)
+    p.add_argument("--output", required=True, type=Path, help="run folder (checkpoints/, tensorboard/, metrics.json, model/)")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON from ds_configs/ (ZeRO stage and dtype); overrides training.deepspeed")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dskd",
+        description="Knowledge distillation for Transformer language models on DeepSpeed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "finetune",
+        help="train a teacher on the task (hard labels), using the config's teacher and finetune sections",
+        description="Fine-tune the config's teacher on data.task with hard labels. The run's model/ folder "
+        "can then be used as teacher.path for `dskd distill`.",
+    )
+    _add_training(p)
+
+    p = sub.add_parser(
+        "distill",
+        help="distil the frozen teacher into the student with the configured losses and schedule",
+        description="Distil teacher -> student. The teacher is frozen and stays outside the DeepSpeed engine; "
+        "the student and any trainable loss modules are wrapped with the ZeRO stage and dtype of --deepspeed.",
+    )
+    _add_training(p)
+
+    p = sub.add_parser("evaluate", help="print a model's dev metrics on data.task as JSON")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder, or a dskd run folder (uses its model/)")
+    _add_config(p)
+    p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder")
+    p.add_argument("--run", required=True, type=Path, help="the --output folder of a finetune or distill run")
+    p.add_argument("--out", required=True, type=Path, help="folder to write (loads with AutoModelForSequenceClassification)")
+    p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def _evaluate(args) -> dict:
+    from dskd import data, models, trainer
+    from dskd.config import TeacherConfig, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    task = data.get_task(cfg.data.task)
+    source = TeacherConfig(path=args.model)
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_pretrained(args.model, task.num_labels, for_finetune=False, key="--model").eval()
+    raw = data.load_split(task, cfg.data.path, "dev", cfg.data.dev_limit)
+    dev = data.tokenize_split(raw, tokenizer, cfg.data.max_length)
+    result = trainer.evaluate(
+        lambda b: model(**models.model_inputs(b)).logits, dev, task, tokenizer.pad_token_id, args.batch_size, "cpu"
+    )
+    return {"task": task.name, **result}
+
+
+def _train(args, role: str) -> int:
+    from dskd import engine, trainer
+    from dskd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    job = trainer.prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite)
+    result = trainer.run(job, sys.argv)
+    if engine.rank() == 0 and not result.get("halted"):
+        out = args.output
+        if "teacher" in result:
+            print(f"teacher dev: {json.dumps(result['teacher'])}")
+        final = {k: v for k, v in result.items() if k not in ("teacher", "best", "step")}
+        print(f"{'student' if role == 'distill' else 'model'} dev: {json.dumps(final)}")
+        print(f"run folder: {out}  (metrics.json, model/, checkpoints/)")
+        print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command in ("finetune", "distill"):
+            code = _train(args, args.command)
+        elif args.command == "evaluate":
+            print(json.dumps(_evaluate(args)))
+            code = 0
+        else:
+            from dskd.export import export_run
+
+            print(export_run(args.run, args.out, args.tag))
+            code = 0
+    except DskdError as exc:
+        # Every rank hits the same input error; one copy of the message is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dskd: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+def run_and_exit() -> None:
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # ZeRO-3 runs can abort at interpreter exit in a gloo worker thread after all work
+    # is done (notes: 12 of 45 runs); skipping interpreter teardown avoids it.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run_and_exit()

@@ -1,0 +1,352 @@
+"""Experiment configuration: a typed schema loaded from YAML and validated at load.
+
+One YAML file describes an experiment. It is read into the dataclasses below; every
+unknown key, wrong type or inconsistent combination raises ``DskdError`` naming the
+dotted key (``training.lr``) and the file, before anything runs. ``--set a.b=value``
+overrides are applied to the raw mapping first, so they get the same checks.
+
+Paths may start with ``pkg://`` to point at resources shipped inside the package
+(the embedded SST-2 sample and the BERT vocabulary), so the default experiment needs
+neither network nor extra files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from dskd.errors import DskdError
+
+PACKAGE_RESOURCES = Path(__file__).resolve().parent / "resources"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(value: str) -> str:
+    """Expand ``pkg://name`` to the packaged resource; leave other strings as they are."""
+    if value.startswith("pkg://"):
+        return str(PACKAGE_RESOURCES / value[len("pkg://"):])
+    return value
+
+
+@dataclass
+class ArchConfig:
+    """Shape of a Transformer built from config (no pretrained weights)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    model_type: Literal["bert", "roberta"] = "bert"
+    max_position: int = 512
+    dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    task: str = "sst2"
+    # A GLUE-format folder (the GLUE root or the task folder), pkg://... for the
+    # embedded sample, or null to load the task from the Hugging Face hub.
+    path: Optional[str] = "pkg://glue-sample"
+    max_length: int = 128
+    # Keep the first N rows of a split (a deterministic subsample); null keeps all.
+    train_limit: Optional[int] = None
+    dev_limit: Optional[int] = None
+
+
+@dataclass
+class TeacherConfig:
+    # A Hugging Face model folder, a hub name, or a dskd run folder (its model/ is used).
+    path: Optional[str] = None
+    # Build a randomly initialised teacher of this shape instead (tests, smoke runs).
+    arch: Optional[ArchConfig] = None
+    # Tokenizer folder or vocab.txt; defaults to teacher.path.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class StudentConfig:
+    # Copy embeddings, these teacher layers (1-based) and the head into the student.
+    init_from_teacher: bool = True
+    # Which teacher layers to copy; default: every k-th layer for `layers` layers.
+    teacher_layers: Optional[list[int]] = None
+    layers: Optional[int] = None
+    # Shape of a student built from config (required when init_from_teacher is false).
+    arch: Optional[ArchConfig] = None
+
+
+@dataclass
+class StageConfig:
+    """One phase of the schedule: which loss terms are on, with which weights, for how long."""
+
+    name: str
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    # term name -> weight for this stage; terms not listed are off. Empty: all terms
+    # at their configured weights.
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 3.0
+    batch_size: int = 32  # per rank and micro-step
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
+    save_every: int = 0  # optimizer steps; 0 = at the end of each epoch
+    log_every: int = 10  # optimizer steps
+    keep_checkpoints: int = 2
+    # Stop (as a preempted job would) after this many optimizer steps, after saving a
+    # checkpoint; `--resume` continues from there. For time-boxed jobs and tests.
+    halt_after_steps: Optional[int] = None
+    # DeepSpeed JSON (ZeRO stage and dtype); the CLI's --deepspeed overrides it.
+    deepspeed: str = "ds_configs/zero0_fp32.json"
+
+
+def _default_losses() -> dict[str, dict[str, Any]]:
+    return {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}}
+
+
+def _default_finetune() -> TrainingConfig:
+    return TrainingConfig(epochs=3.0, lr=5e-5)
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    # term name -> {weight, type (default: the term name), loss parameters}
+    losses: dict[str, dict[str, Any]] = field(default_factory=_default_losses)
+    # Empty: one stage with every loss term for training.epochs.
+    schedule: list[StageConfig] = field(default_factory=list)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    # Used by `dskd finetune` to train the teacher on the task.
+    finetune: TrainingConfig = field(default_factory=_default_finetune)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted (nested dataclasses built)."""
+
+    def wrong() -> DskdError:
+        return DskdError(f"{source}: `{key}` must be {_type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise wrong()
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:
+            return _convert(value, non_null[0], key, source)
+        for candidate in non_null:
+            try:
+                return _convert(value, candidate, key, source)
+            except DskdError:
+                continue
+        raise wrong()
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise wrong()
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong()
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong()
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise wrong()
+        return build_dataclass(tp, value, source, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong()
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not user input
+
+
+def build_dataclass(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, naming the dotted key of any problem."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else ""
+            raise DskdError(
+                f"{source}: unknown key `{dotted}`{hint} Known keys here: {', '.join(sorted(fields))}"
+            )
+        kwargs[key] = _convert(value, hints[key], dotted, source)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        where = f"{prefix}." if prefix else ""
+        raise DskdError(f"{source}: missing required key(s) {', '.join('`' + where + m + '`' for m in missing)}")
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` to the raw mapping; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise DskdError(f"--set {assignment!r}: expected key.sub=value, e.g. --set training.lr=3e-5")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise DskdError(f"--set {assignment!r}: empty key part in `{dotted}`")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise DskdError(f"--set {assignment!r}: `{part}` is not a mapping, cannot set `{dotted}`")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults when ``path`` is None), apply ``--set``s, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DskdError(f"config file {p} does not exist; pass --config with a YAML file such as configs/tiny.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise DskdError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DskdError(f"{p}: the top level must be a mapping of sections (data, teacher, ...)")
+        raw = loaded or {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+        source = f"{source} (with --set)"
+    cfg = build_dataclass(ExperimentConfig, raw, source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig, source: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+
+    def fail(message: str) -> None:
+        raise DskdError(f"{source}: {message}")
+
+    from dskd.losses import validate_loss_terms  # late import: losses import torch
+
+    if cfg.teacher.path is None and cfg.teacher.arch is None:
+        fail("set `teacher.path` (a model folder or dskd run) or `teacher.arch` (build one from config)")
+    if cfg.teacher.path is not None and cfg.teacher.arch is not None:
+        fail("`teacher.path` and `teacher.arch` are exclusive: load a teacher or build one, not both")
+    if cfg.teacher.arch is not None and cfg.teacher.tokenizer is None:
+        fail("a teacher built from `teacher.arch` needs `teacher.tokenizer` (a vocab.txt or tokenizer folder)")
+    student = cfg.student
+    if not student.init_from_teacher and student.arch is None:
+        fail("`student.arch` is required when `student.init_from_teacher` is false")
+    if student.init_from_teacher and student.arch is not None:
+        fail(
+            "`student.arch` cannot be combined with `student.init_from_teacher: true`: a student initialised "
+            "from teacher layers has the teacher's width; set `student.layers` or `student.teacher_layers`"
+        )
+    if student.init_from_teacher and student.layers is None and student.teacher_layers is None:
+        fail("set `student.layers` (copied as every k-th teacher layer) or `student.teacher_layers`")
+    if student.teacher_layers is not None:
+        if not student.teacher_layers:
+            fail("`student.teacher_layers` is empty; list the 1-based teacher layers to copy")
+        if student.layers is not None and student.layers != len(student.teacher_layers):
+            fail(
+                f"`student.layers` is {student.layers} but `student.teacher_layers` lists "
+                f"{len(student.teacher_layers)} layers; drop one of them or make them agree"
+            )
+    for section in ("data", "training", "finetune"):
+        obj = getattr(cfg, section)
+        for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints"):
+            if hasattr(obj, name) and getattr(obj, name) < 1:
+                fail(f"`{section}.{name}` must be at least 1, got {getattr(obj, name)}")
+        for name in ("train_limit", "dev_limit", "halt_after_steps"):
+            value = getattr(obj, name, None)
+            if value is not None and value < 1:
+                fail(f"`{section}.{name}` must be at least 1 (or null), got {value}")
+        for name in ("epochs", "lr"):
+            if hasattr(obj, name) and getattr(obj, name) <= 0:
+                fail(f"`{section}.{name}` must be positive, got {getattr(obj, name)}")
+        if hasattr(obj, "warmup_ratio") and not 0 <= obj.warmup_ratio < 1:
+            fail(f"`{section}.warmup_ratio` must be in [0, 1), got {obj.warmup_ratio}")
+    validate_loss_terms(cfg.losses, source)
+    for i, stage in enumerate(cfg.schedule):
+        key = f"schedule[{i}]"
+        if (stage.epochs is None) == (stage.steps is None):
+            fail(f"`{key}` ({stage.name}) needs exactly one of `epochs` or `steps`")
+        if (stage.epochs is not None and stage.epochs <= 0) or (stage.steps is not None and stage.steps < 1):
+            fail(f"`{key}` ({stage.name}) must last a positive number of epochs or steps")
+        for term in stage.losses:
+            if term not in cfg.losses:
+                fail(f"`{key}.losses.{term}` is not a term in `losses` (known: {', '.join(cfg.losses)})")
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

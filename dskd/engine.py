@@ -1,0 +1,200 @@
+"""DeepSpeed plumbing: process group, DeepSpeed JSON, engine.
+
+The DeepSpeed JSON in ``ds_configs/`` chooses only the ZeRO stage and the dtype. Batch
+size, accumulation, clipping, optimizer and LR schedule come from the experiment
+config, so one experiment runs unchanged under every ZeRO/dtype combination; a JSON
+that sets them to something else is rejected rather than silently overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from dskd.config import PROJECT_ROOT, TrainingConfig
+from dskd.errors import DskdError
+
+# Keys of the DeepSpeed JSON that dskd fills from the experiment config.
+MANAGED_KEYS = {
+    "train_micro_batch_size_per_gpu": "training.batch_size",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "gradient_clipping": "training.max_grad_norm",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment() -> None:
+    """Environment that must be set before ``import deepspeed``."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    # Ranks started by srun carry SLURM_* only; torch/DeepSpeed read RANK & co.
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    # A plain `dskd ...` is a one-rank job; without these DeepSpeed tries MPI discovery.
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def is_cpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+def init_distributed() -> None:
+    prepare_environment()
+    import deepspeed
+    import deepspeed.ops
+
+    if is_cpu() and os.environ.get("DSKD_SHM_COMM") != "1":
+        # DeepSpeed JIT-compiles a shared-memory comm op on every first CPU init
+        # (20-50 s, needs g++ and ninja). Plain gloo collectives give identical
+        # results, so skip it unless asked for (DSKD_SHM_COMM=1).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if is_cpu() else "nccl", auto_mpi_discovery=False)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def device() -> torch.device:
+    if is_cpu():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """A DeepSpeed JSON given relative to the working directory or to the dskd checkout."""
+    candidates = [Path(path)]
+    if not Path(path).is_absolute():
+        candidates.append(PROJECT_ROOT / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.name for p in (PROJECT_ROOT / "ds_configs").glob("*.json"))
+    raise DskdError(
+        f"DeepSpeed config {path} not found (set by --deepspeed or `training.deepspeed`); "
+        f"shipped configs in ds_configs/: {', '.join(shipped) or 'none'}"
+    )
+
+
+def load_ds_config(path: str, training: TrainingConfig) -> tuple[dict, Path]:
+    """Read the DeepSpeed JSON and fill in what the experiment config owns."""
+    file = resolve_ds_config_path(path)
+    try:
+        ds = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DskdError(f"{file}: not valid JSON: {exc}") from None
+    if not isinstance(ds, dict):
+        raise DskdError(f"{file}: the top level must be a JSON object")
+    for key in ("optimizer", "scheduler", "train_batch_size"):
+        if key in ds:
+            raise DskdError(
+                f"{file}: remove `{key}`; dskd builds it from the experiment config "
+                "(training.lr, training.weight_decay, training.warmup_ratio, training.batch_size)"
+            )
+    wanted = {
+        "train_micro_batch_size_per_gpu": training.batch_size,
+        "gradient_accumulation_steps": training.grad_accum,
+        "gradient_clipping": training.max_grad_norm,
+    }
+    for key, value in wanted.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise DskdError(
+                f"{file}: `{key}` is {ds[key]} but `{MANAGED_KEYS[key]}` is {value}; "
+                f"remove `{key}` from the JSON (or set it to \"auto\") and set it in the experiment config"
+            )
+        ds[key] = value
+    ds.setdefault("steps_per_print", 10**9)  # dskd logs its own progress
+    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if fp16 and bf16:
+        raise DskdError(f"{file}: enable at most one of `fp16` and `bf16`")
+    return ds, file
+
+
+def run_dtype(ds: dict) -> torch.dtype:
+    if ds.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    if ds.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_precision_supported(ds: dict, file: Path) -> None:
+    """Fail with our own message where DeepSpeed would raise a generic ValueError."""
+    if run_dtype(ds) is not torch.float16 or not is_cpu():
+        return
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return
+    raise DskdError(
+        f"{file} enables fp16, which this CPU cannot train in (it needs AVX512-FP16 or AMX-FP16); "
+        f"use bf16 or fp32 on CPU, e.g. --deepspeed {file.parent / file.name.replace('fp16', 'bf16')}, "
+        "and keep fp16 for GPUs"
+    )
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights, as in BERT's recipe."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def initialize(module: torch.nn.Module, ds: dict, training: TrainingConfig, total_steps: int):
+    """Wrap ``module`` (student + trainable loss terms) in a DeepSpeed engine."""
+    import deepspeed
+    from transformers import get_linear_schedule_with_warmup
+
+    ds = dict(ds)
+    ds["optimizer"] = {
+        "type": "AdamW",
+        # torch's AdamW: DeepSpeed's FusedAdam would JIT-build a CUDA/CPU op first.
+        "params": {"lr": training.lr, "weight_decay": training.weight_decay, "torch_adam": True},
+    }
+    warmup = int(training.warmup_ratio * total_steps)
+
+    def schedule(optimizer):
+        return get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=param_groups(module, training.weight_decay),
+        config=ds,
+        lr_scheduler=schedule,
+    )
+    return engine

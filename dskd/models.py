@@ -1,0 +1,204 @@
+"""Teacher and student models.
+
+The teacher is loaded (or built from config), frozen (``eval()``, no gradients), cast
+to the run's dtype and kept outside the DeepSpeed engine: it never enters DDP, ZeRO
+partitioning or optimizer state. The student is built from config or initialised from
+chosen teacher layers (embeddings and head copied too).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dskd.config import ArchConfig, StudentConfig, TeacherConfig, resolve_path
+from dskd.errors import DskdError
+
+
+def resolve_model_path(path: str) -> str:
+    """A dskd run folder stands for the model it exported (``<run>/model``)."""
+    p = Path(resolve_path(path))
+    if (p / "model" / "config.json").is_file():
+        return str(p / "model")
+    return str(p)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).exists()
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    key = "teacher.tokenizer" if cfg.tokenizer else "teacher.path"
+    source = resolve_model_path(cfg.tokenizer or cfg.path)
+    p = Path(source)
+    if _looks_local(source) and not p.exists():
+        raise DskdError(f"`{key}` points to {source}, which does not exist; give a tokenizer folder or vocab.txt")
+    # A bare WordPiece vocabulary (a vocab.txt, or a folder holding only one).
+    # transformers 5 ignores `vocab_file=`, giving a 5-token vocabulary; `vocab=` works.
+    if p.is_file() and p.name.endswith(".txt"):
+        return BertTokenizerFast(vocab=str(p))
+    if p.is_dir() and (p / "vocab.txt").is_file() and not (p / "tokenizer_config.json").is_file():
+        return BertTokenizerFast(vocab=str(p / "vocab.txt"))
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises many types for a bad folder or hub name
+        raise DskdError(f"`{key}`: could not load a tokenizer from {source}: {exc}") from None
+
+
+def build_from_arch(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id: int, seed: int, key: str):
+    """A randomly initialised sequence classifier of the given shape (deterministic in ``seed``)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if arch.hidden % arch.heads:
+        raise DskdError(f"`{key}.hidden` ({arch.hidden}) must be divisible by `{key}.heads` ({arch.heads})")
+    for name in ("layers", "hidden", "heads", "intermediate"):
+        if getattr(arch, name) < 1:
+            raise DskdError(f"`{key}.{name}` must be at least 1, got {getattr(arch, name)}")
+    extra = {}
+    max_position = arch.max_position
+    if arch.model_type == "roberta":
+        # RoBERTa's positions start after the padding index.
+        max_position += pad_token_id + 1
+        extra["type_vocab_size"] = 1
+    config = AutoConfig.for_model(
+        arch.model_type,
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        intermediate_size=arch.intermediate,
+        max_position_embeddings=max_position,
+        hidden_dropout_prob=arch.dropout,
+        attention_probs_dropout_prob=arch.dropout,
+        num_labels=num_labels,
+        pad_token_id=pad_token_id,
+        **extra,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "teacher.path"):
+    """Load a sequence classifier; for distillation its head must already match the task."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    source = resolve_model_path(path)
+    if _looks_local(source) and not Path(source).exists():
+        raise DskdError(f"`{key}` points to {source}, which does not exist; give a model folder, hub name or dskd run")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        raise DskdError(f"`{key}`: could not read a model config from {source}: {exc}") from None
+    if not for_finetune and config.num_labels != num_labels:
+        raise DskdError(
+            f"`{key}` ({source}) has {config.num_labels} output labels but the task has {num_labels}; "
+            "distil from a teacher fine-tuned on this task (dskd finetune --config ... --output DIR, then teacher.path: DIR)"
+        )
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, ignore_mismatched_sizes=for_finetune, output_loading_info=True
+        )
+    except Exception as exc:
+        raise DskdError(f"`{key}`: could not load a model from {source}: {exc}") from None
+    fresh = [k for k in info.get("missing_keys", []) if "classifier" in k or "score" in k]
+    if not for_finetune and fresh:
+        raise DskdError(
+            f"`{key}` ({source}) has no trained classification head ({', '.join(sorted(fresh))} newly "
+            "initialised); fine-tune it first with `dskd finetune`"
+        )
+    return model
+
+
+def freeze(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=dtype)
+
+
+def teacher_outputs(teacher: nn.Module, batch: dict, needs: frozenset[str]) -> dict:
+    """Run the frozen teacher without autograd, asking only for what the losses need."""
+    with torch.no_grad():
+        out = teacher(
+            **model_inputs(batch),
+            output_hidden_states="hidden_states" in needs,
+            output_attentions="attentions" in needs,
+        )
+    return {name: out[name] for name in needs if out.get(name) is not None}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+# ------------------------------------------------------------------------ students
+
+
+def every_kth_layer(teacher_layers: int, student_layers: int) -> list[int]:
+    """1-based teacher layers spaced evenly and ending at the top (12 -> 6: 2, 4, ..., 12)."""
+    if not 1 <= student_layers <= teacher_layers:
+        raise DskdError(
+            f"`student.layers` is {student_layers}, but a student initialised from the teacher can have "
+            f"1 to {teacher_layers} layers (the teacher has {teacher_layers})"
+        )
+    step = teacher_layers / student_layers
+    return [int(math.floor(step * (i + 1) + 0.5)) for i in range(student_layers)]
+
+
+def _layer_prefix(model: nn.Module) -> str:
+    prefix = f"{model.base_model_prefix}.encoder.layer."
+    if not any(k.startswith(prefix) for k in model.state_dict()):
+        raise DskdError(
+            f"cannot copy teacher layers: the teacher ({type(model).__name__}) has no `{prefix}N` blocks; "
+            "initialising from teacher layers supports BERT-style encoders (BERT, RoBERTa, ...). "
+            "Set `student.init_from_teacher: false` and `student.arch` instead"
+        )
+    return prefix
+
+
+def student_from_teacher(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, list[int]]:
+    """Copy embeddings, the chosen encoder layers and the head of ``teacher`` into a shallower model."""
+    n_teacher = teacher.config.num_hidden_layers
+    if cfg.teacher_layers is not None:
+        layers = list(cfg.teacher_layers)
+        for i, layer in enumerate(layers):
+            if not 1 <= layer <= n_teacher:
+                raise DskdError(
+                    f"`student.teacher_layers[{i}]` is {layer}, out of range: the teacher has {n_teacher} "
+                    f"layers, numbered 1 to {n_teacher}"
+                )
+    else:
+        layers = every_kth_layer(n_teacher, cfg.layers)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    student = type(teacher)(config)
+    prefix = _layer_prefix(teacher)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
+    source = teacher.state_dict()
+    state = {}
+    for key in student.state_dict():
+        match = pattern.match(key)
+        if match:
+            state[key] = source[f"{prefix}{layers[int(match.group(1))] - 1}.{match.group(2)}"]
+        elif key in source:
+            state[key] = source[key]
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DskdError(f"the student cannot take the teacher's weights: {exc}") from None
+    return student.float(), layers
+
+
+def build_student(cfg: StudentConfig, teacher: nn.Module, num_labels: int, pad_token_id: int, seed: int):
+    """The student and the teacher layers it was initialised from (empty when built from config)."""
+    if cfg.init_from_teacher:
+        return student_from_teacher(teacher, cfg)
+    vocab = teacher.config.vocab_size
+    return build_from_arch(cfg.arch, vocab, num_labels, pad_token_id, seed + 1, "student.arch"), []
