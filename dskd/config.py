@@ -208,12 +208,28 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # PyYAML follows YAML 1.1, which reads `3e-5` (no dot) as a string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise wrong()
     if tp is str:
         if isinstance(value, str):
             return value
         raise wrong()
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not user input
+
+
+def _suggest(key: str, known: list[str]) -> str | None:
+    """The known key a typo most likely meant: a shared word prefix first (lr_rate -> lr), else spelling."""
+    head = key.split("_")[0]
+    same_head = [k for k in known if k.split("_")[0] == head]
+    if len(same_head) == 1:
+        return same_head[0]
+    close = difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
 
 
 def build_dataclass(cls: type, data: dict, source: str, prefix: str = "") -> Any:
@@ -225,8 +241,8 @@ def build_dataclass(cls: type, data: dict, source: str, prefix: str = "") -> Any
         key = str(raw_key)
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else ""
+            close = _suggest(key, list(fields))
+            hint = f"; did you mean `{prefix + '.' if prefix else ''}{close}`?" if close else "."
             raise DskdError(
                 f"{source}: unknown key `{dotted}`{hint} Known keys here: {', '.join(sorted(fields))}"
             )
@@ -280,6 +296,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = loaded or {}
     for assignment in overrides:
         apply_override(raw, assignment)
+    if overrides:
         source = f"{source} (with --set)"
     cfg = build_dataclass(ExperimentConfig, raw, source)
     validate(cfg, source)

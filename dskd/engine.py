@@ -145,11 +145,14 @@ def run_dtype(ds: dict) -> torch.dtype:
     return torch.float32
 
 
+def cpu_supports_fp16() -> bool:
+    # What DeepSpeed's CPU accelerator asks before refusing fp16.
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
 def check_precision_supported(ds: dict, file: Path) -> None:
     """Fail with our own message where DeepSpeed would raise a generic ValueError."""
-    if run_dtype(ds) is not torch.float16 or not is_cpu():
-        return
-    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+    if run_dtype(ds) is not torch.float16 or not is_cpu() or cpu_supports_fp16():
         return
     raise DskdError(
         f"{file} enables fp16, which this CPU cannot train in (it needs AVX512-FP16 or AMX-FP16); "

@@ -1,0 +1,80 @@
+"""Shared test helpers: paths, a tiny experiment, and running dskd as real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+BERT_VOCAB = REPO / "dskd" / "resources" / "bert-base-uncased" / "vocab.txt"
+
+# Small enough for seconds per run, big enough to cross an epoch boundary and a
+# mid-epoch checkpoint: 256 examples / batch 16 = 16 steps per epoch on one rank.
+TINY = {
+    "seed": 7,
+    "data": {"task": "sst2", "path": "pkg://glue-sample", "max_length": 32, "train_limit": 256, "dev_limit": 64},
+    "teacher": {"arch": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}, "tokenizer": "pkg://bert-base-uncased"},
+    "student": {"init_from_teacher": True, "layers": 1},
+    "losses": {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}},
+    "training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "log_every": 2},
+    "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 2},
+}
+
+
+def write_config(path: Path, overrides: dict | None = None) -> Path:
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    for dotted, value in (overrides or {}).items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def dskd_env(tmp_root: Path) -> dict:
+    env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_root / "hf-datasets"),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHON=sys.executable,
+    )
+    return env
+
+
+def run_dskd(args: list, tmp_root: Path, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``dskd ARGS`` on one rank, or through launchers/local.sh on ``nproc`` ranks."""
+    args = [str(a) for a in args]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "dskd", *args]
+    else:
+        cmd = ["bash", str(REPO / "launchers" / "local.sh"), str(nproc), *args]
+    return subprocess.run(cmd, cwd=REPO, env=dskd_env(tmp_root), capture_output=True, text=True, timeout=timeout)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Content hash of every file under ``folder``: proves a run was left untouched."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dskd")

@@ -1,0 +1,68 @@
+import pytest
+
+from dskd.config import ArchConfig, ExperimentConfig, load_config
+from dskd.errors import DskdError
+
+from conftest import write_config
+
+
+def test_loads_tiny_yaml_into_typed_schema(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml"))
+    assert isinstance(cfg, ExperimentConfig)
+    assert isinstance(cfg.teacher.arch, ArchConfig) and cfg.teacher.arch.hidden == 32
+    assert cfg.training.lr == 1e-3 and isinstance(cfg.training.epochs, float)
+    assert cfg.losses["soft_kd"] == {"weight": 0.5, "temperature": 2.0}
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    path = write_config(tmp_path / "c.yaml")
+    cfg = load_config(path, ["training.lr=3e-5", "data.path=/x/glue", "student.teacher_layers=[2]"])
+    assert cfg.training.lr == 3e-5 and cfg.data.path == "/x/glue" and cfg.student.teacher_layers == [2]
+    with pytest.raises(DskdError, match=r"`training.batch_size` must be an integer, got 'big'"):
+        load_config(path, ["training.batch_size=big"])
+    with pytest.raises(DskdError, match=r"expected key.sub=value"):
+        load_config(path, ["training.lr"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"training.lr_rate": 1}, r"unknown key `training.lr_rate`; did you mean `training.lr`\?"),
+        ({"training.epochs": "three"}, r"`training.epochs` must be a number, got 'three'"),
+        ({"training.batch_size": True}, r"`training.batch_size` must be an integer"),
+        ({"teacher.arch.layers": 2.5}, r"`teacher.arch.layers` must be an integer"),
+        ({"teacher.arch.model_type": "gpt2"}, r"`teacher.arch.model_type` must be 'bert' or 'roberta'"),
+        ({"teacher.path": "/x"}, r"`teacher.path` and `teacher.arch` are exclusive"),
+        ({"student.layers": 2, "student.teacher_layers": [1]}, r"`student.layers` is 2 but `student.teacher_layers` lists 1"),
+        ({"losses.soft_kd.temprature": 2}, r"unknown key `losses.soft_kd.temprature` for loss 'soft_kd'"),
+        ({"losses.soft_kd.temperature": 0}, r"`losses.soft_kd`: temperature must be positive"),
+        ({"losses.extra": {"weight": 1}}, r"`losses.extra` has unknown loss type 'extra'"),
+        ({"losses.hard_ce.weight": -1}, r"`losses.hard_ce.weight` must be a non-negative number"),
+        ({"training.warmup_ratio": 1.5}, r"`training.warmup_ratio` must be in \[0, 1\)"),
+        ({"data.train_limit": 0}, r"`data.train_limit` must be at least 1"),
+        ({"schedule": [{"name": "a", "epochs": 1, "steps": 3}]}, r"`schedule\[0\]` \(a\) needs exactly one of"),
+        ({"schedule": [{"name": "a", "epochs": 1, "losses": {"nope": 1.0}}]}, r"`schedule\[0\].losses.nope` is not a term"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, overrides, message):
+    with pytest.raises(DskdError, match=message):
+        load_config(write_config(tmp_path / "c.yaml", overrides))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(DskdError, match=r"config file .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [1, 2\n")
+    with pytest.raises(DskdError, match=r"bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(DskdError, match=r"top level must be a mapping"):
+        load_config(bad)
+
+
+def test_shipped_configs_validate():
+    from conftest import REPO
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
