@@ -262,8 +262,18 @@ def _set_status(out: Path, status: str) -> None:
 def _eval_loader(dataset, pad_id: int, batch_size: int):
     shard = list(range(eng.rank(), len(dataset), eng.world_size()))
     batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    return _loader(dataset, batches, pad_id)
+
+
+def _loader(dataset, batches: list[list[int]], pad_id: int):
+    # Each DataLoader iterator draws a seed from the generator it is given, by default
+    # the global torch RNG that dropout uses. A private generator keeps that stream
+    # independent of where loaders are created, which an exact resume relies on.
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=lambda rows: data.collate(rows, pad_id)
+        dataset,
+        batch_sampler=batches,
+        collate_fn=lambda rows: data.collate(rows, pad_id),
+        generator=torch.Generator(),
     )
 
 
@@ -367,11 +377,7 @@ def run(job: Job, argv: list[str]) -> dict:
     while state["step"] < total_steps and not halted:
         batches = epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
                                 training.batch_size, training.grad_accum)
-        loader = torch.utils.data.DataLoader(
-            job.train_set,
-            batch_sampler=batches[state["batch_in_epoch"] :],
-            collate_fn=lambda rows: data.collate(rows, pad_id),
-        )
+        loader = _loader(job.train_set, batches[state["batch_in_epoch"] :], pad_id)
         for batch in loader:
             stage = stage_at(state["step"])
             if stage.name != current_stage:

@@ -1,0 +1,200 @@
+"""End-to-end runs of the real CLI, as processes, on CPU with DeepSpeed and gloo."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import SHARED_GLUE, run_dskd, tree_digest, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _weights(model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(model_dir).state_dict()
+
+
+def _scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(session_tmp):
+    out = session_tmp / "zero2"
+    cfg = write_config(session_tmp / "zero2.yaml")
+    proc = _ok(run_dskd(["distill", "--config", cfg, "--output", out, "--deepspeed", "ds_configs/zero2_fp32.json"],
+                        session_tmp, nproc=2))
+    return out, proc
+
+
+def test_two_rank_zero2_distill_writes_scalars_checkpoint_and_metrics(two_rank_run):
+    out, proc = two_rank_run
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["zero_stage"] == 2 and run["status"] == "completed"
+    # 256 examples / (2 ranks x 16) = 8 steps per epoch, 2 epochs.
+    scalars = _scalars(out / "tensorboard")
+    for tag in ("train/loss/hard_ce", "train/loss/soft_kd", "train/loss/total", "train/lr", "train/samples_per_s"):
+        steps = [s for s, _ in scalars[tag]]
+        assert steps == [2, 4, 6, 8, 10, 12, 14, 16], tag
+        assert all(math.isfinite(v) for _, v in scalars[tag]), tag
+    for (_, total), (_, ce), (_, kd) in zip(
+        scalars["train/loss/total"], scalars["train/loss/hard_ce"], scalars["train/loss/soft_kd"]
+    ):
+        assert total == pytest.approx(0.5 * ce + 0.5 * kd, rel=1e-5)
+    assert [s for s, _ in scalars["eval/accuracy"]] == [8, 16]
+    assert "teacher/accuracy" in scalars
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "sst2" and metrics["step"] == 16
+    assert metrics["accuracy"] == pytest.approx(scalars["eval/accuracy"][-1][1])
+    assert metrics["teacher"]["accuracy"] == pytest.approx(scalars["teacher/accuracy"][0][1])
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000016"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step00000008", "step00000016"]
+    assert "student dev: {" in proc.stdout and "teacher dev: {" in proc.stdout
+
+
+def test_export_round_trip_gives_the_same_dev_metrics(two_rank_run, session_tmp):
+    out, _ = two_rank_run
+    exported = session_tmp / "exported"
+    _ok(run_dskd(["export", "--run", out, "--out", exported], session_tmp))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(exported)
+    assert model.config.num_hidden_layers == 1 and len(AutoTokenizer.from_pretrained(exported)) == 30522
+    for key, value in _weights(out / "model").items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    proc = _ok(run_dskd(["evaluate", "--model", exported, "--config", session_tmp / "zero2.yaml"], session_tmp))
+    evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert evaluated["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["accuracy"])
+
+
+@pytest.mark.parametrize("nproc, ds", [(1, "zero0_fp32"), (2, "zero2_fp32")])
+def test_resume_is_exact(session_tmp, nproc, ds):
+    cfg = write_config(session_tmp / f"resume-{ds}.yaml", {"training.save_every": 3})
+    common = ["--config", cfg, "--deepspeed", f"ds_configs/{ds}.json"]
+    full, split = session_tmp / f"full-{ds}", session_tmp / f"split-{ds}"
+    _ok(run_dskd(["distill", *common, "--output", full], session_tmp, nproc))
+    # Stop mid-epoch (step 5 of 16 / 8 per epoch), as a preempted job would, then resume.
+    halted = _ok(run_dskd(["distill", *common, "--output", split, "--set", "training.halt_after_steps=5"],
+                          session_tmp, nproc))
+    assert "halted after step 5" in halted.stderr
+    assert json.loads((split / "run.json").read_text())["status"] == "halted"
+    _ok(run_dskd(["distill", *common, "--output", split, "--resume"], session_tmp, nproc))
+    a, b = _weights(full / "model"), _weights(split / "model")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+
+
+def test_finetune_then_distill_from_the_run_folder(session_tmp):
+    cfg = write_config(session_tmp / "ft.yaml")
+    teacher_run = session_tmp / "ft-teacher"
+    _ok(run_dskd(["finetune", "--config", cfg, "--output", teacher_run], session_tmp))
+    finetuned = json.loads((teacher_run / "metrics.json").read_text())
+    student_run = session_tmp / "ft-student"
+    _ok(run_dskd(["distill", "--config", cfg, "--output", student_run, "--set", "teacher.arch=null",
+                  "--set", f"teacher.path={teacher_run}", "--set", "teacher.tokenizer=null"], session_tmp))
+    distilled = json.loads((student_run / "metrics.json").read_text())
+    # The frozen teacher scores exactly what fine-tuning reported for it.
+    assert distilled["teacher"]["accuracy"] == pytest.approx(finetuned["accuracy"])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def previous_run(session_tmp):
+    out = session_tmp / "previous"
+    cfg = write_config(session_tmp / "previous.yaml", {"training.epochs": 1})
+    _ok(run_dskd(["distill", "--config", cfg, "--output", out], session_tmp))
+    return out
+
+
+def _malformed_glue(root, body):
+    folder = root / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text(body)
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngood movie \t1\n")
+    return root
+
+
+BAD_INPUTS = {
+    "misspelled key": ({"training.lr_rate": 0.1}, [], r"unknown key `training.lr_rate`; did you mean `training.lr`"),
+    "wrong type": ({"training.batch_size": "many"}, [], r"`training.batch_size` must be an integer, got 'many'"),
+    "missing teacher": ({"teacher.arch": None, "teacher.tokenizer": None, "teacher.path": "/no/teacher"}, [],
+                        r"`teacher.path` points to /no/teacher, which does not exist"),
+    "missing data": ({"data.path": "/no/glue"}, [], r"data.path: /no/glue does not exist"),
+    "unknown task": ({"data.task": "sst"}, [], r"data.task.*sst2"),
+    "layer out of range": ({"student.layers": None, "student.teacher_layers": [1, 3]}, [],
+                           r"`student.teacher_layers\[1\]` is 3, out of range: the teacher has 2 layers"),
+    "student too deep": ({"student.layers": 3}, [], r"`student.layers` is 3, .* 1 to 2 layers"),
+    "fp16 on cpu": ({}, ["--deepspeed", "ds_configs/zero2_fp16.json"], r"zero2_fp16.json enables fp16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_stops_before_training_and_keeps_the_previous_run(previous_run, session_tmp, case):
+    overrides, extra, message = BAD_INPUTS[case]
+    if case == "fp16 on cpu" and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        pytest.skip("this CPU trains fp16")
+    before = tree_digest(previous_run)
+    cfg = write_config(session_tmp / f"bad-{case.replace(' ', '-')}.yaml", overrides)
+    proc = run_dskd(["distill", "--config", cfg, "--output", previous_run, "--overwrite", *extra], session_tmp)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dskd: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert __import__("re").search(message, errors[0]), errors[0]
+    assert tree_digest(previous_run) == before
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("sentence\tlabel\nfine\t1\nbroken\trow\t1\n", r"train.tsv:3: expected 2 tab-separated fields"),
+        ("sentence\tlabel\n", r"train.tsv.* has no data rows"),
+    ],
+)
+def test_bad_tsv_is_named_and_the_previous_run_kept(previous_run, session_tmp, tmp_path, body, message):
+    before = tree_digest(previous_run)
+    glue = _malformed_glue(tmp_path / "glue", body)
+    cfg = write_config(tmp_path / "c.yaml", {"data.path": str(glue), "data.train_limit": None})
+    proc = run_dskd(["distill", "--config", cfg, "--output", previous_run, "--overwrite"], session_tmp)
+    assert proc.returncode == 2
+    assert __import__("re").search(message, proc.stderr), proc.stderr[-2000:]
+    assert tree_digest(previous_run) == before
+
+
+def test_existing_run_is_not_overwritten_without_a_flag(previous_run, session_tmp):
+    before = tree_digest(previous_run)
+    cfg = write_config(session_tmp / "again.yaml", {"training.epochs": 1})
+    proc = run_dskd(["distill", "--config", cfg, "--output", previous_run], session_tmp)
+    assert proc.returncode == 2
+    assert "already holds a run; continue it with --resume, replace it with --overwrite" in proc.stderr
+    proc = run_dskd(["distill", "--config", write_config(session_tmp / "other.yaml"), "--output", previous_run,
+                     "--resume"], session_tmp)
+    assert proc.returncode == 2 and "--resume: the config differs" in proc.stderr and "training.epochs: 1.0 -> 2" in proc.stderr
+    assert tree_digest(previous_run) == before
+
+
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="needs ../shared/data/glue")
+def test_data_path_points_at_real_glue_folders(session_tmp):
+    cfg = write_config(session_tmp / "rte.yaml", {"data.task": "rte", "data.path": str(SHARED_GLUE),
+                                                  "data.train_limit": 64, "training.epochs": 1})
+    out = session_tmp / "rte"
+    _ok(run_dskd(["distill", "--config", cfg, "--output", out], session_tmp))
+    metrics = json.loads((out / "metrics.json").read_text())
+    # RTE dev limited to 64 rows: accuracy is a multiple of 1/64.
+    assert metrics["task"] == "rte" and (metrics["accuracy"] * 64) == pytest.approx(round(metrics["accuracy"] * 64))
