@@ -64,7 +64,9 @@ class DataConfig:
 class TeacherConfig:
     # A Hugging Face model folder, a hub name, or a dskd run folder (its model/ is used).
     path: Optional[str] = None
-    # Build a randomly initialised teacher of this shape instead (tests, smoke runs).
+    # When `path` is null: build a randomly initialised teacher of this shape (the model
+    # `dskd finetune` trains from scratch, or a smoke-test teacher). Ignored when `path`
+    # is set, so `--set teacher.path=RUN` distils from a fine-tuned run.
     arch: Optional[ArchConfig] = None
     # Tokenizer folder or vocab.txt; defaults to teacher.path.
     tokenizer: Optional[str] = None
@@ -313,9 +315,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
 
     if cfg.teacher.path is None and cfg.teacher.arch is None:
         fail("set `teacher.path` (a model folder or dskd run) or `teacher.arch` (build one from config)")
-    if cfg.teacher.path is not None and cfg.teacher.arch is not None:
-        fail("`teacher.path` and `teacher.arch` are exclusive: load a teacher or build one, not both")
-    if cfg.teacher.arch is not None and cfg.teacher.tokenizer is None:
+    if cfg.teacher.path is None and cfg.teacher.tokenizer is None:
         fail("a teacher built from `teacher.arch` needs `teacher.tokenizer` (a vocab.txt or tokenizer folder)")
     student = cfg.student
     if not student.init_from_teacher and student.arch is None:

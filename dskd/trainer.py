@@ -302,6 +302,20 @@ def evaluate(forward, dataset, task, pad_id: int, batch_size: int, device) -> di
     return metrics_mod.compute_metrics(task, all_logits, all_labels)
 
 
+def train_step(engine, teacher: nn.Module | None, batch: dict, weights: dict[str, float]):
+    """One micro-step: frozen teacher forward (if a term in this stage uses it), student
+    forward with the weighted loss terms, backward, and DeepSpeed's step (which applies
+    the optimizer only at an accumulation boundary)."""
+    module = engine.module
+    teacher_out = None
+    if teacher is not None and any(module.terms[name].uses_teacher for name in weights):
+        teacher_out = models.teacher_outputs(teacher, batch, module.needs)
+    total, values = engine(batch, teacher_out, weights)
+    engine.backward(total)
+    engine.step()
+    return total, values
+
+
 def _format_metrics(values: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in values.items())
 
@@ -384,12 +398,7 @@ def run(job: Job, argv: list[str]) -> dict:
                 monitor.line(f"[stage] step {state['step']}: {current_stage} -> {stage.name}")
                 current_stage = stage.name
             batch = {k: v.to(device) for k, v in batch.items()}
-            teacher_out = None
-            if teacher_needed and any(terms[n].uses_teacher for n in stage.weights):
-                teacher_out = models.teacher_outputs(job.teacher, batch, needs)
-            total, values = engine(batch, teacher_out, stage.weights)
-            engine.backward(total)
-            engine.step()
+            total, values = train_step(engine, job.teacher if teacher_needed else None, batch, stage.weights)
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()

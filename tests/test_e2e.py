@@ -105,8 +105,7 @@ def test_finetune_then_distill_from_the_run_folder(session_tmp):
     _ok(run_dskd(["finetune", "--config", cfg, "--output", teacher_run], session_tmp))
     finetuned = json.loads((teacher_run / "metrics.json").read_text())
     student_run = session_tmp / "ft-student"
-    _ok(run_dskd(["distill", "--config", cfg, "--output", student_run, "--set", "teacher.arch=null",
-                  "--set", f"teacher.path={teacher_run}", "--set", "teacher.tokenizer=null"], session_tmp))
+    _ok(run_dskd(["distill", "--config", cfg, "--output", student_run, "--set", f"teacher.path={teacher_run}"], session_tmp))
     distilled = json.loads((student_run / "metrics.json").read_text())
     # The frozen teacher scores exactly what fine-tuning reported for it.
     assert distilled["teacher"]["accuracy"] == pytest.approx(finetuned["accuracy"])
@@ -134,7 +133,7 @@ def _malformed_glue(root, body):
 BAD_INPUTS = {
     "misspelled key": ({"training.lr_rate": 0.1}, [], r"unknown key `training.lr_rate`; did you mean `training.lr`"),
     "wrong type": ({"training.batch_size": "many"}, [], r"`training.batch_size` must be an integer, got 'many'"),
-    "missing teacher": ({"teacher.arch": None, "teacher.tokenizer": None, "teacher.path": "/no/teacher"}, [],
+    "missing teacher": ({"teacher.path": "/no/teacher"}, [],
                         r"`teacher.path` points to /no/teacher, which does not exist"),
     "missing data": ({"data.path": "/no/glue"}, [], r"data.path: /no/glue does not exist"),
     "unknown task": ({"data.task": "sst"}, [], r"data.task.*sst2"),
