@@ -96,7 +96,7 @@ def _evaluate(args) -> dict:
     cfg = load_config(args.config, args.overrides)
     task = data.get_task(cfg.data.task)
     source = TeacherConfig(path=args.model)
-    tokenizer = models.load_tokenizer(source)
+    tokenizer = models.load_tokenizer(source, key="--model")
     model = models.load_pretrained(args.model, task.num_labels, for_finetune=False, key="--model").eval()
     raw = data.load_split(task, cfg.data.path, "dev", cfg.data.dev_limit)
     dev = data.tokenize_split(raw, tokenizer, cfg.data.max_length)

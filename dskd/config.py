@@ -359,6 +359,8 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         for term in stage.losses:
             if term not in cfg.losses:
                 fail(f"`{key}.losses.{term}` is not a term in `losses` (known: {', '.join(cfg.losses)})")
+        if stage.losses and not any(w > 0 for w in stage.losses.values()):
+            fail(f"`{key}.losses` ({stage.name}) turns every term off; give at least one a positive weight")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

@@ -130,6 +130,8 @@ def validate_loss_terms(losses: dict[str, dict], source: str) -> None:
             build_term(term, spec)
         except ValueError as exc:
             raise DskdError(f"{source}: `losses.{term}`: {exc}") from None
+    if not any(spec.get("weight", 0) > 0 for spec in losses.values()):
+        raise DskdError(f"{source}: every term in `losses` has weight 0; give at least one a positive weight")
 
 
 def build_term(term: str, spec: dict) -> LossTerm:

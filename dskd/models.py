@@ -32,10 +32,10 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).exists()
 
 
-def load_tokenizer(cfg: TeacherConfig):
+def load_tokenizer(cfg: TeacherConfig, key: str | None = None):
     from transformers import AutoTokenizer, BertTokenizerFast
 
-    key = "teacher.tokenizer" if cfg.tokenizer else "teacher.path"
+    key = key or ("teacher.tokenizer" if cfg.tokenizer else "teacher.path")
     source = resolve_model_path(cfg.tokenizer or cfg.path)
     p = Path(source)
     if _looks_local(source) and not p.exists():

@@ -73,10 +73,9 @@ class Stage:
     weights: dict[str, float]
 
 
-def plan_stages(cfg: ExperimentConfig, losses: dict[str, dict], training: TrainingConfig, steps_per_epoch: int):
+def plan_stages(specs: list, losses: dict[str, dict], training: TrainingConfig, steps_per_epoch: int):
     """Turn the schedule into step ranges. No schedule: one stage of every term."""
     default_weights = {name: float(spec["weight"]) for name, spec in losses.items()}
-    specs = cfg.schedule if losses is cfg.losses else []
     if not specs:
         total = max(1, math.ceil(training.epochs * steps_per_epoch))
         return [Stage("train", 0, total, {k: w for k, w in default_weights.items() if w > 0})]
@@ -335,7 +334,7 @@ def run(job: Job, argv: list[str]) -> dict:
             f"({world} ranks x training.batch_size {training.batch_size} x training.grad_accum "
             f"{training.grad_accum}); lower the batch size or use more data (data.train_limit)"
         )
-    stages = plan_stages(cfg, job.losses, training, steps_per_epoch)
+    stages = plan_stages(cfg.schedule if job.role == "distill" else [], job.losses, training, steps_per_epoch)
     total_steps = stages[-1].end
     terms = build_loss_terms(job.losses)
     needs = frozenset().union(*(LOSS_REGISTRY[type(t).registry_name].needs for t in terms.values()))

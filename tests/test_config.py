@@ -43,6 +43,8 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
         ({"data.train_limit": 0}, r"`data.train_limit` must be at least 1"),
         ({"schedule": [{"name": "a", "epochs": 1, "steps": 3}]}, r"`schedule\[0\]` \(a\) needs exactly one of"),
         ({"schedule": [{"name": "a", "epochs": 1, "losses": {"nope": 1.0}}]}, r"`schedule\[0\].losses.nope` is not a term"),
+        ({"schedule": [{"name": "a", "epochs": 1, "losses": {"hard_ce": 0.0}}]}, r"`schedule\[0\].losses` \(a\) turns every term off"),
+        ({"losses.hard_ce.weight": 0, "losses.soft_kd.weight": 0}, r"every term in `losses` has weight 0"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, overrides, message):
