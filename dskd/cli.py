@@ -18,7 +18,7 @@ examples:
   dskd distill  --config configs/tiny.yaml --output runs/tiny --deepspeed ds_configs/zero2_bf16.json
   dskd evaluate --model runs/student/model --config configs/quickstart.yaml
   dskd export   --run runs/student --out exported/student
-  launchers/local.sh 2 distill --config configs/tiny.yaml --output runs/tiny2 --deepspeed ds_configs/zero2_fp32.json
+  launchers/local.sh 2 distill --config configs/tiny.yaml --output runs/tiny2
 """
 
 
