@@ -81,9 +81,10 @@ def test_export_round_trip_gives_the_same_dev_metrics(two_rank_run, session_tmp)
     assert evaluated["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["accuracy"])
 
 
-@pytest.mark.parametrize("nproc, ds", [(1, "zero0_fp32"), (2, "zero2_fp32")])
-def test_resume_is_exact(session_tmp, nproc, ds):
-    cfg = write_config(session_tmp / f"resume-{ds}.yaml", {"training.save_every": 3})
+@pytest.mark.parametrize("nproc, ds, grad_accum", [(1, "zero0_fp32", 2), (2, "zero2_fp32", 1)])
+def test_resume_is_exact(session_tmp, nproc, ds, grad_accum):
+    # One rank with accumulation: 16 micro-batches -> 8 optimizer steps per epoch, as on two ranks.
+    cfg = write_config(session_tmp / f"resume-{ds}.yaml", {"training.save_every": 3, "training.grad_accum": grad_accum})
     common = ["--config", cfg, "--deepspeed", f"ds_configs/{ds}.json"]
     full, split = session_tmp / f"full-{ds}", session_tmp / f"split-{ds}"
     _ok(run_dskd(["distill", *common, "--output", full], session_tmp, nproc))
@@ -93,6 +94,8 @@ def test_resume_is_exact(session_tmp, nproc, ds):
     assert "halted after step 5" in halted.stderr
     assert json.loads((split / "run.json").read_text())["status"] == "halted"
     _ok(run_dskd(["distill", *common, "--output", split, "--resume"], session_tmp, nproc))
+    assert json.loads((full / "metrics.json").read_text())["step"] == 16
+    assert [s for s, _ in _scalars(full / "tensorboard")["eval/accuracy"]] == [8, 16]
     a, b = _weights(full / "model"), _weights(split / "model")
     for key in a:
         assert torch.equal(a[key], b[key]), key
