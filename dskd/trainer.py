@@ -335,6 +335,12 @@ def run(job: Job, argv: list[str]) -> dict:
             f"{training.grad_accum}); lower the batch size or use more data (data.train_limit)"
         )
     stages = plan_stages(cfg.schedule if job.role == "distill" else [], job.losses, training, steps_per_epoch)
+    if job.resume_tag is not None and (out / METRICS_FILE).is_file():
+        status = json.loads((out / RUN_FILE).read_text()).get("status")
+        if status == "completed":
+            if rank == 0:
+                print(f"{out} already completed; nothing to resume", file=sys.stderr)
+            return json.loads((out / METRICS_FILE).read_text())
     total_steps = stages[-1].end
     terms = build_loss_terms(job.losses)
     needs = frozenset().union(*(LOSS_REGISTRY[type(t).registry_name].needs for t in terms.values()))

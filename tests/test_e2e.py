@@ -100,6 +100,11 @@ def test_resume_is_exact(session_tmp, nproc, ds, grad_accum):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+    # Resuming a completed run changes nothing and reports the same result.
+    before = tree_digest(split)
+    again = _ok(run_dskd(["distill", *common, "--output", split, "--resume"], session_tmp, nproc))
+    assert "already completed; nothing to resume" in again.stderr
+    assert tree_digest(split) == before
 
 
 def test_finetune_then_distill_from_the_run_folder(session_tmp):
