@@ -7,7 +7,6 @@ the output folder is written, so a mistake never costs a previous run's results.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -25,7 +24,7 @@ from torch import nn
 from dskd import checkpoint, data, engine as eng, metrics as metrics_mod, models
 from dskd.config import ExperimentConfig, TrainingConfig, dump_config, to_dict
 from dskd.errors import DskdError
-from dskd.losses import LOSS_REGISTRY, build_loss_terms
+from dskd.losses import build_loss_terms
 from dskd.monitor import Monitor
 
 RUN_FILE = "run.json"
@@ -343,10 +342,7 @@ def run(job: Job, argv: list[str]) -> dict:
             return json.loads((out / METRICS_FILE).read_text())
     total_steps = stages[-1].end
     terms = build_loss_terms(job.losses)
-    needs = frozenset().union(*(LOSS_REGISTRY[type(t).registry_name].needs for t in terms.values()))
-    teacher_needed = job.teacher is not None and any(
-        terms[name].uses_teacher for stage in stages for name in stage.weights
-    )
+    needs = frozenset().union(*(term.needs for term in terms.values()))
 
     _init_output_dir(job, argv)
     seed_everything(cfg.seed + rank)
@@ -388,7 +384,7 @@ def run(job: Job, argv: list[str]) -> dict:
     micro_count = 0
     window_start, window_steps = time.perf_counter(), 0
     samples_per_step = world * training.batch_size * training.grad_accum
-    last_eval_step = last_save_step = -1
+    last_save_step = -1
     current_stage = stage_at(state["step"]).name if state["step"] < total_steps else None
     halted = False
     engine.train()
@@ -403,7 +399,7 @@ def run(job: Job, argv: list[str]) -> dict:
                 monitor.line(f"[stage] step {state['step']}: {current_stage} -> {stage.name}")
                 current_stage = stage.name
             batch = {k: v.to(device) for k, v in batch.items()}
-            total, values = train_step(engine, job.teacher if teacher_needed else None, batch, stage.weights)
+            total, values = train_step(engine, job.teacher, batch, stage.weights)
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()
@@ -428,7 +424,7 @@ def run(job: Job, argv: list[str]) -> dict:
                     torch.distributed.all_reduce(means)
                     means /= world
                 elapsed = time.perf_counter() - window_start
-                scalars = {f"train/loss/{n}": v for n, v in zip(names, means.tolist())}
+                scalars = {f"train/loss/{n}": v for n, v in zip(names, means.tolist(), strict=True)}
                 scalars["train/lr"] = engine.get_lr()[0]
                 scalars["train/samples_per_s"] = window_steps * samples_per_step / max(elapsed, 1e-9)
                 scalars["train/stage"] = float(stages.index(stage))
@@ -454,7 +450,6 @@ def run(job: Job, argv: list[str]) -> dict:
                     f"{state['best'][task.main_metric]:.4f} at step {state['best']['step']})"
                 )
                 state["last_eval"] = dict(result, step=step)
-                last_eval_step = step
             if (training.save_every and step % training.save_every == 0) or (
                 not training.save_every and end_of_epoch
             ) or finished or halting:
@@ -474,9 +469,6 @@ def run(job: Job, argv: list[str]) -> dict:
                   file=sys.stderr)
         return {"halted": True, "step": state["step"]}
 
-    if last_eval_step != state["step"] and "last_eval" not in state:
-        state["last_eval"] = dict(evaluate(student_logits, job.dev_set, task, pad_id, eval_batch, device),
-                                  step=state["step"])
     if last_save_step != state["step"]:
         save()
     final = {k: v for k, v in state["last_eval"].items() if k != "step"}

@@ -52,7 +52,7 @@ def test_two_rank_zero2_distill_writes_scalars_checkpoint_and_metrics(two_rank_r
         assert steps == [2, 4, 6, 8, 10, 12, 14, 16], tag
         assert all(math.isfinite(v) for _, v in scalars[tag]), tag
     for (_, total), (_, ce), (_, kd) in zip(
-        scalars["train/loss/total"], scalars["train/loss/hard_ce"], scalars["train/loss/soft_kd"]
+        scalars["train/loss/total"], scalars["train/loss/hard_ce"], scalars["train/loss/soft_kd"], strict=True
     ):
         assert total == pytest.approx(0.5 * ce + 0.5 * kd, rel=1e-5)
     assert [s for s, _ in scalars["eval/accuracy"]] == [8, 16]

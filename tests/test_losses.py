@@ -11,12 +11,12 @@ def test_soft_kd_matches_hand_computation():
     zt = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 3.0]])
     t = 2.0
     expected = 0.0
-    for s_row, t_row in zip(zs.tolist(), zt.tolist()):
+    for s_row, t_row in zip(zs.tolist(), zt.tolist(), strict=True):
         ps = [math.exp(v / t) for v in s_row]
         pt = [math.exp(v / t) for v in t_row]
         ps = [v / sum(ps) for v in ps]
         pt = [v / sum(pt) for v in pt]
-        expected += sum(p * (math.log(p) - math.log(q)) for p, q in zip(pt, ps))
+        expected += sum(p * (math.log(p) - math.log(q)) for p, q in zip(pt, ps, strict=True))
     expected = expected / 2 * t * t  # batchmean, times T^2
     value = SoftLabelKD(temperature=t)({"logits": zs}, {"logits": zt}, mask=None)
     assert value.item() == pytest.approx(expected, rel=1e-6)

@@ -47,7 +47,7 @@ def test_student_built_from_arch_is_deterministic_in_seed():
     a, _ = models.build_student(cfg, tiny_teacher(), 2, 1, seed=3)
     b, _ = models.build_student(cfg, tiny_teacher(), 2, 1, seed=3)
     assert a.config.hidden_size == 16 and a.config.vocab_size == 120
-    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(va, vb, msg=ka)
 
 
