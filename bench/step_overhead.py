@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from dskd import engine as eng, models  # noqa: E402
 from dskd.config import ArchConfig, StudentConfig, TrainingConfig  # noqa: E402
 from dskd.losses import build_loss_terms  # noqa: E402
-from dskd.trainer import DistillationModule, train_step  # noqa: E402
+from dskd.trainer import DistillationModule, Stage, TeacherSide, lr_factor, train_step  # noqa: E402
 
 LOSSES = {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}}
 WEIGHTS = {"hard_ce": 0.5, "soft_kd": 0.5}
@@ -81,11 +81,13 @@ def plain_loop(teacher, student, batch, training: TrainingConfig, total_steps: i
 def dskd_loop(teacher, student, batch, training: TrainingConfig, total_steps: int, ds_path: str):
     ds, _ = eng.load_ds_config(ds_path, training)
     module = DistillationModule(student, build_loss_terms(LOSSES), frozenset({"logits"}))
-    engine = eng.initialize(module, ds, training, total_steps)
+    stages = [Stage("train", 0, total_steps, WEIGHTS)]
+    engine = eng.initialize(module, ds, training, lambda step: lr_factor(step, stages, training))
     engine.train()
+    teacher_side = TeacherSide(teacher)
 
     def step():
-        return train_step(engine, teacher, batch, WEIGHTS)[0]
+        return train_step(engine, teacher_side, batch, WEIGHTS)[0]
 
     return step
 

@@ -29,9 +29,25 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_path(value: str) -> str:
-    """Expand ``pkg://name`` to the packaged resource; leave other strings as they are."""
+    """Expand ``pkg://name`` (a resource shipped in dskd) and ``pypkg://module/sub/path``
+    (a file inside an installed Python package, e.g. a model distributed on PyPI);
+    leave other strings as they are."""
     if value.startswith("pkg://"):
         return str(PACKAGE_RESOURCES / value[len("pkg://"):])
+    if value.startswith("pypkg://"):
+        import importlib.util
+
+        module, _, rest = value[len("pypkg://"):].partition("/")
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise DskdError(
+                f"{value}: Python package {module!r} is not installed; install it "
+                f"(e.g. pip install {module.replace('_', '-')}) or give a folder path instead"
+            )
+        return str(Path(list(spec.submodule_search_locations)[0]) / rest)
     return value
 
 
@@ -84,15 +100,34 @@ class StudentConfig:
 
 
 @dataclass
+class PlateauConfig:
+    """End a stage early once its loss on held-out dev batches stops improving."""
+
+    every: int  # optimizer steps between checks
+    patience: int = 1  # checks without improvement before the stage ends
+    min_delta: float = 0.0  # smaller improvements count as none
+    batches: int = 4  # dev batches (of training.batch_size, the first ones) the loss is measured on
+
+
+@dataclass
 class StageConfig:
     """One phase of the schedule: which loss terms are on, with which weights, for how long."""
 
     name: str
+    # Length; with `plateau` it is the most the stage may last.
     epochs: Optional[float] = None
     steps: Optional[int] = None
     # term name -> weight for this stage; terms not listed are off. Empty: all terms
     # at their configured weights.
     losses: dict[str, float] = field(default_factory=dict)
+    # Student layers (1-based) whose layer-wise terms (attention_kl, cls_cosine) are on;
+    # null: every mapped layer.
+    layers: Optional[list[int]] = None
+    # Expand into one stage per mapped student layer, bottom-up, sharing this stage's
+    # length evenly: `progressive` distils only layer k in stage k (PID), `stacked`
+    # layers 1..k (SID).
+    per_layer: Optional[Literal["progressive", "stacked"]] = None
+    plateau: Optional[PlateauConfig] = None
 
 
 @dataclass
@@ -113,6 +148,12 @@ class TrainingConfig:
     halt_after_steps: Optional[int] = None
     # DeepSpeed JSON (ZeRO stage and dtype); the CLI's --deepspeed overrides it.
     deepspeed: str = "ds_configs/zero0_fp32.json"
+    # Linear warmup then linear decay to 0 over the whole run (`global`), or restarted
+    # in every schedule stage (`per_stage`), which suits sequential stages.
+    lr_schedule: Literal["global", "per_stage"] = "global"
+    # At each evaluation, draw this many heads of every mapped layer's attention
+    # (teacher | student, one fixed dev example) to TensorBoard; 0 turns it off.
+    attention_images: int = 4
 
 
 def _default_losses() -> dict[str, dict[str, Any]]:
@@ -133,6 +174,10 @@ class ExperimentConfig:
     losses: dict[str, dict[str, Any]] = field(default_factory=_default_losses)
     # Empty: one stage with every loss term for training.epochs.
     schedule: list[StageConfig] = field(default_factory=list)
+    # Teacher layer (1-based) matched by each student layer 1..N in the layer-wise
+    # losses. null: the layers the student was initialised from, else uniform
+    # (12 -> 6: 2, 4, ..., 12).
+    layer_map: Optional[list[int]] = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
     # Used by `dskd finetune` to train the teacher on the task.
     finetune: TrainingConfig = field(default_factory=_default_finetune)
@@ -227,6 +272,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
 def _suggest(key: str, known: list[str]) -> str | None:
     """The known key a typo most likely meant: a shared word prefix first (lr_rate -> lr), else spelling."""
     head = key.split("_")[0]
+    if head != key and head in known:
+        return head
     same_head = [k for k in known if k.split("_")[0] == head]
     if len(same_head) == 1:
         return same_head[0]
@@ -361,6 +408,37 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                 fail(f"`{key}.losses.{term}` is not a term in `losses` (known: {', '.join(cfg.losses)})")
         if stage.losses and not any(w > 0 for w in stage.losses.values()):
             fail(f"`{key}.losses` ({stage.name}) turns every term off; give at least one a positive weight")
+        if stage.layers is not None:
+            if not stage.layers:
+                fail(f"`{key}.layers` ({stage.name}) is empty; list student layers, or null for all mapped layers")
+            if stage.per_layer is not None:
+                fail(f"`{key}` ({stage.name}) sets both `layers` and `per_layer`; per_layer chooses the layers itself")
+            for j, layer in enumerate(stage.layers):
+                if layer < 1:
+                    fail(f"`{key}.layers[{j}]` must be a 1-based student layer, got {layer}")
+        if stage.plateau is not None:
+            for name in ("every", "patience", "batches"):
+                if getattr(stage.plateau, name) < 1:
+                    fail(f"`{key}.plateau.{name}` must be at least 1, got {getattr(stage.plateau, name)}")
+            if stage.plateau.min_delta < 0:
+                fail(f"`{key}.plateau.min_delta` must be non-negative, got {stage.plateau.min_delta}")
+    if cfg.layer_map is not None:
+        if not cfg.layer_map:
+            fail("`layer_map` is empty; list one teacher layer per student layer, or null for the default")
+        for i, layer in enumerate(cfg.layer_map):
+            if layer < 1:
+                fail(f"`layer_map[{i}]` must be a 1-based teacher layer, got {layer}")
+        n_student = student.layers if student.layers is not None else (
+            len(student.teacher_layers) if student.teacher_layers else None
+        )
+        if student.init_from_teacher and n_student is not None and len(cfg.layer_map) != n_student:
+            fail(
+                f"`layer_map` lists {len(cfg.layer_map)} teacher layers but the student has {n_student} layers; "
+                "give one teacher layer per student layer"
+            )
+    for section in ("training", "finetune"):
+        if getattr(cfg, section).attention_images < 0:
+            fail(f"`{section}.attention_images` must be 0 (off) or more, got {getattr(cfg, section).attention_images}")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -178,10 +179,12 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def initialize(module: torch.nn.Module, ds: dict, training: TrainingConfig, total_steps: int):
-    """Wrap ``module`` (student + trainable loss terms) in a DeepSpeed engine."""
+def initialize(module: torch.nn.Module, ds: dict, training: TrainingConfig, lr_factor: Callable[[int], float]):
+    """Wrap ``module`` (student + trainable loss terms) in a DeepSpeed engine.
+
+    ``lr_factor(step)`` scales ``training.lr`` (the trainer's warmup/decay schedule).
+    """
     import deepspeed
-    from transformers import get_linear_schedule_with_warmup
 
     ds = dict(ds)
     ds["optimizer"] = {
@@ -189,10 +192,9 @@ def initialize(module: torch.nn.Module, ds: dict, training: TrainingConfig, tota
         # torch's AdamW: DeepSpeed's FusedAdam would JIT-build a CUDA/CPU op first.
         "params": {"lr": training.lr, "weight_decay": training.weight_decay, "torch_adam": True},
     }
-    warmup = int(training.warmup_ratio * total_steps)
 
     def schedule(optimizer):
-        return get_linear_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
     engine, _, _, _ = deepspeed.initialize(
         model=module,

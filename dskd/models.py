@@ -123,15 +123,30 @@ def freeze(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Mod
     return model.to(device=device, dtype=dtype)
 
 
-def teacher_outputs(teacher: nn.Module, batch: dict, needs: frozenset[str]) -> dict:
-    """Run the frozen teacher without autograd, asking only for what the losses need."""
-    with torch.no_grad():
-        out = teacher(
-            **model_inputs(batch),
-            output_hidden_states="hidden_states" in needs,
-            output_attentions="attentions" in needs,
-        )
-    return {name: out[name] for name in needs if out.get(name) is not None}
+def teacher_outputs(teacher: nn.Module, batch: dict, needs: frozenset[str], capture=None, layers=()) -> dict:
+    """Run the frozen teacher without autograd, asking only for what the losses need.
+
+    ``layers``: the teacher layers (1-based, aligned with the student's active pairs)
+    whose [CLS] vectors (``cls``) and Q/K (``attention_qk``, via ``capture``) are kept.
+    """
+    from dskd.capture import cls_vectors
+
+    layers = list(layers)
+    want_qk = bool(layers) and "attention_qk" in needs
+    if want_qk:
+        capture.active = set(layers)
+    try:
+        with torch.no_grad():
+            out = teacher(**model_inputs(batch), output_hidden_states=bool(layers) and "cls" in needs)
+    finally:
+        if capture is not None:
+            capture.active = set()
+    result = {"logits": out["logits"]}
+    if layers and "cls" in needs:
+        result["cls"] = cls_vectors(out["hidden_states"], layers)
+    if want_qk:
+        result["attention_qk"] = capture.take(layers)
+    return result
 
 
 def model_inputs(batch: dict) -> dict:
@@ -150,6 +165,30 @@ def every_kth_layer(teacher_layers: int, student_layers: int) -> list[int]:
         )
     step = teacher_layers / student_layers
     return [int(math.floor(step * (i + 1) + 0.5)) for i in range(student_layers)]
+
+
+def resolve_layer_map(
+    layer_map: list[int] | None, init_layers: list[int], n_student: int, n_teacher: int
+) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs, 1-based, checked against both models."""
+    if layer_map is None:
+        layer_map = list(init_layers) if init_layers else every_kth_layer(n_teacher, min(n_student, n_teacher))
+        if len(layer_map) < n_student:
+            raise DskdError(
+                f"the student has {n_student} layers and the teacher only {n_teacher}; "
+                "set `layer_map` to choose a teacher layer for each student layer"
+            )
+    if len(layer_map) != n_student:
+        raise DskdError(
+            f"`layer_map` lists {len(layer_map)} teacher layers but the student has {n_student} layers; "
+            "give one teacher layer per student layer"
+        )
+    for i, layer in enumerate(layer_map):
+        if not 1 <= layer <= n_teacher:
+            raise DskdError(
+                f"`layer_map[{i}]` is {layer}, out of range: the teacher has {n_teacher} layers, numbered 1 to {n_teacher}"
+            )
+    return [(k + 1, t) for k, t in enumerate(layer_map)]
 
 
 def _layer_prefix(model: nn.Module) -> str:

@@ -10,6 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
+# Each token of an attention map becomes a square of this many pixels in TensorBoard.
+PIXELS_PER_TOKEN = 4
+
 
 class Monitor:
     def __init__(self, log_dir: Path, enabled: bool, total_steps: int, initial_step: int, desc: str):
@@ -29,6 +35,23 @@ class Monitor:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def set_total(self, total: int) -> None:
+        """A plateau rule ended a stage early: the run is now ``total`` steps long."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def attention_image(self, tag: str, student_qk, teacher_qk, mask: torch.Tensor, groups: tuple[int, int],
+                        heads: int, step: int) -> None:
+        """One example's attention, teacher left and student right, one row per compared head."""
+        if self.writer is None:
+            return
+        self.writer.add_image(tag, attention_grid(student_qk, teacher_qk, mask, groups, heads), step, dataformats="HW")
 
     def advance(self, postfix: dict[str, float] | None = None) -> None:
         if self.bar is None:
@@ -51,3 +74,24 @@ class Monitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def attention_grid(student_qk, teacher_qk, mask: torch.Tensor, groups: tuple[int, int], heads: int) -> np.ndarray:
+    """A grey image of the distributions the attention loss compares for the first example:
+    for each of the first ``heads`` (grouped) heads, teacher | student over the real tokens,
+    each map scaled by its own maximum so both are readable."""
+    from dskd.losses import attention_log_probs, average_heads
+
+    key_mask = mask.bool()
+    n = int(key_mask[0].sum())
+    maps = []
+    for (q, k), group in ((teacher_qk, groups[1]), (student_qk, groups[0])):
+        probs = average_heads(attention_log_probs(q[:1], k[:1], key_mask[:1]), group).exp()[0, :heads, :n, :n]
+        maps.append(probs / probs.amax(dim=(-1, -2), keepdim=True).clamp_min(1e-12))
+    gap = torch.ones(n, 1)
+    rows = []
+    for h in range(maps[0].shape[0]):
+        rows.append(torch.cat([maps[0][h].cpu(), gap, maps[1][h].cpu()], dim=1))
+        rows.append(torch.ones(1, 2 * n + 1))
+    image = torch.cat(rows[:-1], dim=0).numpy()
+    return np.kron(image, np.ones((PIXELS_PER_TOKEN, PIXELS_PER_TOKEN), dtype=np.float32)).astype(np.float32)

@@ -13,7 +13,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,10 @@ import yaml
 from torch import nn
 
 from dskd import checkpoint, data, engine as eng, metrics as metrics_mod, models
-from dskd.config import ExperimentConfig, TrainingConfig, dump_config, to_dict
+from dskd.capture import QKCapture, cls_vectors
+from dskd.config import ExperimentConfig, PlateauConfig, TrainingConfig, dump_config, to_dict
 from dskd.errors import DskdError
-from dskd.losses import build_loss_terms
+from dskd.losses import LOSS_REGISTRY, AttentionKL, LayerGeometry, LayerwiseTerm, build_loss_terms, term_type
 from dskd.monitor import Monitor
 
 RUN_FILE = "run.json"
@@ -43,37 +44,77 @@ class DistillationModule(nn.Module):
     ZeRO-3 gathers those parameters like any other.
     """
 
-    def __init__(self, model: nn.Module, terms: nn.ModuleDict, needs: frozenset[str]):
+    def __init__(self, model: nn.Module, terms: nn.ModuleDict, needs: frozenset[str], capture: QKCapture | None = None):
         super().__init__()
         self.model = model
         self.terms = terms
         self.needs = needs
+        self.capture = capture  # hooks on the model's mapped layers (a plain attribute, not a module)
 
-    def forward(self, batch: dict, teacher: dict | None = None, weights: dict[str, float] | None = None):
-        out = self.model(
-            **models.model_inputs(batch),
-            output_hidden_states="hidden_states" in self.needs,
-            output_attentions="attentions" in self.needs,
-        )
-        student = {name: out[name] for name in self.needs | {"logits"} if out.get(name) is not None}
+    def forward(self, batch: dict, teacher: dict | None = None, weights: dict[str, float] | None = None,
+                pairs: tuple[tuple[int, int], ...] = ()):
+        """Without ``weights``: the student's outputs (for ``pairs``, its layer-wise ones too).
+        With them: the weighted total and each term's value (layer-wise terms also per pair)."""
+        layers = [s for s, _ in pairs]
+        want_qk = bool(pairs) and "attention_qk" in self.needs
+        if want_qk:
+            self.capture.active = set(layers)
+        try:
+            out = self.model(**models.model_inputs(batch), output_hidden_states=bool(pairs) and "cls" in self.needs)
+        finally:
+            if self.capture is not None:
+                self.capture.active = set()
+        student = {"logits": out["logits"], "pairs": pairs}
+        if pairs and "cls" in self.needs:
+            student["cls"] = cls_vectors(out["hidden_states"], layers)
+        if want_qk:
+            student["attention_qk"] = self.capture.take(layers)
         if weights is None:
             return student
         targets = dict(teacher or {}, labels=batch["labels"])
-        values = {name: self.terms[name](student, targets, batch["attention_mask"]) for name in weights}
+        mask = batch["attention_mask"]
+        values = {}
+        for name in weights:
+            term = self.terms[name]
+            if isinstance(term, LayerwiseTerm):
+                parts = term.pair_losses(student, targets, mask)
+                values[name] = torch.stack(parts).sum()
+                values.update({f"{name}/L{s}": part for (s, _), part in zip(pairs, parts, strict=True)})
+            else:
+                values[name] = term(student, targets, mask)
         total = sum(weight * values[name] for name, weight in weights.items())
         return total, values
+
+
+@dataclass
+class TeacherSide:
+    """The frozen teacher and the hooks that read its mapped layers."""
+
+    model: nn.Module
+    capture: QKCapture | None = None
+
+    def outputs(self, batch: dict, needs: frozenset[str], pairs: tuple[tuple[int, int], ...] = ()) -> dict:
+        return models.teacher_outputs(self.model, batch, needs, self.capture, [t for _, t in pairs])
 
 
 @dataclass
 class Stage:
     name: str
     start: int  # first optimizer step (0-based) of the stage
-    end: int  # one past its last step
+    end: int  # one past its last step (with a plateau rule: the latest it may end)
     weights: dict[str, float]
+    layers: tuple[int, ...] | None = None  # student layers of the layer-wise terms; None = all mapped
+    plateau: PlateauConfig | None = None
 
 
-def plan_stages(specs: list, losses: dict[str, dict], training: TrainingConfig, steps_per_epoch: int):
-    """Turn the schedule into step ranges. No schedule: one stage of every term."""
+def plan_stages(specs: list, losses: dict[str, dict], training: TrainingConfig, steps_per_epoch: int,
+                mapped_layers: list[int] = ()) -> list[Stage]:
+    """Turn the schedule into step ranges. No schedule: one stage of every term.
+
+    A ``per_layer`` stage becomes one stage per mapped student layer, bottom-up, which
+    share its length: ``progressive`` (PID) turns on layer k alone, ``stacked`` (SID)
+    layers 1..k.
+    """
     default_weights = {name: float(spec["weight"]) for name, spec in losses.items()}
     if not specs:
         total = max(1, math.ceil(training.epochs * steps_per_epoch))
@@ -82,9 +123,47 @@ def plan_stages(specs: list, losses: dict[str, dict], training: TrainingConfig, 
     for spec in specs:
         length = spec.steps if spec.steps is not None else max(1, math.ceil(spec.epochs * steps_per_epoch))
         weights = dict(spec.losses) if spec.losses else default_weights
-        stages.append(Stage(spec.name, start, start + length, {k: w for k, w in weights.items() if w > 0}))
-        start += length
+        weights = {k: w for k, w in weights.items() if w > 0}
+        if spec.per_layer is None:
+            expanded = [(spec.name, tuple(spec.layers) if spec.layers is not None else None)]
+        else:
+            ordered = sorted(mapped_layers)
+            expanded = [
+                (f"{spec.name}-L{layer}", (layer,) if spec.per_layer == "progressive" else tuple(ordered[: i + 1]))
+                for i, layer in enumerate(ordered)
+            ]
+        # A per-layer stage's length is shared evenly by its layers (earlier ones take the
+        # remainder), so one recipe gives students of any depth the same budget.
+        shares = [length // len(expanded) + (i < length % len(expanded)) for i in range(len(expanded))]
+        for (name, layers), share in zip(expanded, shares, strict=True):
+            share = max(share, 1)
+            stages.append(Stage(name, start, start + share, weights, layers, spec.plateau))
+            start += share
     return stages
+
+
+def shorten_stage(stages: list[Stage], index: int, end: int) -> None:
+    """End stage ``index`` at step ``end`` (a plateau) and move every later stage earlier."""
+    shift = stages[index].end - end
+    stages[index].end = end
+    for stage in stages[index + 1 :]:
+        stage.start -= shift
+        stage.end -= shift
+
+
+def lr_factor(step: int, stages: list[Stage], training: TrainingConfig) -> float:
+    """Linear warmup then linear decay to 0 (as transformers' linear schedule), over the
+    whole run or restarted per stage. Reads ``stages`` live, so plateau-shortened
+    stages reshape the schedule."""
+    start, end = 0, stages[-1].end
+    if training.lr_schedule == "per_stage":
+        stage = next((s for s in stages if s.start <= step < s.end), stages[-1])
+        start, end = stage.start, stage.end
+    length, local = max(end - start, 1), step - start
+    warmup = int(training.warmup_ratio * length)
+    if local < warmup:
+        return local / max(1, warmup)
+    return max(0.0, (length - local) / max(1, length - warmup))
 
 
 def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_size: int, grad_accum: int):
@@ -166,10 +245,16 @@ class Job:
     train_set: object
     dev_set: object
     model: nn.Module
-    teacher: nn.Module | None
+    teacher: TeacherSide | None
     student_layers: list[int]
     resume_tag: str | None
-    extra_run_info: dict = field(default_factory=dict)
+    terms: nn.ModuleDict
+    pairs: tuple[tuple[int, int], ...] = ()  # every mapped (student layer, teacher layer)
+    student_capture: QKCapture | None = None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"logits"}).union(*(term.needs for term in self.terms.values()))
 
 
 def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | None, resume: bool, overwrite: bool) -> Job:
@@ -194,11 +279,46 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
         )
     if role == "finetune":
         return Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
-                   teacher, None, [], resume_tag)
+                   teacher, None, [], resume_tag, build_loss_terms(losses))
     student, layers = models.build_student(cfg.student, teacher, task.num_labels, tokenizer.pad_token_id, cfg.seed)
     teacher = models.freeze(teacher, dtype, device)
-    return Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
-               student, teacher, layers, resume_tag)
+    terms, pairs = build_terms(cfg, losses, student, teacher, layers)
+    job = Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
+              student, TeacherSide(teacher), layers, resume_tag, terms, pairs)
+    check_stage_layers(cfg, pairs)
+    if "attention_qk" in job.needs:
+        job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
+        job.teacher.capture = QKCapture(teacher, [t for _, t in pairs], "teacher")
+    return job
+
+
+def build_terms(cfg: ExperimentConfig, losses: dict, student: nn.Module, teacher: nn.Module, init_layers: list[int]):
+    """The loss terms, bound to the layer map when a term compares internal layers."""
+    layerwise = any(issubclass(LOSS_REGISTRY[term_type(n, spec)], LayerwiseTerm) for n, spec in losses.items())
+    if not layerwise:
+        if cfg.layer_map is not None:
+            raise DskdError("`layer_map` is set but no loss term compares layers; add attention_kl or cls_cosine, "
+                            "or drop layer_map")
+        return build_loss_terms(losses, seed=cfg.seed), ()
+    s_cfg, t_cfg = student.config, teacher.config
+    pairs = tuple(models.resolve_layer_map(cfg.layer_map, init_layers, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers))
+    geometry = LayerGeometry(pairs, s_cfg.hidden_size, t_cfg.hidden_size,
+                             s_cfg.num_attention_heads, t_cfg.num_attention_heads)
+    return build_loss_terms(losses, geometry, cfg.seed), pairs
+
+
+def check_stage_layers(cfg: ExperimentConfig, pairs: tuple) -> None:
+    mapped = {s for s, _ in pairs}
+    for i, stage in enumerate(cfg.schedule):
+        for j, layer in enumerate(stage.layers or []):
+            if layer not in mapped:
+                raise DskdError(
+                    f"`schedule[{i}].layers[{j}]` ({stage.name}) is student layer {layer}, which is not mapped "
+                    f"to the teacher (mapped: {sorted(mapped) or 'none; configure attention_kl or cls_cosine'})"
+                )
+        if stage.per_layer is not None and not mapped:
+            raise DskdError(f"`schedule[{i}].per_layer` ({stage.name}) needs a layer-wise loss term "
+                            "(attention_kl or cls_cosine) to distil layer by layer")
 
 
 def load_data(cfg: ExperimentConfig, task, tokenizer):
@@ -300,15 +420,29 @@ def evaluate(forward, dataset, task, pad_id: int, batch_size: int, device) -> di
     return metrics_mod.compute_metrics(task, all_logits, all_labels)
 
 
-def train_step(engine, teacher: nn.Module | None, batch: dict, weights: dict[str, float]):
+def stage_pairs(stage: Stage, pairs: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The mapped pairs a stage distils (none when it has no layer-wise term on)."""
+    if stage.layers is None:
+        return pairs
+    return tuple(p for p in pairs if p[0] in stage.layers)
+
+
+def losses_on(engine, teacher: TeacherSide | None, batch: dict, weights: dict[str, float], pairs):
+    """Teacher forward (if a term in ``weights`` uses it), then the student's weighted losses."""
+    module = engine.module
+    if not any(isinstance(module.terms[name], LayerwiseTerm) for name in weights):
+        pairs = ()
+    teacher_out = None
+    if teacher is not None and any(module.terms[name].uses_teacher for name in weights):
+        teacher_out = teacher.outputs(batch, module.needs, pairs)
+    return engine(batch, teacher_out, weights, pairs)
+
+
+def train_step(engine, teacher: TeacherSide | None, batch: dict, weights: dict[str, float], pairs=()):
     """One micro-step: frozen teacher forward (if a term in this stage uses it), student
     forward with the weighted loss terms, backward, and DeepSpeed's step (which applies
     the optimizer only at an accumulation boundary)."""
-    module = engine.module
-    teacher_out = None
-    if teacher is not None and any(module.terms[name].uses_teacher for name in weights):
-        teacher_out = models.teacher_outputs(teacher, batch, module.needs)
-    total, values = engine(batch, teacher_out, weights)
+    total, values = losses_on(engine, teacher, batch, weights, pairs)
     engine.backward(total)
     engine.step()
     return total, values
@@ -316,6 +450,36 @@ def train_step(engine, teacher: nn.Module | None, batch: dict, weights: dict[str
 
 def _format_metrics(values: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in values.items())
+
+
+def _mean_over_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if eng.world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+        tensor /= eng.world_size()
+    return tensor.tolist()
+
+
+def held_out_loss(engine, teacher, batches: list[dict], stage: Stage, pairs) -> float:
+    """A stage's weighted loss on fixed dev batches, without dropout: the plateau signal."""
+    engine.eval()
+    with torch.no_grad():
+        total = sum(float(losses_on(engine, teacher, b, stage.weights, stage_pairs(stage, pairs))[0]) for b in batches)
+    engine.train()
+    return _mean_over_ranks([total / len(batches)])[0]
+
+
+def attention_snapshot(engine, teacher: TeacherSide, example: dict, pairs, groups, heads: int, monitor, step) -> None:
+    """Draw teacher | student attention of every mapped layer for one dev example (rank 0 writes;
+    every rank runs the forward, which ZeRO-3 needs)."""
+    engine.eval()
+    with torch.no_grad():
+        student = engine(example, pairs=pairs)
+        target = teacher.outputs(example, engine.module.needs, pairs)
+    engine.train()
+    for (s, t), s_qk, t_qk in zip(pairs, student["attention_qk"], target["attention_qk"], strict=True):
+        monitor.attention_image(f"attention/student_L{s}_teacher_L{t}", s_qk, t_qk, example["attention_mask"],
+                                groups, heads, step)
 
 
 def run(job: Job, argv: list[str]) -> dict:
@@ -333,25 +497,28 @@ def run(job: Job, argv: list[str]) -> dict:
             f"({world} ranks x training.batch_size {training.batch_size} x training.grad_accum "
             f"{training.grad_accum}); lower the batch size or use more data (data.train_limit)"
         )
-    stages = plan_stages(cfg.schedule if job.role == "distill" else [], job.losses, training, steps_per_epoch)
+    mapped_layers = [s for s, _ in job.pairs]
+    stages = plan_stages(cfg.schedule if job.role == "distill" else [], job.losses, training, steps_per_epoch,
+                         mapped_layers)
     if job.resume_tag is not None and (out / METRICS_FILE).is_file():
         status = json.loads((out / RUN_FILE).read_text()).get("status")
         if status == "completed":
             if rank == 0:
                 print(f"{out} already completed; nothing to resume", file=sys.stderr)
             return json.loads((out / METRICS_FILE).read_text())
-    total_steps = stages[-1].end
-    terms = build_loss_terms(job.losses)
-    needs = frozenset().union(*(term.needs for term in terms.values()))
 
     _init_output_dir(job, argv)
     seed_everything(cfg.seed + rank)
-    module = DistillationModule(job.model, terms, needs)
-    engine = eng.initialize(module, job.ds_config, training, total_steps)
+    module = DistillationModule(job.model, job.terms, job.needs, job.student_capture)
+    engine = eng.initialize(module, job.ds_config, training, lambda step: lr_factor(step, stages, training))
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "teacher_metrics": None}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "teacher_metrics": None,
+             "stage_bounds": [[st.start, st.end] for st in stages], "plateau": None}
     if job.resume_tag is not None:
         state.update(checkpoint.load(engine, out / "checkpoints", job.resume_tag))
+        # Plateau rules may have ended stages early; the checkpoint holds where they really ended.
+        for st, (start, end) in zip(stages, state["stage_bounds"], strict=True):
+            st.start, st.end = start, end
 
     eval_batch = training.batch_size * 2
 
@@ -360,24 +527,38 @@ def run(job: Job, argv: list[str]) -> dict:
 
     if job.teacher is not None and state["teacher_metrics"] is None:
         state["teacher_metrics"] = evaluate(
-            lambda b: models.teacher_outputs(job.teacher, b, frozenset({"logits"}))["logits"],
+            lambda b: job.teacher.outputs(b, frozenset({"logits"}))["logits"],
             job.dev_set, task, pad_id, eval_batch, device,
         )
 
-    monitor = Monitor(out / "tensorboard", rank == 0, total_steps, state["step"], job.role)
+    monitor = Monitor(out / "tensorboard", rank == 0, stages[-1].end, state["step"], job.role)
     if state["teacher_metrics"] is not None:
         monitor.line(f"[teacher] dev {task.name}: {_format_metrics(state['teacher_metrics'])}")
         monitor.scalars({f"teacher/{k}": v for k, v in state["teacher_metrics"].items()}, 0)
+    describe = ", ".join(
+        f"{st.name}[{st.start}:{st.end}]({'+'.join(st.weights)}"
+        + (f" layers {','.join(map(str, st.layers))}" if st.layers is not None and job.pairs else "")
+        + (" until plateau" if st.plateau else "") + ")"
+        for st in stages
+    )
     monitor.line(
         f"[{job.role}] {len(job.train_set)} train / {len(job.dev_set)} dev examples, {world} rank(s), "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, stages: "
-        + ", ".join(f"{s.name}[{s.start}:{s.end}]({'+'.join(s.weights)})" for s in stages)
+        f"{steps_per_epoch} steps/epoch, {stages[-1].end} steps, stages: {describe}"
+        + (f", layer map (student, teacher): {list(job.pairs)}" if job.pairs else "")
     )
 
+    attention_terms = [t for name, t in job.terms.items() if isinstance(t, AttentionKL)]
+    snapshot_example = None
+    if attention_terms and training.attention_images and job.teacher is not None:
+        row = data.collate([job.dev_set[0]], pad_id)
+        snapshot_example = {k: v.to(device) for k, v in row.items()}
+    plateau_batches = None
+
     def stage_at(step: int) -> Stage:
-        return next(s for s in stages if s.start <= step < s.end)
+        return next(st for st in stages if st.start <= step < st.end)
 
     def save() -> None:
+        state["stage_bounds"] = [[st.start, st.end] for st in stages]
         checkpoint.save(engine, out / "checkpoints", state["step"], {"dskd": dict(state)}, training.keep_checkpoints)
 
     sums: dict[str, torch.Tensor] = {}
@@ -385,11 +566,11 @@ def run(job: Job, argv: list[str]) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     samples_per_step = world * training.batch_size * training.grad_accum
     last_save_step = -1
-    current_stage = stage_at(state["step"]).name if state["step"] < total_steps else None
+    current_stage = stage_at(state["step"]).name if state["step"] < stages[-1].end else None
     halted = False
     engine.train()
 
-    while state["step"] < total_steps and not halted:
+    while state["step"] < stages[-1].end and not halted:
         batches = epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
                                 training.batch_size, training.grad_accum)
         loader = _loader(job.train_set, batches[state["batch_in_epoch"] :], pad_id)
@@ -397,9 +578,10 @@ def run(job: Job, argv: list[str]) -> dict:
             stage = stage_at(state["step"])
             if stage.name != current_stage:
                 monitor.line(f"[stage] step {state['step']}: {current_stage} -> {stage.name}")
+                monitor.text("stage", f"step {state['step']}: {current_stage} -> {stage.name}", state["step"])
                 current_stage = stage.name
             batch = {k: v.to(device) for k, v in batch.items()}
-            total, values = train_step(engine, job.teacher, batch, stage.weights)
+            total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()
@@ -417,14 +599,11 @@ def run(job: Job, argv: list[str]) -> dict:
                 state["batch_in_epoch"] = 0
             monitor.advance()
 
-            if step % training.log_every == 0 or step == total_steps:
+            if step % training.log_every == 0 or step == stages[-1].end:
                 names = sorted(sums)
-                means = torch.stack([torch.as_tensor(sums[n]) for n in names]) / micro_count
-                if world > 1:
-                    torch.distributed.all_reduce(means)
-                    means /= world
+                means = _mean_over_ranks([float(sums[n]) / micro_count for n in names])
                 elapsed = time.perf_counter() - window_start
-                scalars = {f"train/loss/{n}": v for n, v in zip(names, means.tolist(), strict=True)}
+                scalars = {f"train/loss/{n}": v for n, v in zip(names, means, strict=True)}
                 scalars["train/lr"] = engine.get_lr()[0]
                 scalars["train/samples_per_s"] = window_steps * samples_per_step / max(elapsed, 1e-9)
                 scalars["train/stage"] = float(stages.index(stage))
@@ -432,7 +611,32 @@ def run(job: Job, argv: list[str]) -> dict:
                 sums, micro_count = {}, 0
                 window_start, window_steps = time.perf_counter(), 0
 
-            finished = step == total_steps
+            if stage.plateau is not None and step < stage.end and (step - stage.start) % stage.plateau.every == 0:
+                if plateau_batches is None:
+                    plateau_batches = [
+                        {k: v.to(device) for k, v in b.items()}
+                        for b in _loader(job.dev_set, [
+                            list(range(i * training.batch_size, min((i + 1) * training.batch_size, len(job.dev_set))))
+                            for i in range(min(stage.plateau.batches,
+                                               math.ceil(len(job.dev_set) / training.batch_size)))
+                        ], pad_id)
+                    ]
+                loss = held_out_loss(engine, job.teacher, plateau_batches, stage, job.pairs)
+                index = stages.index(stage)
+                track = state["plateau"] if state["plateau"] and state["plateau"]["stage"] == index else None
+                if track is None or loss < track["best"] - stage.plateau.min_delta:
+                    track = {"stage": index, "best": loss, "bad": 0}
+                else:
+                    track["bad"] += 1
+                state["plateau"] = track
+                monitor.scalars({f"plateau/{stage.name}": loss}, step)
+                if track["bad"] >= stage.plateau.patience:
+                    monitor.line(f"[plateau] {stage.name}: held-out loss {loss:.4f} has not improved on "
+                                 f"{track['best']:.4f} for {track['bad']} check(s); next stage at step {step}")
+                    shorten_stage(stages, index, step)
+                    monitor.set_total(stages[-1].end)
+
+            finished = step == stages[-1].end
             halting = training.halt_after_steps is not None and step == training.halt_after_steps and not finished
             if (training.eval_every and step % training.eval_every == 0) or (
                 not training.eval_every and end_of_epoch
@@ -445,11 +649,14 @@ def run(job: Job, argv: list[str]) -> dict:
                     state["best"] = dict(result, step=step)
                 monitor.scalars({f"eval/{k}": v for k, v in result.items()}, step)
                 monitor.line(
-                    f"[eval] step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
+                    f"[eval] step {step}/{stages[-1].end} epoch {step / steps_per_epoch:.2f} "
                     f"{task.name}: {_format_metrics(result)} (best {task.main_metric}="
                     f"{state['best'][task.main_metric]:.4f} at step {state['best']['step']})"
                 )
                 state["last_eval"] = dict(result, step=step)
+                if snapshot_example is not None:
+                    attention_snapshot(engine, job.teacher, snapshot_example, job.pairs, attention_terms[0].groups,
+                                       training.attention_images, monitor, step)
             if (training.save_every and step % training.save_every == 0) or (
                 not training.save_every and end_of_epoch
             ) or finished or halting:

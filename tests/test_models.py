@@ -63,8 +63,10 @@ def test_frozen_teacher_is_eval_without_grad_in_run_dtype():
     batch = {"input_ids": torch.randint(0, 120, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
     out = models.teacher_outputs(teacher, batch, frozenset({"logits"}))
     assert set(out) == {"logits"} and not out["logits"].requires_grad
-    out = models.teacher_outputs(teacher, batch, frozenset({"logits", "hidden_states"}))
-    assert len(out["hidden_states"]) == 7  # embeddings + 6 layers
+    out = models.teacher_outputs(teacher, batch, frozenset({"logits", "cls"}), layers=[2, 6])
+    assert set(out) == {"logits", "cls"} and len(out["cls"]) == 2
+    full = teacher(**batch, output_hidden_states=True).hidden_states  # embeddings + 6 layers
+    assert torch.equal(out["cls"][0], full[2][:, 0]) and torch.equal(out["cls"][1], full[6][:, 0])
 
 
 def test_tokenizer_from_vocab_file_has_full_vocabulary():

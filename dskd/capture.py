@@ -1,0 +1,99 @@
+"""Read internal representations out of a model with forward hooks, not model edits.
+
+``transformers`` 5 runs BERT-style attention through SDPA, which returns no attention
+probabilities, and the eager path returns them *after* attention-dropout (rows that no
+longer sum to 1 in training). Instead of forcing eager attention on every layer we hook
+the query and key projections of the mapped layers only and keep their outputs, reshaped
+to ``[B, heads, S, head_dim]``. The losses recompute the dropout-free distribution
+``softmax(Q K^T / sqrt(head_dim) + mask)`` from them. Every other layer, and the model's
+own attention computation, keeps its fast kernel; the extra cost is one ``Q K^T`` per
+mapped layer inside the loss (see docs/design.md).
+
+This is exact for encoders whose attention scores are ``Q K^T / sqrt(head_dim)`` plus the
+padding mask (BERT, RoBERTa, ELECTRA-style with absolute positions); ``encoder_blocks``
+refuses models it cannot read this way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dskd.errors import DskdError
+
+
+def encoder_blocks(model: nn.Module, who: str) -> nn.ModuleList:
+    """The Transformer layers of a BERT-style encoder (``<base>.encoder.layer``)."""
+    base = getattr(model, model.base_model_prefix, model)
+    blocks = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise DskdError(
+            f"the {who} ({type(model).__name__}) has no `encoder.layer` blocks; internal-representation "
+            "losses support BERT-style encoders (BERT, RoBERTa, ...)"
+        )
+    position_type = getattr(model.config, "position_embedding_type", "absolute")
+    if position_type not in (None, "absolute"):
+        raise DskdError(
+            f"the {who} uses position_embedding_type={position_type!r}; attention is recomputed from Q and K, "
+            "which is exact only for absolute position embeddings"
+        )
+    return blocks
+
+
+def self_attention(block: nn.Module, who: str, layer: int) -> nn.Module:
+    attn = getattr(getattr(block, "attention", None), "self", None)
+    if attn is None or not all(hasattr(attn, name) for name in ("query", "key", "attention_head_size")):
+        raise DskdError(f"layer {layer} of the {who} has no BERT-style self-attention (attention.self.query/key)")
+    return attn
+
+
+class QKCapture:
+    """Keeps the query/key projections of chosen (1-based) layers from the last forward.
+
+    Hooks are installed once for every layer that may be needed; ``active`` picks which
+    of them store anything on the next forward, so a stage that distils one layer pays
+    for one. Call ``take(layers)`` after the forward to collect and clear them.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[int], who: str):
+        blocks = encoder_blocks(model, who)
+        self.layers = sorted(set(layers))
+        self.active: set[int] = set()
+        self._store: dict[tuple[int, str], torch.Tensor] = {}
+        self._handles = []
+        self.heads = None
+        for layer in self.layers:
+            if not 1 <= layer <= len(blocks):
+                raise DskdError(f"the {who} has {len(blocks)} layers; layer {layer} does not exist")
+            attn = self_attention(blocks[layer - 1], who, layer)
+            head_dim = int(attn.attention_head_size)
+            self.heads = attn.query.out_features // head_dim
+            for part in ("q", "k"):
+                module = attn.query if part == "q" else attn.key
+                self._handles.append(module.register_forward_hook(self._hook(layer, part, head_dim)))
+
+    def _hook(self, layer: int, part: str, head_dim: int):
+        def hook(module, inputs, output):
+            if layer in self.active:
+                b, s, _ = output.shape
+                self._store[(layer, part)] = output.view(b, s, -1, head_dim).transpose(1, 2)
+
+        return hook
+
+    def take(self, layers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            return [(self._store[(layer, "q")], self._store[(layer, "k")]) for layer in layers]
+        except KeyError as exc:
+            raise RuntimeError(f"layer {exc.args[0][0]} was not captured; was it active during the forward?") from None
+        finally:
+            self._store.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def cls_vectors(hidden_states: tuple[torch.Tensor, ...], layers: list[int]) -> list[torch.Tensor]:
+    """The first token's vector ([CLS] / <s>) after each 1-based layer; index 0 is the embeddings."""
+    return [hidden_states[layer][:, 0] for layer in layers]
