@@ -149,6 +149,15 @@ BAD_INPUTS = {
                            r"`student.teacher_layers\[1\]` is 3, out of range: the teacher has 2 layers"),
     "student too deep": ({"student.layers": 3}, [], r"`student.layers` is 3, .* 1 to 2 layers"),
     "fp16 on cpu": ({}, ["--deepspeed", "ds_configs/zero2_fp16.json"], r"zero2_fp16.json enables fp16"),
+    "heads cannot be grouped": (
+        {"student.init_from_teacher": False, "student.layers": None, "losses.attention_kl": {"weight": 1.0},
+         "student.arch": {"layers": 1, "hidden": 24, "heads": 3, "intermediate": 48}}, [],
+        r"`losses.attention_kl`: the student has 3 attention heads and the teacher 2.*Set `heads: mean`"),
+    "layer map out of range": ({"losses.cls_cosine": {"weight": 1.0}, "layer_map": [3]}, [],
+                               r"`layer_map\[0\]` is 3, out of range: the teacher has 2 layers"),
+    "stage layer not mapped": (
+        {"losses.cls_cosine": {"weight": 1.0}, "schedule": [{"name": "a", "epochs": 1, "layers": [2]}]}, [],
+        r"`schedule\[0\].layers\[0\]` \(a\) is student layer 2, which is not mapped"),
 }
 
 
@@ -222,3 +231,78 @@ def test_other_zero_stages_and_bf16_train_and_export(session_tmp, nproc, ds):
     proc = _ok(run_dskd(["evaluate", "--model", out, "--config", cfg], session_tmp))
     evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
     assert evaluated["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["accuracy"], abs=0.05)
+
+
+INTERNAL = {
+    "teacher.arch": {"layers": 4, "hidden": 32, "heads": 4, "intermediate": 64},
+    "student.layers": 2,
+    "losses": {"attention_kl": {"weight": 1.0}, "cls_cosine": {"weight": 1.0},
+               "soft_kd": {"weight": 0.5, "temperature": 2.0}, "hard_ce": {"weight": 0.5}},
+    "schedule": [
+        {"name": "sid", "steps": 6, "per_layer": "stacked", "losses": {"attention_kl": 1.0, "cls_cosine": 1.0}},
+        {"name": "soft", "epochs": 2, "losses": {"soft_kd": 0.5, "hard_ce": 0.5},
+         "plateau": {"every": 2, "patience": 2, "batches": 2, "min_delta": 0.001}},
+        {"name": "hard", "steps": 2, "losses": {"hard_ce": 1.0}},
+    ],
+    "training.lr_schedule": "per_stage",
+    "training.save_every": 3,
+}
+
+
+def test_internal_kd_resume_mid_stage_and_after_plateau_checks_is_exact(session_tmp):
+    cfg = write_config(session_tmp / "internal.yaml", INTERNAL)
+    common = ["--config", cfg, "--deepspeed", "ds_configs/zero1_fp32.json"]
+    full, split = session_tmp / "internal-full", session_tmp / "internal-split"
+    proc = _ok(run_dskd(["distill", *common, "--output", full], session_tmp))
+    assert "stages: sid-L1[0:3](attention_kl+cls_cosine layers 1), sid-L2[3:6](attention_kl+cls_cosine layers 1,2)" \
+        in proc.stderr
+    # Halt inside sid-L2, then inside the plateau stage after two checks, then finish.
+    for halt in (4, 10):
+        _ok(run_dskd(["distill", *common, "--output", split, *(["--resume"] if halt == 10 else []),
+                      "--set", f"training.halt_after_steps={halt}"], session_tmp))
+    _ok(run_dskd(["distill", *common, "--output", split, "--resume"], session_tmp))
+    a, b = _weights(full / "model"), _weights(split / "model")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+    scalars = _scalars(full / "tensorboard")
+    # SID: layer 1 is scored from the start, layer 2 only from stage sid-L2 (steps 4-6) on.
+    assert [s for s, _ in scalars["train/loss/attention_kl/L1"]] == [2, 4, 6]
+    assert [s for s, _ in scalars["train/loss/attention_kl/L2"]] == [4, 6]
+    # The soft stage (at most 2 epochs) is checked every 2 steps and ends after two checks
+    # without improvement; the hard stage then runs its 2 steps.
+    assert [s for s, _ in scalars["plateau/soft"]] == [8, 10, 12]
+    assert "[plateau] soft:" in proc.stderr and "[stage] step 12: soft -> hard" in proc.stderr
+    assert json.loads((full / "metrics.json").read_text())["step"] == 14
+    assert _scalars(split / "tensorboard")["plateau/soft"] == scalars["plateau/soft"]
+
+
+def test_internal_kd_across_widths_and_heads_on_two_ranks_zero3(session_tmp):
+    # Student 24 wide with 2 heads against a 32-wide, 4-head teacher: grouped heads and a
+    # trainable [CLS] projection that ZeRO-3 partitions and the checkpoint keeps.
+    cfg = write_config(session_tmp / "widths.yaml", {
+        **INTERNAL, "schedule": [], "training.epochs": 1, "training.eval_every": 4, "training.attention_images": 2,
+        "student.init_from_teacher": False, "student.layers": None,
+        "student.arch": {"layers": 2, "hidden": 24, "heads": 2, "intermediate": 48},
+    })
+    out = session_tmp / "widths"
+    _ok(run_dskd(["distill", "--config", cfg, "--output", out, "--deepspeed", "ds_configs/zero3_fp32.json"],
+                 session_tmp, nproc=2))
+    from dskd.checkpoint import consolidated_state_dict, latest_tag
+
+    state = consolidated_state_dict(out / "checkpoints", latest_tag(out / "checkpoints"), 3)
+    assert state["terms.cls_cosine.projections.L1.weight"].shape == (32, 24)
+    assert state["terms.cls_cosine.projections.L2.weight"].abs().sum() > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == ["attention/student_L1_teacher_L2", "attention/student_L2_teacher_L4"]
+    images = acc.Images("attention/student_L2_teacher_L4")
+    assert [e.step for e in images] == [4, 8]
+    # Two heads stacked (one gap row), teacher | gap | student, 4 pixels per token.
+    width_tokens, height_tokens = images[0].width // 4, images[0].height // 4
+    assert images[0].width % 4 == 0 and width_tokens % 2 == 1
+    assert height_tokens == 2 * ((width_tokens - 1) // 2) + 1
+    scalars = _scalars(out / "tensorboard")
+    assert {"train/loss/attention_kl/L1", "train/loss/cls_cosine/L2"} <= set(scalars)
