@@ -44,6 +44,17 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
         ({"schedule": [{"name": "a", "epochs": 1, "steps": 3}]}, r"`schedule\[0\]` \(a\) needs exactly one of"),
         ({"schedule": [{"name": "a", "epochs": 1, "losses": {"nope": 1.0}}]}, r"`schedule\[0\].losses.nope` is not a term"),
         ({"schedule": [{"name": "a", "epochs": 1, "losses": {"hard_ce": 0.0}}]}, r"`schedule\[0\].losses` \(a\) turns every term off"),
+        ({"schedule": [{"name": "a", "epochs": 1, "layers": [1], "per_layer": "stacked"}]},
+         r"`schedule\[0\]` \(a\) sets both `layers` and `per_layer`"),
+        ({"schedule": [{"name": "a", "epochs": 1, "per_layer": "sideways"}]},
+         r"`schedule\[0\].per_layer` must be 'progressive' or 'stacked', got 'sideways'"),
+        ({"schedule": [{"name": "a", "epochs": 1, "plateau": {"every": 0}}]}, r"`schedule\[0\].plateau.every` must be at least 1"),
+        ({"schedule": [{"name": "a", "epochs": 1, "plateau": {"patience": 2}}]}, r"missing required key\(s\) `schedule\[0\].plateau.every`"),
+        ({"layer_map": [2, 4]}, r"`layer_map` lists 2 teacher layers but the student has 1 layers"),
+        ({"layer_map": [0]}, r"`layer_map\[0\]` must be a 1-based teacher layer, got 0"),
+        ({"losses.attention_kl": {"weight": 1.0, "heads": 2}}, r"`losses.attention_kl.heads` must be a string, got 2"),
+        ({"losses.attention_kl": {"weight": 1.0, "heads": "max"}}, r"`losses.attention_kl`: heads must be 'auto' or 'mean'"),
+        ({"training.lr_schedule": "cosine"}, r"`training.lr_schedule` must be 'global' or 'per_stage'"),
         ({"losses.hard_ce.weight": 0, "losses.soft_kd.weight": 0}, r"every term in `losses` has weight 0"),
     ],
 )
@@ -69,3 +80,13 @@ def test_shipped_configs_validate():
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_pypkg_paths_resolve_inside_installed_packages():
+    from pathlib import Path
+
+    from dskd.config import resolve_path
+
+    assert Path(resolve_path("pypkg://dskd/resources/bert-base-uncased/vocab.txt")).is_file()
+    with pytest.raises(DskdError, match=r"pypkg://no_such_pkg/model: Python package 'no_such_pkg' is not installed"):
+        resolve_path("pypkg://no_such_pkg/model")
