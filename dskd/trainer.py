@@ -482,6 +482,16 @@ def attention_snapshot(engine, teacher: TeacherSide, example: dict, pairs, group
                                 groups, heads, step)
 
 
+def refresh_lr(engine) -> None:
+    """Re-evaluate the LR schedule for the next step after the stage table changed: the
+    scheduler computed it from the old table at the last optimizer step."""
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 def run(job: Job, argv: list[str]) -> dict:
     """Train; return the final metrics (with ``halted: true`` when stopped by halt_after_steps)."""
     cfg, training, task, out = job.cfg, job.training, job.task, job.out
@@ -635,6 +645,7 @@ def run(job: Job, argv: list[str]) -> dict:
                                  f"{track['best']:.4f} for {track['bad']} check(s); next stage at step {step}")
                     shorten_stage(stages, index, step)
                     monitor.set_total(stages[-1].end)
+                    refresh_lr(engine)
 
             finished = step == stages[-1].end
             halting = training.halt_after_steps is not None and step == training.halt_after_steps and not finished

@@ -260,3 +260,21 @@ def test_global_lr_factor_equals_transformers_linear_schedule():
 def test_attention_kl_rejects_unknown_head_rule():
     with pytest.raises(ValueError, match="heads must be 'auto' or 'mean'"):
         AttentionKL(heads="max")
+
+
+def test_refresh_lr_applies_the_shortened_stage_table_to_the_next_step():
+    from types import SimpleNamespace
+
+    from dskd.trainer import refresh_lr
+
+    training = TrainingConfig(warmup_ratio=0.0, lr_schedule="per_stage", lr=1.0)
+    stages = [Stage("a", 0, 10, {}), Stage("b", 10, 20, {})]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, stages, training))
+    for _ in range(4):
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.6)  # step 4 of stage a (10 steps)
+    shorten_stage(stages, 0, 4)  # a plateau ends stage a at step 4: step 4 starts stage b
+    refresh_lr(SimpleNamespace(lr_scheduler=scheduler))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0) and scheduler.get_last_lr() == [pytest.approx(1.0)]
