@@ -139,6 +139,20 @@ def test_capture_reproduces_dropout_free_attention_without_eager_attention():
         probs = attention_log_probs(q, k, MASK[:2].bool()).exp()
         real = MASK[:2].bool()[:, None, :, None]  # compare real query rows
         torch.testing.assert_close(torch.where(real, probs, 0), torch.where(real, attentions[layer - 1], 0))
+    # In training mode the returned eager attentions are after dropout (rows no longer sum
+    # to 1); the distributions rebuilt from captured Q/K are not. Layer 1's Q/K see only the
+    # embeddings (hidden dropout is 0 here), so they equal the eval-mode ones exactly.
+    model.train()
+    eager.train()
+    capture.active = {1}
+    model(input_ids=ids, attention_mask=MASK[:2])
+    (q_train, k_train), = capture.take([1])
+    torch.testing.assert_close(q_train, q1)
+    train_probs = attention_log_probs(q_train, k_train, MASK[:2].bool()).exp()
+    torch.testing.assert_close(train_probs.sum(-1), torch.ones(2, 4, 5))
+    dropped = eager(input_ids=ids, attention_mask=MASK[:2], output_attentions=True).attentions[0]
+    assert not torch.allclose(dropped.sum(-1)[:, :, :2], torch.ones(2, 4, 2))
+    model.eval()
     # Inactive layers store nothing; hooks can be removed.
     capture.active = {1}
     model(input_ids=ids, attention_mask=MASK[:2])
