@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Each token of an attention map becomes a square of this many pixels in TensorBoard.
-PIXELS_PER_TOKEN = 4
+# Attention maps are scaled up so that one map is about this many pixels wide in TensorBoard.
+MAP_PIXELS = 192
 
 
 class Monitor:
@@ -94,4 +94,5 @@ def attention_grid(student_qk, teacher_qk, mask: torch.Tensor, groups: tuple[int
         rows.append(torch.cat([maps[0][h].cpu(), gap, maps[1][h].cpu()], dim=1))
         rows.append(torch.ones(1, 2 * n + 1))
     image = torch.cat(rows[:-1], dim=0).numpy()
-    return np.kron(image, np.ones((PIXELS_PER_TOKEN, PIXELS_PER_TOKEN), dtype=np.float32)).astype(np.float32)
+    scale = max(1, min(16, MAP_PIXELS // max(n, 1)))
+    return np.kron(image, np.ones((scale, scale), dtype=np.float32)).astype(np.float32)

@@ -292,3 +292,22 @@ def test_refresh_lr_applies_the_shortened_stage_table_to_the_next_step():
     shorten_stage(stages, 0, 4)  # a plateau ends stage a at step 4: step 4 starts stage b
     refresh_lr(SimpleNamespace(lr_scheduler=scheduler))
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0) and scheduler.get_last_lr() == [pytest.approx(1.0)]
+
+
+def test_attention_grid_draws_teacher_left_student_right_over_real_tokens():
+    from dskd.losses import attention_log_probs
+    from dskd.monitor import MAP_PIXELS, attention_grid
+
+    mask = torch.tensor([[1, 1, 1, 0]])
+    s_qk, t_qk = _qk(1, 2, 4, 4, 9), _qk(1, 2, 4, 4, 10)
+    image = attention_grid(s_qk, t_qk, mask, (1, 1), heads=2)
+    scale = min(16, MAP_PIXELS // 3)
+    assert image.shape == (7 * scale, 7 * scale)  # 2 heads x 3 tokens + gap, teacher | gap | student
+    cells = image[::scale, ::scale]
+    for head in range(2):
+        for side, (q, k) in ((0, t_qk), (4, s_qk)):
+            probs = attention_log_probs(q, k, mask.bool()).exp()[0, head, :3, :3]
+            expected = (probs / probs.max()).numpy()
+            rows = slice(4 * head, 4 * head + 3)
+            assert cells[rows, side : side + 3] == pytest.approx(expected, rel=1e-5)
+    assert (cells[3] == 1).all() and (cells[:, 3] == 1).all()  # white gaps
