@@ -25,19 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
-os.environ.setdefault("LOCAL_RANK", "0")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", "29571")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import add_shape_args, emit, timed  # sets the single-process CPU environment
 
 import torch  # noqa: E402
 
@@ -123,13 +115,6 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def timed(step, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n
-
-
 def peak_rss_growth_mb(variant: str, args) -> float:
     """Run one training variant alone in a fresh process; peak RSS growth over its setup."""
     cmd = [sys.executable, __file__, "--memory-of", variant, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -142,15 +127,7 @@ def peak_rss_growth_mb(variant: str, args) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--teacher-layers", type=int, default=6)
-    parser.add_argument("--student-layers", type=int, default=3)
+    add_shape_args(parser, rounds=5, steps=3, warmup=2, hidden=384, heads=12)
     parser.add_argument("--memory-of", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -193,11 +170,8 @@ def main() -> None:
         "ratio_fwd_eager_attentions_over_sdpa": median["fwd_eager_attentions"] / median["fwd_sdpa"],
         "step_ms_median": {name: round(1000 * t, 2) for name, t in median.items()},
         "peak_rss_growth_mb": memory,
-        "config": {**vars(args), "torch_threads": torch.get_num_threads()},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
     }
-    print(json.dumps(result, indent=2))
-    os._exit(0)  # skip interpreter teardown of DeepSpeed/gloo state
+    emit(result, args)
 
 
 if __name__ == "__main__":

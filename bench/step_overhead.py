@@ -15,13 +15,9 @@ result is the ratio of medians (dskd / plain). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import time
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from common import add_shape_args, emit, timed  # sets the single-process CPU environment
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -92,24 +88,9 @@ def dskd_loop(teacher, student, batch, training: TrainingConfig, total_steps: in
     return step
 
 
-def timed(step, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - start) / n
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--teacher-layers", type=int, default=6)
-    parser.add_argument("--student-layers", type=int, default=3)
+    add_shape_args(parser, rounds=7, steps=5, warmup=3, hidden=256, heads=4)
     parser.add_argument("--deepspeed", default="ds_configs/zero0_fp32.json")
     args = parser.parse_args()
 
@@ -142,11 +123,8 @@ def main() -> None:
         "dskd_step_ms": [round(1000 * t, 2) for t in dskd_times],
         "final_loss_plain": loss_plain,
         "final_loss_dskd": loss_dskd,
-        "config": {**vars(args), "torch_threads": torch.get_num_threads()},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
     }
-    print(json.dumps(result, indent=2))
-    os._exit(0)  # skip interpreter teardown of DeepSpeed/gloo state
+    emit(result, args)
 
 
 if __name__ == "__main__":
