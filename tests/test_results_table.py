@@ -1,0 +1,39 @@
+"""bench/results.py collects finished runs into the docs/results.md table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from argparse import Namespace
+
+from conftest import REPO
+
+
+def _results_module():
+    spec = importlib.util.spec_from_file_location("results_bench", REPO / "bench" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(folder, metrics, status="completed"):
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": status}))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_table_reports_mean_and_spread_over_completed_seeds_only(tmp_path):
+    results = _results_module()
+    _fake_run(results.teacher_dir(tmp_path, "rte"), {"accuracy": 0.6})
+    for seed, acc in ((1, 0.55), (2, 0.57), (3, 0.59)):
+        _fake_run(results.student_dir(tmp_path, "rte", 3, "soft_kd", seed), {"accuracy": acc})
+    _fake_run(results.student_dir(tmp_path, "rte", 3, "internal_sid", 1), {"accuracy": 0.58})
+    _fake_run(results.student_dir(tmp_path, "rte", 3, "internal_sid", 2), {"accuracy": 0.9}, status="halted")
+    args = Namespace(root=tmp_path, tasks=["rte"], layers=[3], seeds=[1, 2, 3])
+    table = results.collect(args)
+    assert len(table["rte"]["rows"]["L3/soft_kd"]) == 3 and len(table["rte"]["rows"]["L3/internal_sid"]) == 1
+    text = results.markdown(table, [3])
+    assert "| teacher (6 layers, fine-tuned MiniLM) | - | 60.0 |" in text
+    assert "| 3 layers | soft-label KD | 57.0 ± 2.0 (n=3) |" in text
+    assert "| 3 layers | internal KD, SID | 58.0 (n=1) |" in text
+    assert "without a teacher" not in text  # rows without runs are left out
