@@ -460,6 +460,13 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def first_batches(dataset, batch_size: int, count: int, pad_id: int, device) -> list[dict]:
+    """The first ``count`` batches of ``dataset``, in order: fixed held-out batches."""
+    n = min(count * batch_size, len(dataset))
+    index = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    return [{k: v.to(device) for k, v in b.items()} for b in _loader(dataset, index, pad_id)]
+
+
 def held_out_loss(engine, teacher, batches: list[dict], stage: Stage, pairs) -> float:
     """A stage's weighted loss on fixed dev batches, without dropout: the plateau signal."""
     engine.eval()
@@ -562,7 +569,7 @@ def run(job: Job, argv: list[str]) -> dict:
     if attention_terms and training.attention_images and job.teacher is not None:
         row = data.collate([job.dev_set[0]], pad_id)
         snapshot_example = {k: v.to(device) for k, v in row.items()}
-    plateau_batches = None
+    held_out: dict[int, list[dict]] = {}  # plateau.batches -> the first dev batches
 
     def stage_at(step: int) -> Stage:
         return next(st for st in stages if st.start <= step < st.end)
@@ -622,16 +629,10 @@ def run(job: Job, argv: list[str]) -> dict:
                 window_start, window_steps = time.perf_counter(), 0
 
             if stage.plateau is not None and step < stage.end and (step - stage.start) % stage.plateau.every == 0:
-                if plateau_batches is None:
-                    plateau_batches = [
-                        {k: v.to(device) for k, v in b.items()}
-                        for b in _loader(job.dev_set, [
-                            list(range(i * training.batch_size, min((i + 1) * training.batch_size, len(job.dev_set))))
-                            for i in range(min(stage.plateau.batches,
-                                               math.ceil(len(job.dev_set) / training.batch_size)))
-                        ], pad_id)
-                    ]
-                loss = held_out_loss(engine, job.teacher, plateau_batches, stage, job.pairs)
+                count = stage.plateau.batches
+                if count not in held_out:
+                    held_out[count] = first_batches(job.dev_set, training.batch_size, count, pad_id, device)
+                loss = held_out_loss(engine, job.teacher, held_out[count], stage, job.pairs)
                 index = stages.index(stage)
                 track = state["plateau"] if state["plateau"] and state["plateau"]["stage"] == index else None
                 if track is None or loss < track["best"] - stage.plateau.min_delta:
