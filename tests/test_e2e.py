@@ -219,13 +219,16 @@ def test_data_path_points_at_real_glue_folders(session_tmp):
 @pytest.mark.parametrize("nproc, ds", [(2, "zero3_bf16"), (1, "zero1_bf16")])
 def test_other_zero_stages_and_bf16_train_and_export(session_tmp, nproc, ds):
     out = session_tmp / f"stage-{ds}"
-    cfg = write_config(session_tmp / f"stage-{ds}.yaml", {"training.epochs": 1})
+    # Joint internal + soft-label KD: bf16 Q/K and [CLS] vectors, losses accumulated in fp32.
+    cfg = write_config(session_tmp / f"stage-{ds}.yaml", {"training.epochs": 1, "losses": INTERNAL["losses"]})
     _ok(run_dskd(["distill", "--config", cfg, "--output", out, "--deepspeed", f"ds_configs/{ds}.json"],
                  session_tmp, nproc))
     run = json.loads((out / "run.json").read_text())
     assert (run["zero_stage"], run["dtype"], run["status"]) == (int(ds[4]), "bfloat16", "completed")
     scalars = _scalars(out / "tensorboard")
-    assert all(math.isfinite(v) for _, v in scalars["train/loss/total"])
+    for tag in ("train/loss/total", "train/loss/attention_kl/L1", "train/loss/cls_cosine/L1"):
+        assert all(math.isfinite(v) for _, v in scalars[tag]), tag
+    assert any(v > 0 for _, v in scalars["train/loss/attention_kl/L1"])
     # The exported fp32 weights (consolidated from the ZeRO partitions) reproduce the
     # run's final dev accuracy up to bf16 rounding of the logits.
     proc = _ok(run_dskd(["evaluate", "--model", out, "--config", cfg], session_tmp))
