@@ -11,11 +11,10 @@ quarter of it padding). Compared in one process, in alternating rounds:
   (``fwd_sdpa_capture``), and the alternative the hooks avoid: eager attention with
   ``output_attentions=True`` on every layer (``fwd_eager_attentions``).
 
-Peak memory: each training variant also runs alone in a fresh subprocess; after one step
-(optimizer state allocated) it resets Linux's peak-RSS mark and reports how far the peak of
-the next steps rises above the RSS before them, i.e. the step's transient memory
-(activations, attention scores, gradients). CPU allocations are invisible to torch's memory
-counters, hence RSS. Prints one JSON object.
+Memory: the bytes autograd saves for the backward pass during one training step (every
+distinct tensor storage packed by ``torch.autograd.graph.saved_tensors_hooks``): the
+activation memory a step holds at its peak, counted exactly rather than read from the
+process RSS, which CPU allocators make too noisy to compare. Prints one JSON object.
 
     python bench/internal_kd.py [--rounds 5] [--steps 3] [--batch 32] [--seq 128]
 """
@@ -23,11 +22,7 @@ counters, hence RSS. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 
 from common import add_shape_args, emit, timed  # sets the single-process CPU environment
 
@@ -110,41 +105,28 @@ def forward_variants(student, init_layers, batch):
     return {"fwd_sdpa": plain, "fwd_sdpa_capture": captured, "fwd_eager_attentions": eager_attentions}
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def saved_for_backward_mb(step) -> float:
+    """MB of distinct tensor storages (parameters excluded) autograd saves for backward while ``step`` runs."""
+    storages: dict[int, int] = {}
 
+    def pack(tensor):
+        if not (tensor.is_leaf and tensor.requires_grad):  # parameters are not activations
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
-def peak_rss_growth_mb(variant: str, args) -> float:
-    """Run one training variant alone in a fresh process; peak RSS growth over its setup."""
-    cmd = [sys.executable, __file__, "--memory-of", variant, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--hidden", str(args.hidden), "--heads", str(args.heads), "--teacher-layers", str(args.teacher_layers),
-           "--student-layers", str(args.student_layers), "--steps", str(args.steps)]
-    env = dict(os.environ, MASTER_PORT=str(29600 + list(VARIANTS).index(variant)))
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_growth_mb"]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values()) / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser, rounds=5, steps=3, warmup=2, hidden=384, heads=12)
-    parser.add_argument("--memory-of", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     eng.init_distributed()
     torch.manual_seed(0)
-    if args.memory_of:
-        teacher, student, init_layers, batch = build(args)
-        step = training_step(args.memory_of, teacher, student, init_layers, batch)
-        step()  # first step allocates optimizer state; measure steady-state steps
-        base = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS high-water mark (Linux) to the current RSS
-        for _ in range(args.steps):
-            step()
-        print(json.dumps({"peak_rss_growth_mb": (_status_kb("VmHWM") - base) / 1024}))
-        os._exit(0)
-
     teacher, student, init_layers, batch = build(args)
     steps = {}
     for variant in VARIANTS:
@@ -160,7 +142,7 @@ def main() -> None:
         for name in names if i % 2 == 0 else reversed(names):  # alternate order against drift
             times[name].append(timed(steps[name], args.steps))
     median = {name: statistics.median(t) for name, t in times.items()}
-    memory = {variant: peak_rss_growth_mb(variant, args) for variant in VARIANTS}
+    memory = {variant: round(saved_for_backward_mb(steps[variant]), 1) for variant in VARIANTS}
     result = {
         "benchmark": "internal_kd",
         "ratio_internal_over_soft": median["internal"] / median["soft"],
@@ -169,7 +151,7 @@ def main() -> None:
         "ratio_fwd_capture_over_sdpa": median["fwd_sdpa_capture"] / median["fwd_sdpa"],
         "ratio_fwd_eager_attentions_over_sdpa": median["fwd_eager_attentions"] / median["fwd_sdpa"],
         "step_ms_median": {name: round(1000 * t, 2) for name, t in median.items()},
-        "peak_rss_growth_mb": memory,
+        "saved_for_backward_mb": memory,
     }
     emit(result, args)
 

@@ -61,13 +61,11 @@ class QKCapture:
         self.active: set[int] = set()
         self._store: dict[tuple[int, str], torch.Tensor] = {}
         self._handles = []
-        self.heads = None
         for layer in self.layers:
             if not 1 <= layer <= len(blocks):
                 raise DskdError(f"the {who} has {len(blocks)} layers; layer {layer} does not exist")
             attn = self_attention(blocks[layer - 1], who, layer)
             head_dim = int(attn.attention_head_size)
-            self.heads = attn.query.out_features // head_dim
             for part in ("q", "k"):
                 module = attn.query if part == "q" else attn.key
                 self._handles.append(module.register_forward_hook(self._hook(layer, part, head_dim)))
@@ -97,3 +95,26 @@ class QKCapture:
 def cls_vectors(hidden_states: tuple[torch.Tensor, ...], layers: list[int]) -> list[torch.Tensor]:
     """The first token's vector ([CLS] / <s>) after each 1-based layer; index 0 is the embeddings."""
     return [hidden_states[layer][:, 0] for layer in layers]
+
+
+def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], capture: QKCapture | None,
+                        layers: list[int]) -> dict:
+    """One forward of ``model`` returning ``logits`` and, for the 1-based ``layers``, what
+    ``needs`` asks for: ``cls`` (first-token vectors) and ``attention_qk`` (via ``capture``).
+    The same path serves the student (with autograd) and the teacher (under no_grad)."""
+    want_qk = bool(layers) and "attention_qk" in needs
+    if want_qk:
+        if capture is None:
+            raise RuntimeError("`attention_qk` is needed but no QKCapture is installed on this model")
+        capture.active = set(layers)
+    try:
+        out = model(**inputs, output_hidden_states=bool(layers) and "cls" in needs)
+    finally:
+        if capture is not None:
+            capture.active = set()
+    result = {"logits": out["logits"]}
+    if layers and "cls" in needs:
+        result["cls"] = cls_vectors(out["hidden_states"], layers)
+    if want_qk:
+        result["attention_qk"] = capture.take(layers)
+    return result

@@ -129,24 +129,10 @@ def teacher_outputs(teacher: nn.Module, batch: dict, needs: frozenset[str], capt
     ``layers``: the teacher layers (1-based, aligned with the student's active pairs)
     whose [CLS] vectors (``cls``) and Q/K (``attention_qk``, via ``capture``) are kept.
     """
-    from dskd.capture import cls_vectors
+    from dskd.capture import forward_with_layers
 
-    layers = list(layers)
-    want_qk = bool(layers) and "attention_qk" in needs
-    if want_qk:
-        capture.active = set(layers)
-    try:
-        with torch.no_grad():
-            out = teacher(**model_inputs(batch), output_hidden_states=bool(layers) and "cls" in needs)
-    finally:
-        if capture is not None:
-            capture.active = set()
-    result = {"logits": out["logits"]}
-    if layers and "cls" in needs:
-        result["cls"] = cls_vectors(out["hidden_states"], layers)
-    if want_qk:
-        result["attention_qk"] = capture.take(layers)
-    return result
+    with torch.no_grad():
+        return forward_with_layers(teacher, model_inputs(batch), needs, capture, list(layers))
 
 
 def model_inputs(batch: dict) -> dict:

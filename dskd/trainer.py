@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from dskd import checkpoint, data, engine as eng, metrics as metrics_mod, models
-from dskd.capture import QKCapture, cls_vectors
+from dskd.capture import QKCapture, forward_with_layers
 from dskd.config import ExperimentConfig, PlateauConfig, TrainingConfig, dump_config, to_dict
 from dskd.errors import DskdError
 from dskd.losses import LOSS_REGISTRY, AttentionKL, LayerGeometry, LayerwiseTerm, build_loss_terms, term_type
@@ -55,20 +55,9 @@ class DistillationModule(nn.Module):
                 pairs: tuple[tuple[int, int], ...] = ()):
         """Without ``weights``: the student's outputs (for ``pairs``, its layer-wise ones too).
         With them: the weighted total and each term's value (layer-wise terms also per pair)."""
-        layers = [s for s, _ in pairs]
-        want_qk = bool(pairs) and "attention_qk" in self.needs
-        if want_qk:
-            self.capture.active = set(layers)
-        try:
-            out = self.model(**models.model_inputs(batch), output_hidden_states=bool(pairs) and "cls" in self.needs)
-        finally:
-            if self.capture is not None:
-                self.capture.active = set()
-        student = {"logits": out["logits"], "pairs": pairs}
-        if pairs and "cls" in self.needs:
-            student["cls"] = cls_vectors(out["hidden_states"], layers)
-        if want_qk:
-            student["attention_qk"] = self.capture.take(layers)
+        student = forward_with_layers(self.model, models.model_inputs(batch), self.needs, self.capture,
+                                      [s for s, _ in pairs])
+        student["pairs"] = pairs
         if weights is None:
             return student
         targets = dict(teacher or {}, labels=batch["labels"])
@@ -453,7 +442,8 @@ def _format_metrics(values: dict[str, float]) -> str:
 
 
 def _mean_over_ranks(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    # On the run's device: NCCL reduces only CUDA tensors.
+    tensor = torch.tensor(values, dtype=torch.float64, device=eng.device())
     if eng.world_size() > 1:
         torch.distributed.all_reduce(tensor)
         tensor /= eng.world_size()

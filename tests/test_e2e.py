@@ -278,6 +278,11 @@ def test_internal_kd_resume_mid_stage_and_after_plateau_checks_is_exact(session_
     assert "[plateau] soft:" in proc.stderr and "[stage] step 12: soft -> hard" in proc.stderr
     assert json.loads((full / "metrics.json").read_text())["step"] == 14
     assert _scalars(split / "tensorboard")["plateau/soft"] == scalars["plateau/soft"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("stage/text_summary")] == [3, 6, 12]  # stage changes as text
 
 
 def test_internal_kd_across_widths_and_heads_on_two_ranks_zero3(session_tmp):

@@ -311,3 +311,18 @@ def test_attention_grid_draws_teacher_left_student_right_over_real_tokens():
             rows = slice(4 * head, 4 * head + 3)
             assert cells[rows, side : side + 3] == pytest.approx(expected, rel=1e-5)
     assert (cells[3] == 1).all() and (cells[:, 3] == 1).all()  # white gaps
+
+
+def test_layer_options_without_a_layer_wise_term_are_refused_by_name():
+    from dskd.config import ExperimentConfig
+    from dskd.trainer import build_terms, check_stage_layers
+
+    teacher, student = _tiny_bert(4, 16, 4, 0), _tiny_bert(2, 16, 4, 1)
+    cfg = ExperimentConfig(layer_map=[2, 4])
+    with pytest.raises(DskdError, match=r"^`layer_map` is set but no loss term compares layers; add attention_kl"):
+        build_terms(cfg, {"soft_kd": {"weight": 1.0}}, student, teacher, [2, 4])
+    terms, pairs = build_terms(ExperimentConfig(), {"cls_cosine": {"weight": 1.0}}, student, teacher, [2, 4])
+    assert pairs == ((1, 2), (2, 4)) and len(terms["cls_cosine"].projections) == 0
+    cfg = ExperimentConfig(schedule=[StageConfig("pid", epochs=1, per_layer="progressive")])
+    with pytest.raises(DskdError, match=r"^`schedule\[0\].per_layer` \(pid\) needs a layer-wise loss term"):
+        check_stage_layers(cfg, ())
