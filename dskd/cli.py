@@ -1,4 +1,4 @@
-"""``dskd`` command line: finetune, distill, evaluate, export."""
+"""``dskd`` command line: finetune, distill, cache-teacher, plan, evaluate, export."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ examples:
   dskd finetune --config configs/quickstart.yaml --output runs/teacher
   dskd distill  --config configs/quickstart.yaml --output runs/student --set teacher.path=runs/teacher
   dskd distill  --config configs/tiny.yaml --output runs/tiny --deepspeed ds_configs/zero2_bf16.json
+  dskd plan     --config configs/quickstart.yaml --set teacher.path=runs/teacher
+  dskd cache-teacher --config configs/quickstart.yaml --set teacher.path=runs/teacher --output runs/cache
+  dskd distill  --config configs/quickstart.yaml --output runs/cached --set teacher.path=runs/teacher \
+                --set teacher.cache=runs/cache
   dskd evaluate --model runs/student/model --config configs/quickstart.yaml
   dskd export   --run runs/student --out exported/student
   launchers/local.sh 2 distill --config configs/tiny.yaml --output runs/tiny2
@@ -66,6 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
         "the student and any trainable loss modules are wrapped with the ZeRO stage and dtype of --deepspeed.",
     )
     _add_training(p)
+
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once over train and dev and store what the configured losses need",
+        description="Write the teacher cache that `dskd distill` reads with `teacher.cache: CACHE`: logits, and for "
+        "the mapped teacher layers the [CLS] vectors and attention Q/K the configured losses use, memory-mapped. "
+        "Every rank writes its own shard; an interrupted run resumes when the same command is run again.",
+    )
+    _add_config(p)
+    p.add_argument("--output", required=True, type=Path, help="cache folder to write")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON whose dtype the teacher runs in (default: training.deepspeed)")
+    p.add_argument("--dtype", help="storage dtype: fp32, fp16 or bf16 (default: the run's dtype); logits stay fp32")
+    p.add_argument("--batch-size", type=int, help="teacher batch size (default: 2 x training.batch_size)")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --output holds")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (as `dskd plan`) and write nothing")
+
+    p = sub.add_parser(
+        "plan",
+        help="print the teacher cache's size and the per-rank model memory, without running anything",
+    )
+    _add_config(p)
+    p.add_argument("--deepspeed", help="DeepSpeed JSON (ZeRO stage and dtype; default: training.deepspeed)")
+    p.add_argument("--dtype", help="cache storage dtype: fp32, fp16 or bf16 (default: the run's dtype)")
+    p.add_argument("--world-size", type=int, help="ranks to plan ZeRO partitioning for (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("evaluate", help="print a model's dev metrics on data.task as JSON")
     p.add_argument("--model", required=True, help="a Hugging Face model folder, or a dskd run folder (uses its model/)")
@@ -124,12 +153,47 @@ def _train(args, role: str) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from dskd.config import load_config
+    from dskd.plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    world = getattr(args, "world_size", None)
+    if world is not None and world < 1:
+        raise DskdError(f"--world-size must be at least 1, got {world}")
+    plan = make_plan(cfg, args.deepspeed, args.dtype, world)
+    print(json.dumps(plan, indent=2) if getattr(args, "json", False) else format_plan(plan))
+    return 0
+
+
+def _cache_teacher(args) -> int:
+    from dskd import cache, engine
+    from dskd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = cache.cache_teacher(cfg, args.output, args.deepspeed, args.dtype, args.batch_size, args.overwrite,
+                                   sys.argv)
+    if engine.rank() == 0:
+        examples = {split: sum(s["examples"] for s in shards) for split, shards in manifest["shards"].items()}
+        size = cache.cache_size(args.output)
+        print(f"teacher cache: {args.output} ({cache.human(size)}; "
+              + ", ".join(f"{split} {n} examples" for split, n in examples.items())
+              + f"; stores {', '.join(manifest['layout']['fields'])}"
+              + (f" for teacher layers {manifest['layout']['layers']}" if manifest["layout"]["layers"] else "") + ")")
+        print(f"use it with: dskd distill ... --set teacher.cache={args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         if args.command in ("finetune", "distill"):
             code = _train(args, args.command)
+        elif args.command == "plan" or (args.command == "cache-teacher" and args.dry_run):
+            code = _plan(args)
+        elif args.command == "cache-teacher":
+            code = _cache_teacher(args)
         elif args.command == "evaluate":
             print(json.dumps(_evaluate(args)))
             code = 0

@@ -84,8 +84,16 @@ class TeacherConfig:
     # `dskd finetune` trains from scratch, or a smoke-test teacher). Ignored when `path`
     # is set, so `--set teacher.path=RUN` distils from a fine-tuned run.
     arch: Optional[ArchConfig] = None
-    # Tokenizer folder or vocab.txt; defaults to teacher.path.
+    # Tokenizer folder or vocab.txt; defaults to teacher.path (or the cache's copy).
     tokenizer: Optional[str] = None
+    # A teacher cache written by `dskd cache-teacher`: `dskd distill` then reads the
+    # teacher's outputs from it by example index and never loads or runs the teacher.
+    # With it, `teacher.path` is only needed to copy teacher layers into the student
+    # (only those tensors are read) and to check the cache against the teacher's weights.
+    cache: Optional[str] = None
+    # How the cache's files are checked before use: `full` recomputes every file's
+    # checksum (each rank a share of the files), `sizes` only checks shapes and sizes.
+    cache_check: Literal["full", "sizes"] = "full"
 
 
 @dataclass
@@ -360,11 +368,17 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
 
     from dskd.losses import validate_loss_terms  # late import: losses import torch
 
-    if cfg.teacher.path is None and cfg.teacher.arch is None:
-        fail("set `teacher.path` (a model folder or dskd run) or `teacher.arch` (build one from config)")
-    if cfg.teacher.path is None and cfg.teacher.tokenizer is None:
+    if cfg.teacher.path is None and cfg.teacher.arch is None and cfg.teacher.cache is None:
+        fail("set `teacher.path` (a model folder or dskd run), `teacher.arch` (build one from config) "
+             "or `teacher.cache` (outputs written by `dskd cache-teacher`)")
+    if cfg.teacher.path is None and cfg.teacher.tokenizer is None and cfg.teacher.cache is None:
         fail("a teacher built from `teacher.arch` needs `teacher.tokenizer` (a vocab.txt or tokenizer folder)")
     student = cfg.student
+    if cfg.teacher.cache is not None and cfg.teacher.path is None and cfg.teacher.arch is None \
+            and student.init_from_teacher:
+        fail("`student.init_from_teacher` copies teacher layers into the student, which needs `teacher.path` "
+             "even with `teacher.cache` (only the copied tensors are read); set it, or build the student "
+             "from `student.arch`")
     if not student.init_from_teacher and student.arch is None:
         fail("`student.arch` is required when `student.init_from_teacher` is false")
     if student.init_from_teacher and student.arch is not None:

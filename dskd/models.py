@@ -52,9 +52,9 @@ def load_tokenizer(cfg: TeacherConfig, key: str | None = None):
         raise DskdError(f"`{key}`: could not load a tokenizer from {source}: {exc}") from None
 
 
-def build_from_arch(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id: int, seed: int, key: str):
-    """A randomly initialised sequence classifier of the given shape (deterministic in ``seed``)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def arch_config(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id: int, key: str):
+    """The Hugging Face config of a model built from ``arch``."""
+    from transformers import AutoConfig
 
     if arch.hidden % arch.heads:
         raise DskdError(f"`{key}.hidden` ({arch.hidden}) must be divisible by `{key}.heads` ({arch.heads})")
@@ -67,7 +67,7 @@ def build_from_arch(arch: ArchConfig, vocab_size: int, num_labels: int, pad_toke
         # RoBERTa's positions start after the padding index.
         max_position += pad_token_id + 1
         extra["type_vocab_size"] = 1
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         arch.model_type,
         vocab_size=vocab_size,
         hidden_size=arch.hidden,
@@ -81,14 +81,21 @@ def build_from_arch(arch: ArchConfig, vocab_size: int, num_labels: int, pad_toke
         pad_token_id=pad_token_id,
         **extra,
     )
+
+
+def build_from_arch(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id: int, seed: int, key: str):
+    """A randomly initialised sequence classifier of the given shape (deterministic in ``seed``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = arch_config(arch, vocab_size, num_labels, pad_token_id, key)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "teacher.path"):
-    """Load a sequence classifier; for distillation its head must already match the task."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
+    """A model folder's config, checked against the task, without loading weights."""
+    from transformers import AutoConfig
 
     source = resolve_model_path(path)
     if _looks_local(source) and not Path(source).exists():
@@ -97,11 +104,23 @@ def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
         raise DskdError(f"`{key}`: could not read a model config from {source}: {exc}") from None
-    if not for_finetune and config.num_labels != num_labels:
+    if config.num_labels != num_labels:
         raise DskdError(
             f"`{key}` ({source}) has {config.num_labels} output labels but the task has {num_labels}; "
             "distil from a teacher fine-tuned on this task (dskd finetune --config ... --output DIR, then teacher.path: DIR)"
         )
+    return config
+
+
+def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "teacher.path"):
+    """Load a sequence classifier; for distillation its head must already match the task."""
+    from transformers import AutoModelForSequenceClassification
+
+    source = resolve_model_path(path)
+    if not for_finetune:
+        pretrained_config(path, num_labels, key)
+    elif _looks_local(source) and not Path(source).exists():
+        raise DskdError(f"`{key}` points to {source}, which does not exist; give a model folder, hub name or dskd run")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=num_labels, ignore_mismatched_sizes=for_finetune, output_loading_info=True
@@ -177,48 +196,115 @@ def resolve_layer_map(
     return [(k + 1, t) for k, t in enumerate(layer_map)]
 
 
-def _layer_prefix(model: nn.Module) -> str:
-    prefix = f"{model.base_model_prefix}.encoder.layer."
-    if not any(k.startswith(prefix) for k in model.state_dict()):
+def copied_layers(cfg: StudentConfig, n_teacher: int) -> list[int]:
+    """The 1-based teacher layers a student initialised from the teacher copies."""
+    if cfg.teacher_layers is None:
+        return every_kth_layer(n_teacher, cfg.layers)
+    for i, layer in enumerate(cfg.teacher_layers):
+        if not 1 <= layer <= n_teacher:
+            raise DskdError(
+                f"`student.teacher_layers[{i}]` is {layer}, out of range: the teacher has {n_teacher} "
+                f"layers, numbered 1 to {n_teacher}"
+            )
+    return list(cfg.teacher_layers)
+
+
+def student_layer_plan(cfg: StudentConfig, n_teacher: int) -> tuple[list[int], int]:
+    """(teacher layers the student copies, student depth), known before any weights are loaded."""
+    if cfg.init_from_teacher:
+        layers = copied_layers(cfg, n_teacher)
+        return layers, len(layers)
+    return [], cfg.arch.layers
+
+
+def _student_keys(student: nn.Module, teacher_keys, layers: list[int]) -> dict[str, str]:
+    """Student state-dict key -> the teacher key it is copied from."""
+    prefix = f"{student.base_model_prefix}.encoder.layer."
+    if not any(k.startswith(prefix) for k in teacher_keys):
         raise DskdError(
-            f"cannot copy teacher layers: the teacher ({type(model).__name__}) has no `{prefix}N` blocks; "
+            f"cannot copy teacher layers: the teacher has no `{prefix}N` blocks; "
             "initialising from teacher layers supports BERT-style encoders (BERT, RoBERTa, ...). "
             "Set `student.init_from_teacher: false` and `student.arch` instead"
         )
-    return prefix
-
-
-def student_from_teacher(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, list[int]]:
-    """Copy embeddings, the chosen encoder layers and the head of ``teacher`` into a shallower model."""
-    n_teacher = teacher.config.num_hidden_layers
-    if cfg.teacher_layers is not None:
-        layers = list(cfg.teacher_layers)
-        for i, layer in enumerate(layers):
-            if not 1 <= layer <= n_teacher:
-                raise DskdError(
-                    f"`student.teacher_layers[{i}]` is {layer}, out of range: the teacher has {n_teacher} "
-                    f"layers, numbered 1 to {n_teacher}"
-                )
-    else:
-        layers = every_kth_layer(n_teacher, cfg.layers)
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    student = type(teacher)(config)
-    prefix = _layer_prefix(teacher)
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
-    source = teacher.state_dict()
-    state = {}
+    mapping = {}
     for key in student.state_dict():
         match = pattern.match(key)
         if match:
-            state[key] = source[f"{prefix}{layers[int(match.group(1))] - 1}.{match.group(2)}"]
-        elif key in source:
-            state[key] = source[key]
+            mapping[key] = f"{prefix}{layers[int(match.group(1))] - 1}.{match.group(2)}"
+        elif key in teacher_keys:
+            mapping[key] = key
+    return mapping
+
+
+def _shallow_copy_of(config, layers: list[int]) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = len(layers)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def _load_student_state(student: nn.Module, state: dict) -> nn.Module:
     try:
         student.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise DskdError(f"the student cannot take the teacher's weights: {exc}") from None
-    return student.float(), layers
+    return student.float()
+
+
+def student_from_teacher(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, list[int]]:
+    """Copy embeddings, the chosen encoder layers and the head of ``teacher`` into a shallower model."""
+    layers = copied_layers(cfg, teacher.config.num_hidden_layers)
+    student = _shallow_copy_of(teacher.config, layers)
+    source = teacher.state_dict()
+    mapping = _student_keys(student, source.keys(), layers)
+    return _load_student_state(student, {k: source[t] for k, t in mapping.items()}), layers
+
+
+def safetensors_files(source: str) -> dict[str, Path] | None:
+    """Tensor name -> the .safetensors file holding it, for a local model folder (None otherwise)."""
+    folder = Path(source)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    return None
+
+
+def student_from_teacher_files(path: str, cfg: StudentConfig, num_labels: int):
+    """Like :func:`student_from_teacher`, reading only the copied tensors from the teacher's
+    safetensors files (a cached run never holds the whole teacher). None when the
+    folder has no safetensors weights or lacks a tensor, so the caller loads the model."""
+    from safetensors import safe_open
+
+    source = resolve_model_path(path)
+    files = safetensors_files(source)
+    if files is None:
+        return None
+    config = pretrained_config(path, num_labels)
+    layers = copied_layers(cfg, config.num_hidden_layers)
+    student = _shallow_copy_of(config, layers)
+    mapping = _student_keys(student, files.keys(), layers)
+    if set(mapping) != set(student.state_dict()):
+        return None
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, name in mapping.items():
+        by_file.setdefault(files[name], []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys:
+                state[key] = f.get_tensor(mapping[key])
+    return _load_student_state(student, state), layers
 
 
 def build_student(cfg: StudentConfig, teacher: nn.Module, num_labels: int, pad_token_id: int, seed: int):

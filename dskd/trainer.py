@@ -21,9 +21,9 @@ import torch
 import yaml
 from torch import nn
 
-from dskd import checkpoint, data, engine as eng, metrics as metrics_mod, models
+from dskd import cache, checkpoint, data, engine as eng, metrics as metrics_mod, models
 from dskd.capture import QKCapture, forward_with_layers
-from dskd.config import ExperimentConfig, PlateauConfig, TrainingConfig, dump_config, to_dict
+from dskd.config import ExperimentConfig, PlateauConfig, TeacherConfig, TrainingConfig, dump_config, resolve_path, to_dict
 from dskd.errors import DskdError
 from dskd.losses import LOSS_REGISTRY, AttentionKL, LayerGeometry, LayerwiseTerm, build_loss_terms, term_type
 from dskd.monitor import Monitor
@@ -77,12 +77,15 @@ class DistillationModule(nn.Module):
 
 @dataclass
 class TeacherSide:
-    """The frozen teacher and the hooks that read its mapped layers."""
+    """The frozen teacher and the hooks that read its mapped layers. ``cache.TeacherCache``
+    has the same ``outputs`` interface and stands in for it in a cached run."""
 
     model: nn.Module
     capture: QKCapture | None = None
 
-    def outputs(self, batch: dict, needs: frozenset[str], pairs: tuple[tuple[int, int], ...] = ()) -> dict:
+    def outputs(self, batch: dict, needs: frozenset[str], pairs: tuple[tuple[int, int], ...] = (),
+                split: str = "train") -> dict:
+        del split  # the online teacher computes; only the cache needs to know where to look
         return models.teacher_outputs(self.model, batch, needs, self.capture, [t for _, t in pairs])
 
 
@@ -234,7 +237,7 @@ class Job:
     train_set: object
     dev_set: object
     model: nn.Module
-    teacher: TeacherSide | None
+    teacher: TeacherSide | cache.TeacherCache | None
     student_layers: list[int]
     resume_tag: str | None
     terms: nn.ModuleDict
@@ -255,23 +258,20 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     resume_tag = check_output_dir(out, resume, overwrite, cfg)
 
     task = data.get_task(cfg.data.task)
+    if role == "distill" and cfg.teacher.cache is not None:
+        return _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume_tag)
+    if role == "finetune" and cfg.teacher.path is None and cfg.teacher.arch is None:
+        raise DskdError("`dskd finetune` trains the teacher, so it needs `teacher.path` or `teacher.arch`; "
+                        "`teacher.cache` only serves `dskd distill`")
     tokenizer = models.load_tokenizer(cfg.teacher)
     train_set, dev_set = load_data(cfg, task, tokenizer)
-
-    dtype = eng.run_dtype(ds_config)
-    device = eng.device()
-    if cfg.teacher.path is not None:
-        teacher = models.load_pretrained(cfg.teacher.path, task.num_labels, for_finetune=role == "finetune")
-    else:
-        teacher = models.build_from_arch(
-            cfg.teacher.arch, len(tokenizer), task.num_labels, tokenizer.pad_token_id, cfg.seed, "teacher.arch"
-        )
+    teacher = load_teacher(cfg, task, tokenizer, for_finetune=role == "finetune")
     if role == "finetune":
         return Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
                    teacher, None, [], resume_tag, build_loss_terms(losses))
     student, layers = models.build_student(cfg.student, teacher, task.num_labels, tokenizer.pad_token_id, cfg.seed)
-    teacher = models.freeze(teacher, dtype, device)
-    terms, pairs = build_terms(cfg, losses, student, teacher, layers)
+    teacher = models.freeze(teacher, eng.run_dtype(ds_config), eng.device())
+    terms, pairs = build_terms(cfg, losses, student.config, teacher.config, layers)
     job = Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, TeacherSide(teacher), layers, resume_tag, terms, pairs)
     check_stage_layers(cfg, pairs)
@@ -281,16 +281,76 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     return job
 
 
-def build_terms(cfg: ExperimentConfig, losses: dict, student: nn.Module, teacher: nn.Module, init_layers: list[int]):
-    """The loss terms, bound to the layer map when a term compares internal layers."""
-    layerwise = any(issubclass(LOSS_REGISTRY[term_type(n, spec)], LayerwiseTerm) for n, spec in losses.items())
-    if not layerwise:
+def load_teacher(cfg: ExperimentConfig, task, tokenizer, for_finetune: bool = False) -> nn.Module:
+    if cfg.teacher.path is not None:
+        return models.load_pretrained(cfg.teacher.path, task.num_labels, for_finetune=for_finetune)
+    return models.build_from_arch(cfg.teacher.arch, len(tokenizer), task.num_labels, tokenizer.pad_token_id,
+                                  cfg.seed, "teacher.arch")
+
+
+def cache_tokenizer(cfg: ExperimentConfig, store: cache.TeacherCache):
+    """The configured tokenizer, else the copy the cache was written with."""
+    if cfg.teacher.tokenizer or cfg.teacher.path:
+        return models.load_tokenizer(cfg.teacher)
+    return models.load_tokenizer(TeacherConfig(tokenizer=str(store.path / "tokenizer")), key="teacher.cache")
+
+
+def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume_tag) -> Job:
+    """A distillation job whose teacher outputs come from ``teacher.cache``: the teacher
+    model is never built; only the tensors copied into the student are read from its files."""
+    from types import SimpleNamespace
+
+    store = cache.TeacherCache(resolve_path(cfg.teacher.cache))
+    tokenizer = cache_tokenizer(cfg, store)
+    fingerprints: dict = {}
+    train_set, dev_set = load_data(cfg, task, tokenizer, fingerprints)
+    t_config = SimpleNamespace(**store.teacher_config)
+    if t_config.num_labels != task.num_labels:
+        raise DskdError(f"`teacher.cache`: {store.path} holds a teacher with {t_config.num_labels} output labels; "
+                        f"{task.name} has {task.num_labels}")
+    if cfg.student.init_from_teacher:
+        found = models.student_from_teacher_files(cfg.teacher.path, cfg.student, task.num_labels) \
+            if cfg.teacher.path is not None else None
+        if found is None:  # no safetensors (or a teacher built from arch): build it, copy, drop it
+            found = models.student_from_teacher(load_teacher(cfg, task, tokenizer), cfg.student)
+        student, layers = found
+    else:
+        student, layers = models.build_from_arch(cfg.student.arch, t_config.vocab_size, task.num_labels,
+                                                 tokenizer.pad_token_id, cfg.seed + 1, "student.arch"), []
+    terms, pairs = build_terms(cfg, losses, student.config, t_config, layers)
+    check_stage_layers(cfg, pairs)
+    has_teacher = cfg.teacher.path is not None or cfg.teacher.arch is not None
+    identity = cache.identity_for(cfg, tokenizer, fingerprints,
+                                  cache.teacher_fingerprint(cfg.teacher, cfg.seed) if has_teacher else None)
+    store.check(identity, cache.spec_for(losses, pairs), ["train", "dev"])
+    store.verify(cfg.teacher.cache_check, eng.rank(), eng.world_size())
+    job = Job(cfg, "distill", out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
+              student, store, layers, resume_tag, terms, pairs)
+    if "attention_qk" in job.needs:
+        job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
+    return job
+
+
+def layerwise_losses(losses: dict) -> bool:
+    return any(issubclass(LOSS_REGISTRY[term_type(n, spec)], LayerwiseTerm) for n, spec in losses.items())
+
+
+def mapped_pairs(cfg: ExperimentConfig, losses: dict, init_layers: list[int], n_student: int, n_teacher: int):
+    """Every mapped (student layer, teacher layer) pair; none without a layer-wise term."""
+    if not layerwise_losses(losses):
         if cfg.layer_map is not None:
             raise DskdError("`layer_map` is set but no loss term compares layers; add attention_kl or cls_cosine, "
                             "or drop layer_map")
+        return ()
+    return tuple(models.resolve_layer_map(cfg.layer_map, init_layers, n_student, n_teacher))
+
+
+def build_terms(cfg: ExperimentConfig, losses: dict, s_cfg, t_cfg, init_layers: list[int]):
+    """The loss terms, bound to the layer map when a term compares internal layers.
+    ``s_cfg``/``t_cfg``: the models' configs (depth, width, heads)."""
+    pairs = mapped_pairs(cfg, losses, init_layers, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    if not pairs:
         return build_loss_terms(losses, seed=cfg.seed), ()
-    s_cfg, t_cfg = student.config, teacher.config
-    pairs = tuple(models.resolve_layer_map(cfg.layer_map, init_layers, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers))
     geometry = LayerGeometry(pairs, s_cfg.hidden_size, t_cfg.hidden_size,
                              s_cfg.num_attention_heads, t_cfg.num_attention_heads)
     return build_loss_terms(losses, geometry, cfg.seed), pairs
@@ -310,13 +370,16 @@ def check_stage_layers(cfg: ExperimentConfig, pairs: tuple) -> None:
                             "(attention_kl or cls_cosine) to distil layer by layer")
 
 
-def load_data(cfg: ExperimentConfig, task, tokenizer):
-    """Rank 0 tokenises first so the other ranks read the ``datasets`` cache it wrote."""
+def load_data(cfg: ExperimentConfig, task, tokenizer, fingerprints: dict | None = None):
+    """Rank 0 tokenises first so the other ranks read the ``datasets`` cache it wrote.
+    ``fingerprints``, when given, receives each raw split's size and content hash."""
     splits = {}
     for order in (0, 1):
         if (eng.rank() == 0) == (order == 0):
             for split, limit in (("train", cfg.data.train_limit), ("dev", cfg.data.dev_limit)):
                 raw = data.load_split(task, cfg.data.path, split, limit)
+                if fingerprints is not None:
+                    fingerprints[split] = {"examples": len(raw), "hash": cache.data_fingerprint(raw)}
                 splits[split] = data.tokenize_split(raw, tokenizer, cfg.data.max_length)
         eng.barrier()
     return splits["train"], splits["dev"]
@@ -354,6 +417,7 @@ def _init_output_dir(job: Job, argv: list[str]) -> None:
             dtype=str(eng.run_dtype(job.ds_config)).replace("torch.", ""),
             task=job.task.name,
             student_teacher_layers=job.student_layers,
+            teacher_cache=str(job.teacher.path) if isinstance(job.teacher, cache.TeacherCache) else None,
         )
         _write_json(out / RUN_FILE, info)
     eng.barrier()
@@ -416,14 +480,15 @@ def stage_pairs(stage: Stage, pairs: tuple[tuple[int, int], ...]) -> tuple[tuple
     return tuple(p for p in pairs if p[0] in stage.layers)
 
 
-def losses_on(engine, teacher: TeacherSide | None, batch: dict, weights: dict[str, float], pairs):
-    """Teacher forward (if a term in ``weights`` uses it), then the student's weighted losses."""
+def losses_on(engine, teacher: TeacherSide | None, batch: dict, weights: dict[str, float], pairs,
+              split: str = "train"):
+    """Teacher outputs (if a term in ``weights`` uses them), then the student's weighted losses."""
     module = engine.module
     if not any(isinstance(module.terms[name], LayerwiseTerm) for name in weights):
         pairs = ()
     teacher_out = None
     if teacher is not None and any(module.terms[name].uses_teacher for name in weights):
-        teacher_out = teacher.outputs(batch, module.needs, pairs)
+        teacher_out = teacher.outputs(batch, module.needs, pairs, split)
     return engine(batch, teacher_out, weights, pairs)
 
 
@@ -461,7 +526,8 @@ def held_out_loss(engine, teacher, batches: list[dict], stage: Stage, pairs) -> 
     """A stage's weighted loss on fixed dev batches, without dropout: the plateau signal."""
     engine.eval()
     with torch.no_grad():
-        total = sum(float(losses_on(engine, teacher, b, stage.weights, stage_pairs(stage, pairs))[0]) for b in batches)
+        total = sum(float(losses_on(engine, teacher, b, stage.weights, stage_pairs(stage, pairs), "dev")[0])
+                    for b in batches)
     engine.train()
     return _mean_over_ranks([total / len(batches)])[0]
 
@@ -472,7 +538,7 @@ def attention_snapshot(engine, teacher: TeacherSide, example: dict, pairs, group
     engine.eval()
     with torch.no_grad():
         student = engine(example, pairs=pairs)
-        target = teacher.outputs(example, engine.module.needs, pairs)
+        target = teacher.outputs(example, engine.module.needs, pairs, "dev")
     engine.train()
     for (s, t), s_qk, t_qk in zip(pairs, student["attention_qk"], target["attention_qk"], strict=True):
         monitor.attention_image(f"attention/student_L{s}_teacher_L{t}", s_qk, t_qk, example["attention_mask"],
@@ -534,7 +600,7 @@ def run(job: Job, argv: list[str]) -> dict:
 
     if job.teacher is not None and state["teacher_metrics"] is None:
         state["teacher_metrics"] = evaluate(
-            lambda b: job.teacher.outputs(b, frozenset({"logits"}))["logits"],
+            lambda b: job.teacher.outputs(b, frozenset({"logits"}), (), "dev")["logits"],
             job.dev_set, task, pad_id, eval_batch, device,
         )
 

@@ -1,0 +1,142 @@
+"""``dskd plan``: what a run will cost before anything heavy runs.
+
+Reads the configs of teacher and student (no weights), tokenises the data (the token
+counts decide the cache's size; ``datasets`` keeps the result for the real run) and
+reports the teacher cache's size per field and the memory the models take per rank.
+
+Memory per rank, from parameter counts P (activations are not included; they depend on
+batch shape and are what ``training.batch_size`` trades against):
+
+* teacher (online mode only): P_t x the run's dtype size; a cached run holds none.
+* student under DeepSpeed: weights, gradients and Adam state. fp32 training keeps
+  4 + 4 + 8 bytes per parameter; bf16/fp16 keep 2 + 2 bytes of low-precision weights and
+  gradients plus 4 + 8 of fp32 master weights and Adam moments. ZeRO-1 divides the
+  optimizer state (master + moments) by the world size, ZeRO-2 the gradients too, ZeRO-3
+  the weights too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dskd import cache
+from dskd.config import ExperimentConfig
+from dskd.errors import DskdError
+
+
+def _param_count(config) -> int:
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def student_bytes(params: int, dtype: torch.dtype, zero_stage: int, world: int) -> dict[str, int]:
+    low = dtype in (torch.bfloat16, torch.float16)
+    weights, grads, optimizer = (2 if low else 4) * params, (2 if low else 4) * params, (12 if low else 8) * params
+    if zero_stage >= 1:
+        optimizer //= world
+    if zero_stage >= 2:
+        grads //= world
+    if zero_stage >= 3:
+        weights //= world
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
+
+
+def teacher_name(config, path: str | None) -> str:
+    if path:
+        name = str(path).rstrip("/").split("/")[-1]
+        if name in ("model", "teacher"):
+            name = "/".join(str(path).rstrip("/").split("/")[-2:])
+        return name
+    return f"{config.model_type}-{config.num_hidden_layers}L-H{config.hidden_size} (teacher.arch)"
+
+
+def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: str | None = None,
+              world: int | None = None) -> dict:
+    """The cache size (per split and field) and per-rank model memory of ``cfg``'s distillation."""
+    from dskd import data, engine as eng, models, trainer
+
+    training = cfg.training
+    ds_config, _ = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
+    run_dtype = eng.run_dtype(ds_config)
+    zero = eng.zero_stage(ds_config)
+    world = world or eng.world_size()
+    store_dtype = cache.storage_dtype(dtype or str(run_dtype).replace("torch.", ""))
+    task = data.get_task(cfg.data.task)
+    if cfg.teacher.path is None and cfg.teacher.arch is None:
+        raise DskdError("`dskd plan` needs `teacher.path` or `teacher.arch` to know the teacher's shape")
+    tokenizer = models.load_tokenizer(cfg.teacher)
+    if cfg.teacher.path is not None:
+        t_config = models.pretrained_config(cfg.teacher.path, task.num_labels)
+    else:
+        t_config = models.arch_config(cfg.teacher.arch, len(tokenizer), task.num_labels, tokenizer.pad_token_id,
+                                      "teacher.arch")
+    init_layers, n_student = models.student_layer_plan(cfg.student, t_config.num_hidden_layers)
+    if cfg.student.init_from_teacher:
+        s_config = type(t_config).from_dict({**t_config.to_dict(), "num_hidden_layers": n_student})
+    else:
+        s_config = models.arch_config(cfg.student.arch, t_config.vocab_size, task.num_labels,
+                                      tokenizer.pad_token_id, "student.arch")
+    pairs = trainer.mapped_pairs(cfg, cfg.losses, init_layers, n_student, t_config.num_hidden_layers)
+    spec = cache.spec_for(cfg.losses, pairs)
+    train_set, dev_set = trainer.load_data(cfg, task, tokenizer)
+    hidden, heads, labels = t_config.hidden_size, t_config.num_attention_heads, task.num_labels
+    splits = {}
+    for split, dataset in (("train", train_set), ("dev", dev_set)):
+        lengths = cache.token_lengths(dataset)
+        fields = cache.estimate_bytes(spec, len(lengths), int(lengths.sum()), hidden, labels, store_dtype)
+        splits[split] = {
+            "examples": len(lengths),
+            "tokens": int(lengths.sum()),
+            "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
+            "bytes": fields,
+            "total_bytes": sum(fields.values()),
+            "attention_as_maps_bytes": cache.attention_map_bytes(lengths, len(spec.layers), heads, store_dtype)
+            if "attention_qk" in spec.fields else 0,
+        }
+    total = sum(s["total_bytes"] for s in splits.values())
+    teacher_params, student_params = _param_count(t_config), _param_count(s_config)
+    dsize = torch.tensor([], dtype=run_dtype).element_size()
+    name = teacher_name(t_config, cfg.teacher.path)
+    summary = (f"{name}, {task.name}, {len(spec.layers)} mapped layers, S={cfg.data.max_length}, "
+               f"{store_dtype}: {cache.human(total)}")
+    return {
+        "summary": summary,
+        "task": task.name,
+        "cache": {"dtype": store_dtype, "fields": list(spec.fields), "teacher_layers": list(spec.layers),
+                  "splits": splits, "total_bytes": total,
+                  "bytes_per_train_example": splits["train"]["total_bytes"] / max(splits["train"]["examples"], 1)},
+        "memory_per_rank": {
+            "run_dtype": str(run_dtype).replace("torch.", ""), "zero_stage": zero, "world_size": world,
+            "teacher_params": teacher_params, "teacher_bytes_online": teacher_params * dsize,
+            "teacher_bytes_cached": 0,
+            "student_params": student_params,
+            "student_bytes": student_bytes(student_params, run_dtype, zero, world),
+        },
+    }
+
+
+def format_plan(plan: dict) -> str:
+    c, m = plan["cache"], plan["memory_per_rank"]
+    lines = [plan["summary"], "", f"teacher cache ({c['dtype']}; stores {', '.join(c['fields'])}"
+             + (f" for teacher layers {c['teacher_layers']}" if c["teacher_layers"] else "") + "):"]
+    for split, s in c["splits"].items():
+        parts = ", ".join(f"{k} {cache.human(v)}" for k, v in s["bytes"].items())
+        lines.append(f"  {split:5s} {s['examples']} examples, {s['tokens']} tokens (mean {s['mean_length']:.1f}): "
+                     f"{cache.human(s['total_bytes'])} ({parts})")
+        if s["attention_as_maps_bytes"]:
+            lines.append(f"        attention stored as L x L maps instead of Q/K would take "
+                         f"{cache.human(s['attention_as_maps_bytes'])}")
+    lines.append(f"  total {cache.human(c['total_bytes'])}, {cache.human(c['bytes_per_train_example'])} per train example")
+    sb = m["student_bytes"]
+    lines += [
+        "",
+        f"memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); activations not included):",
+        f"  teacher {m['teacher_params'] / 1e6:.1f}M params: {cache.human(m['teacher_bytes_online'])} online, "
+        "none with the cache",
+        f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
+        f"{cache.human(sb['weights'])}, gradients {cache.human(sb['gradients'])}, optimizer {cache.human(sb['optimizer'])})",
+    ]
+    return "\n".join(lines)
