@@ -118,7 +118,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     pre-tokeniser, vocabulary), else the vocabulary and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        text = backend.to_str()
+        state = json.loads(backend.to_str())
+        # Truncation/padding are per-call settings a fast tokenizer keeps from its last call.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        text = json.dumps(state, sort_keys=True)
     else:
         text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
     return _sha(type(tokenizer).__name__.encode(), text.encode())

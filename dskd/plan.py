@@ -46,10 +46,8 @@ def student_bytes(params: int, dtype: torch.dtype, zero_stage: int, world: int) 
 
 def teacher_name(config, path: str | None) -> str:
     if path:
-        name = str(path).rstrip("/").split("/")[-1]
-        if name in ("model", "teacher"):
-            name = "/".join(str(path).rstrip("/").split("/")[-2:])
-        return name
+        parts = str(path).rstrip("/").split("/")
+        return parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]  # a dskd run's model/
     return f"{config.model_type}-{config.num_hidden_layers}L-H{config.hidden_size} (teacher.arch)"
 
 

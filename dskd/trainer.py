@@ -605,6 +605,8 @@ def run(job: Job, argv: list[str]) -> dict:
         )
 
     monitor = Monitor(out / "tensorboard", rank == 0, stages[-1].end, state["step"], job.role)
+    if isinstance(job.teacher, cache.TeacherCache):
+        monitor.line(f"[teacher] outputs read from the cache {job.teacher.path}; no teacher model is loaded")
     if state["teacher_metrics"] is not None:
         monitor.line(f"[teacher] dev {task.name}: {_format_metrics(state['teacher_metrics'])}")
         monitor.scalars({f"teacher/{k}": v for k, v in state["teacher_metrics"].items()}, 0)
