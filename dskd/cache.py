@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -409,17 +410,24 @@ def _existing_state(out: Path, pending: dict, overwrite: bool) -> str:
     """"fresh", "resume" or "complete" for the folder ``out``; refuses what it must not touch."""
     if out.exists() and not out.is_dir():
         raise DskdError(f"--output {out} is a file; give a folder for the cache")
-    if overwrite or not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(out.iterdir()):
         return "fresh"
     if not (out / PENDING).is_file():
         raise DskdError(f"--output {out} is not empty and holds no dskd teacher cache; choose another folder "
-                        "or pass --overwrite")
+                        "(--overwrite replaces only a teacher cache)")
+    if overwrite:
+        return "fresh"
     previous = json.loads((out / PENDING).read_text())
     previous.pop("about", None)
-    diffs = _diff(pending, previous)
-    if diffs:
+    if previous.get("identity") != pending["identity"] or previous.get("version") != pending["version"]:
+        diffs = _diff(pending, previous)
         raise DskdError(f"--output {out} holds a cache of something else ({'; '.join(diffs)}); "
                         "pass --overwrite to replace it, or choose another folder")
+    diffs = _diff(pending["layout"], previous.get("layout", {}), "layout.")
+    if diffs:
+        raise DskdError(f"--output {out} holds a cache of this run written with other settings ({'; '.join(diffs)}); "
+                        "rerun with those settings (ranks, --dtype, --batch-size, --deepspeed) to finish it, or pass "
+                        "--overwrite to start over")
     return "complete" if (out / MANIFEST).is_file() else "resume"
 
 
@@ -631,7 +639,10 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
               "compute_dtype": str(compute).replace("torch.", ""), "world_size": eng.world_size(),
               "batch_size": batch_size}
     about = {"teacher_path": cfg.teacher.path, "data_path": cfg.data.path, "command": argv}
-    log = print if eng.rank() == 0 else (lambda *a, **k: None)
+    def log(*parts) -> None:  # progress goes to stderr, as the trainer's log lines do
+        if eng.rank() == 0:
+            print(*parts, file=sys.stderr, flush=True)
+
     from dskd.trainer import TeacherSide
 
     return write(out, identity, layout, about, {"train": train_set, "dev": dev_set}, TeacherSide(model, capture),

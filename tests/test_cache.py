@@ -316,3 +316,31 @@ def test_student_from_teacher_files_reads_the_same_weights_as_the_loaded_teacher
     assert layers == full_layers == [2, 4]
     a, b = partial.state_dict(), full.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_write_with_other_settings_is_refused(parts, tmp_path):
+    teacher = parts["parts"][3]
+    _write(parts, tmp_path / "c", teacher)
+    (tmp_path / "c" / "manifest.json").unlink()  # as if interrupted at the very end
+    with pytest.raises(Exception, match="written with other settings \\(layout.dtype: cache 'float32', run 'float16'"):
+        _write(parts, tmp_path / "c", teacher, dtype="float16")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="not empty and holds no dskd teacher cache"):
+        _write(parts, tmp_path / "other", teacher)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_plan_and_dry_run_print_the_estimate_and_write_nothing(setup, tmp_path):
+    plan = _ok(run_dskd(["plan", "--config", setup["cfg"], "--world-size", "4", "--deepspeed",
+                         "ds_configs/zero3_bf16.json", "--json"], setup["root"]))
+    parsed = json.loads(plan.stdout)
+    assert parsed["memory_per_rank"]["zero_stage"] == 3 and parsed["cache"]["dtype"] == "bfloat16"
+    sb = parsed["memory_per_rank"]["student_bytes"]
+    params = parsed["memory_per_rank"]["student_params"]
+    assert (sb["weights"], sb["gradients"], sb["optimizer"]) == (2 * params // 4, 2 * params // 4, 12 * params // 4)
+    dry = _ok(run_dskd(["cache-teacher", "--config", setup["cfg"], "--output", tmp_path / "c", "--dry-run"],
+                       setup["root"]))
+    assert dry.stdout.startswith("teacher, mrpc, 2 mapped layers, S=24, float32: ")
+    assert "attention stored as L x L maps instead of Q/K would take" in dry.stdout
+    assert not (tmp_path / "c").exists()
