@@ -320,8 +320,8 @@ def test_layer_options_without_a_layer_wise_term_are_refused_by_name():
     teacher, student = _tiny_bert(4, 16, 4, 0), _tiny_bert(2, 16, 4, 1)
     cfg = ExperimentConfig(layer_map=[2, 4])
     with pytest.raises(DskdError, match=r"^`layer_map` is set but no loss term compares layers; add attention_kl"):
-        build_terms(cfg, {"soft_kd": {"weight": 1.0}}, student, teacher, [2, 4])
-    terms, pairs = build_terms(ExperimentConfig(), {"cls_cosine": {"weight": 1.0}}, student, teacher, [2, 4])
+        build_terms(cfg, {"soft_kd": {"weight": 1.0}}, student.config, teacher.config, [2, 4])
+    terms, pairs = build_terms(ExperimentConfig(), {"cls_cosine": {"weight": 1.0}}, student.config, teacher.config, [2, 4])
     assert pairs == ((1, 2), (2, 4)) and len(terms["cls_cosine"].projections) == 0
     cfg = ExperimentConfig(schedule=[StageConfig("pid", epochs=1, per_layer="progressive")])
     with pytest.raises(DskdError, match=r"^`schedule\[0\].per_layer` \(pid\) needs a layer-wise loss term"):
