@@ -22,7 +22,6 @@ New terms register with ``@register_loss("name")`` and become usable from YAML a
 from __future__ import annotations
 
 import inspect
-import math
 import typing
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -32,6 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dskd.errors import DskdError
+from dskd.kernels import attention_kl_rows, hidden_rows, reduce_rows, reference, soft_kl_rows
+from dskd.kernels import attention_log_probs, average_heads  # noqa: F401  (re-exported: the monitor draws maps with them)
+
+KERNELS = ("fused", "naive")
+
+
+def _check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'fused' or 'naive', got {kernel!r}")
+    return kernel
 
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
 
@@ -79,20 +88,21 @@ class SoftLabelKD(LossTerm):
     logits get MSE against the teacher's prediction instead.
     """
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, kernel: str = "fused"):
         super().__init__()
         if temperature <= 0:
             raise ValueError("temperature must be positive")
         self.temperature = temperature
+        self.kernel = _check_kernel(kernel)
 
     def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:
-        zs, zt = student["logits"].float(), teacher["logits"].float()
+        zs, zt = student["logits"], teacher["logits"]
         if zs.shape[-1] == 1:
-            return F.mse_loss(zs, zt)
+            return F.mse_loss(zs.float(), zt.float())
         t = self.temperature
-        log_ps = F.log_softmax(zs / t, dim=-1)
-        log_pt = F.log_softmax(zt / t, dim=-1)
-        return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * (t * t)
+        flat_s, flat_t = zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1])
+        rows = soft_kl_rows(flat_s, flat_t, t) if self.kernel == "fused" else reference.soft_kl_rows(flat_s, flat_t, t)
+        return rows.sum() / zs.shape[0] * (t * t)
 
 
 # ------------------------------------------------- internal representations (per layer)
@@ -148,45 +158,23 @@ def head_groups(student_heads: int, teacher_heads: int, rule: str, key: str) -> 
     )
 
 
-def attention_log_probs(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """log softmax(q k^T / sqrt(d) + mask) in fp32: [B, H, S, D] x2 -> [B, H, S, S].
-
-    Padded keys get the most negative finite score rather than -inf, so a row with no
-    real key (a fully padded example) stays finite instead of turning into NaN.
-    """
-    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays (gradcheck)
-    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(dtype).min)
-    return torch.log_softmax(scores, dim=-1)
-
-
-def average_heads(log_probs: torch.Tensor, group: int) -> torch.Tensor:
-    """log of the mean distribution over consecutive groups of ``group`` heads."""
-    if group == 1:
-        return log_probs
-    b, h, s, t = log_probs.shape
-    grouped = log_probs.reshape(b, h // group, group, s, t)
-    return torch.logsumexp(grouped, dim=2) - math.log(group)
-
-
 def attention_kl(
     student_qk: tuple[torch.Tensor, torch.Tensor],
-    teacher_qk: tuple[torch.Tensor, torch.Tensor],
+    teacher_qk,
     mask: torch.Tensor,
     groups: tuple[int, int] = (1, 1),
+    kernel: str = "fused",
 ) -> torch.Tensor:
     """KL(teacher || student) between attention distributions, from Q and K.
 
     Summed over real keys, averaged over heads and over the real query rows of the
     batch (padded rows and columns contribute nothing; 0 when no row is real).
+    ``kernel``: ``fused`` (``dskd.kernels``: chunked, or Triton on CUDA) or ``naive``
+    (every [B, H, S, S] tensor materialised); both give the same numbers. ``teacher_qk``
+    may also be the teacher's attention probabilities [B, H_t, S, S].
     """
-    key_mask = mask.bool()
-    log_s = average_heads(attention_log_probs(*student_qk, key_mask), groups[0])
-    log_t = average_heads(attention_log_probs(*teacher_qk, key_mask), groups[1])
-    pointwise = torch.where(key_mask[:, None, None, :], log_t.exp() * (log_t - log_s), 0.0)
-    rows = mask.float()[:, None, :]
-    heads = log_s.shape[1]
-    return (pointwise.sum(-1) * rows).sum() / (heads * mask.float().sum().clamp_min(1.0))
+    rows_fn = attention_kl_rows if kernel == "fused" else reference.attention_kl_rows
+    return reduce_rows(rows_fn(student_qk, teacher_qk, mask, groups), mask)
 
 
 @register_loss("attention_kl")
@@ -201,11 +189,12 @@ class AttentionKL(LayerwiseTerm):
 
     needs = frozenset({"attention_qk"})
 
-    def __init__(self, heads: str = "auto"):
+    def __init__(self, heads: str = "auto", kernel: str = "fused"):
         super().__init__()
         if heads not in ("auto", "mean"):
             raise ValueError(f"heads must be 'auto' or 'mean', got {heads!r}")
         self.heads = heads
+        self.kernel = _check_kernel(kernel)
         self.groups = (1, 1)
 
     def bind(self, geometry: LayerGeometry, key: str) -> None:
@@ -213,7 +202,7 @@ class AttentionKL(LayerwiseTerm):
 
     def pair_losses(self, student: dict, teacher: dict, mask: torch.Tensor) -> list[torch.Tensor]:
         return [
-            attention_kl(s_qk, t_qk, mask, self.groups)
+            attention_kl(s_qk, t_qk, mask, self.groups, self.kernel)
             for s_qk, t_qk in zip(student["attention_qk"], teacher["attention_qk"], strict=True)
         ]
 
@@ -229,8 +218,9 @@ class ClsCosine(LayerwiseTerm):
 
     needs = frozenset({"cls"})
 
-    def __init__(self):
+    def __init__(self, kernel: str = "fused"):
         super().__init__()
+        self.kernel = _check_kernel(kernel)
         self.projections = nn.ModuleDict()
 
     def bind(self, geometry: LayerGeometry, key: str) -> None:
@@ -243,8 +233,12 @@ class ClsCosine(LayerwiseTerm):
         for (s, _), hs, ht in zip(student["pairs"], student["cls"], teacher["cls"], strict=True):
             name = f"L{s}"
             if name in self.projections:
+                # Called as a module (not through the kernel's projection) so ZeRO-3 gathers it.
                 hs = self.projections[name](hs)
-            values.append((1.0 - F.cosine_similarity(hs.float(), ht.float(), dim=-1, eps=1e-8)).mean())
+            if self.kernel == "fused":
+                values.append(hidden_rows(hs, ht, "cosine").mean())
+            else:
+                values.append(reference.hidden_rows(hs, ht, "cosine").mean())
         return values
 
 

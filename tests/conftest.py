@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+
+# The Triton kernels run on CPU through the interpreter, which must be chosen before
+# anything imports triton (../shared/notes/hpc-on-one-machine.md §3). On a GPU node,
+# DSKD_TEST_CUDA=1 keeps the real compiler.
+if os.environ.get("DSKD_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import subprocess
 import sys
 from pathlib import Path
