@@ -32,7 +32,7 @@ import math
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 32 << 20  # per [B, H, c, S] fp32 temporary
+DEFAULT_CHUNK_BYTES = 8 << 20  # per [B, H, c, S] fp32 temporary; a chunk keeps about four alive
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,12 +60,19 @@ def average_heads(log_probs: torch.Tensor, group: int) -> torch.Tensor:
     return torch.logsumexp(grouped, dim=2) - math.log(group)
 
 
+def _log_probs_inplace(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, dtype) -> torch.Tensor:
+    """``attention_log_probs`` without autograd, reusing one buffer (the chunked path's memory)."""
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    scores.masked_fill_(~key_mask[:, None, None, :], torch.finfo(dtype).min)
+    return scores.sub_(torch.logsumexp(scores, dim=-1, keepdim=True))
+
+
 def _teacher_log_probs(teacher, key_mask, rows: slice, group: int, dtype) -> torch.Tensor:
     if isinstance(teacher, tuple):
         qt, kt = teacher
-        log_p = attention_log_probs(qt[:, :, rows].to(dtype), kt.to(dtype), key_mask)
+        log_p = _log_probs_inplace(qt[:, :, rows], kt, key_mask, dtype)
     else:  # probabilities; log 0 = -inf only where P = 0, where the KL term is defined as 0
-        log_p = teacher[:, :, rows].to(dtype).clamp_min(0).log()
+        log_p = teacher[:, :, rows].to(dtype).clamp_min(0).log_()
     return average_heads(log_p, group)
 
 
@@ -87,10 +94,12 @@ class _AttentionKLRows(torch.autograd.Function):
         with torch.no_grad():
             for r0 in range(0, s, chunk):
                 rows = slice(r0, min(r0 + chunk, s))
-                log_q = average_heads(attention_log_probs(qs[:, :, rows], ks, key_mask), gs)
+                log_q = average_heads(_log_probs_inplace(qs[:, :, rows], ks, key_mask, dtype), gs)
                 log_p = _teacher_log_probs(teacher, key_mask, rows, gt, dtype)
                 p = log_p.exp()
-                pointwise = torch.where(key_mask[:, None, None, :] & (p > 0), p * (log_p - log_q), 0.0)
+                pointwise = log_p.sub_(log_q).mul_(p)  # P (log P - log Q), in log_p's buffer
+                del log_q
+                pointwise.masked_fill_(~key_mask[:, None, None, :] | (p == 0), 0.0)
                 out[:, :, rows] = pointwise.sum(-1) * key_mask[:, None, rows]
         ctx.save_for_backward(qs, ks, qt, kt, probs, mask)
         ctx.groups, ctx.chunk = (gs, gt), chunk
@@ -112,21 +121,21 @@ class _AttentionKLRows(torch.autograd.Function):
         for r0 in range(0, s, ctx.chunk):
             rows = slice(r0, min(r0 + ctx.chunk, s))
             q_chunk = qs[:, :, rows].to(dtype)
-            log_q_heads = attention_log_probs(q_chunk, ks_w, key_mask)  # [B, Hs, c, S]
-            q_heads = log_q_heads.exp()
-            p = _teacher_log_probs(teacher, key_mask, rows, gt, dtype).exp()  # [B, G, c, S]
+            q_heads = _log_probs_inplace(q_chunk, ks_w, key_mask, dtype)  # log q, then q in place
+            p = _teacher_log_probs(teacher, key_mask, rows, gt, dtype).exp_()  # [B, G, c, S]
             g = (grad_rows[:, :, rows] * key_mask[:, None, rows])[..., None]  # padded rows are constant 0
             if gs == 1:
                 # d KL / d score_j = Q_j - P_j for an ungrouped student.
-                d_scores = g * (q_heads - p)
+                d_scores = q_heads.exp_().sub_(p).mul_(g)
             else:
                 # Q = mean of the group's q_h: d KL / d score_hj = q_hj (sum_k R_k q_hk - R_j) / gs, R = P / Q.
-                big_q = average_heads(log_q_heads, gs).exp()
-                ratio = torch.where(key_mask[:, None, None, :], p / big_q, 0.0)
+                ratio = p.div_(average_heads(q_heads, gs).exp_()).masked_fill_(~key_mask[:, None, None, :], 0.0)
                 ratio = ratio.repeat_interleave(gs, dim=1)
-                d_scores = g.repeat_interleave(gs, dim=1) * q_heads * (
-                    (ratio * q_heads).sum(-1, keepdim=True) - ratio) / gs
-            d_scores = torch.where(key_mask[:, None, None, :], d_scores, 0.0) * scale
+                q_heads.exp_()
+                d_scores = ratio.sub_((ratio * q_heads).sum(-1, keepdim=True)).mul_(q_heads).mul_(
+                    g.repeat_interleave(gs, dim=1) / -gs)
+            del p
+            d_scores.masked_fill_(~key_mask[:, None, None, :], 0.0).mul_(scale)
             dq[:, :, rows] = d_scores @ ks_w
             dk += d_scores.transpose(-1, -2) @ q_chunk
         return dq.to(qs.dtype), dk.to(ks.dtype), None, None, None, None, None, None, None

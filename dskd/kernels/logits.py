@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 32 << 20
+DEFAULT_CHUNK_BYTES = 16 << 20
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,10 +29,11 @@ class _SoftKLRows(torch.autograd.Function):
         dtype = _work_dtype(zs.dtype)
         out = zs.new_empty(zs.shape[0], dtype=dtype)
         for r0 in range(0, zs.shape[0], chunk):
-            rows = slice(r0, r0 + chunk)
+            rows = slice(r0, r0 + chunk)  # forward runs under no_grad inside autograd.Function
             log_q = torch.log_softmax(zs[rows].to(dtype) / temperature, dim=-1)
             log_p = torch.log_softmax(zt[rows].to(dtype) / temperature, dim=-1)
-            out[rows] = (log_p.exp() * (log_p - log_q)).sum(-1)
+            p = log_p.exp()
+            out[rows] = log_p.sub_(log_q).mul_(p).sum(-1)
         ctx.save_for_backward(zs, zt)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -46,8 +47,8 @@ class _SoftKLRows(torch.autograd.Function):
         for r0 in range(0, zs.shape[0], ctx.chunk):
             rows = slice(r0, r0 + ctx.chunk)
             q = torch.softmax(zs[rows].to(dtype) / t, dim=-1)
-            p = torch.softmax(zt[rows].to(dtype) / t, dim=-1)
-            grad[rows] = grad_rows[rows, None].to(dtype) * (q - p) / t
+            q.sub_(torch.softmax(zt[rows].to(dtype) / t, dim=-1))
+            grad[rows] = q.mul_(grad_rows[rows, None].to(dtype) / t)
         return grad.to(zs.dtype), None, None, None
 
 
