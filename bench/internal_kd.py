@@ -6,7 +6,9 @@ quarter of it padding). Compared in one process, in alternating rounds:
 
 * ``soft``: dskd's ``train_step`` with 0.5 CE + 0.5 soft-label KD;
 * ``cls``: soft + [CLS] cosine on the 3 mapped layers (no attention);
-* ``internal``: soft + [CLS] cosine + attention KL on the 3 mapped layers (Q/K captured by hooks);
+* ``internal``: soft + [CLS] cosine + attention KL on the 3 mapped layers (Q/K captured by hooks),
+  through the fused kernels (``dskd/kernels``; on CPU the chunked exact path);
+* ``internal_naive``: the same losses through the naive formulas (``kernel: naive``);
 * forward only, student: SDPA (``fwd_sdpa``), SDPA with the Q/K hooks storing 3 layers
   (``fwd_sdpa_capture``), and the alternative the hooks avoid: eager attention with
   ``output_attentions=True`` on every layer (``fwd_eager_attentions``).
@@ -39,6 +41,10 @@ VARIANTS = {
     "soft": SOFT,
     "cls": {**SOFT, "cls_cosine": {"weight": 1.0}},
     "internal": {**SOFT, "cls_cosine": {"weight": 1.0}, "attention_kl": {"weight": 1.0}},
+    # The same losses through the naive formulas (every S x S tensor kept for backward).
+    "internal_naive": {name: {**spec, "kernel": "naive"} for name, spec in
+                       {**SOFT, "cls_cosine": {"weight": 1.0}, "attention_kl": {"weight": 1.0}}.items()
+                       if name != "hard_ce"} | {"hard_ce": SOFT["hard_ce"]},
 }
 
 
@@ -73,7 +79,7 @@ def training_step(variant: str, teacher, student, init_layers, batch):
                             lambda step: lr_factor(step, stages, training))
     engine.train()
     weights = {name: float(spec["weight"]) for name, spec in losses.items()}
-    layer_pairs = pairs if len(losses) > len(SOFT) else ()
+    layer_pairs = pairs if "attention_kl" in losses or "cls_cosine" in losses else ()
     return lambda: train_step(engine, side, batch, weights, layer_pairs)[0]
 
 
@@ -148,6 +154,8 @@ def main() -> None:
         "ratio_internal_over_soft": median["internal"] / median["soft"],
         "ratio_cls_over_soft": median["cls"] / median["soft"],
         "ratio_internal_over_cls": median["internal"] / median["cls"],
+        "ratio_internal_naive_over_soft": median["internal_naive"] / median["soft"],
+        "ratio_internal_fused_over_naive": median["internal"] / median["internal_naive"],
         "ratio_fwd_capture_over_sdpa": median["fwd_sdpa_capture"] / median["fwd_sdpa"],
         "ratio_fwd_eager_attentions_over_sdpa": median["fwd_eager_attentions"] / median["fwd_sdpa"],
         "step_ms_median": {name: round(1000 * t, 2) for name, t in median.items()},

@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=32000)
     parser.add_argument("--hidden-rows", type=int, default=16384)
+    parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,8 +145,11 @@ def main() -> None:
                    str(args.batch), "--heads", str(args.heads), "--seq", str(args.seq), "--head-dim",
                    str(args.head_dim), "--rows", str(args.rows), "--classes", str(args.classes), "--hidden-rows",
                    str(args.hidden_rows)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+            peaks = []
+            for _ in range(args.memory_repeats):  # RSS-based on CPU: the median of fresh processes
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+            memory[variant] = statistics.median(peaks)
         result[case] = {
             "time_ratio_fused_over_naive": median["fused"] / median["naive"],
             "peak_memory_ratio_fused_over_naive": memory["fused"] / max(memory["naive"], 1e-9),
