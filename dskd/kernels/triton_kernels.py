@@ -43,6 +43,23 @@ def _block(n: int, low: int = 16, high: int = 128) -> int:
 
 
 @triton.jit
+def _online_kl_step(s, t, ok, m_s, l_s, m_t, l_t, acc):
+    """Fold one block of student/teacher logits into the running row state: maxima m,
+    sums l = sum exp(x - m), and acc = sum exp(t - m_t) (t - s), rescaled as m_t grows."""
+    s = tl.where(ok, s, NEG)
+    t = tl.where(ok, t, NEG)
+    new_t = tl.maximum(m_t, tl.max(t, 1))
+    alpha = tl.exp(m_t - new_t)
+    p = tl.where(ok, tl.exp(t - new_t[:, None]), 0.0)
+    l_t = l_t * alpha + tl.sum(p, 1)
+    acc = acc * alpha + tl.sum(p * (t - s), 1)
+    new_s = tl.maximum(m_s, tl.max(s, 1))
+    q = tl.where(ok, tl.exp(s - new_s[:, None]), 0.0)
+    l_s = l_s * tl.exp(m_s - new_s) + tl.sum(q, 1)
+    return new_s, l_s, new_t, l_t, acc
+
+
+@triton.jit
 def _row_kl_fwd(S, T, OUT, LSE_S, LSE_T, n_rows, n_cols, stride_s, stride_t, scale,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -57,18 +74,7 @@ def _row_kl_fwd(S, T, OUT, LSE_S, LSE_T, n_rows, n_cols, stride_s, stride_t, sca
         ok = row_ok[:, None] & (cols[None, :] < n_cols)
         s = tl.load(S + rows[:, None] * stride_s + cols[None, :], mask=ok, other=0.0).to(tl.float32) * scale
         t = tl.load(T + rows[:, None] * stride_t + cols[None, :], mask=ok, other=0.0).to(tl.float32) * scale
-        s = tl.where(ok, s, NEG)
-        t = tl.where(ok, t, NEG)
-        new_t = tl.maximum(m_t, tl.max(t, 1))
-        alpha = tl.exp(m_t - new_t)
-        p = tl.where(ok, tl.exp(t - new_t[:, None]), 0.0)
-        l_t = l_t * alpha + tl.sum(p, 1)
-        acc = acc * alpha + tl.sum(p * (t - s), 1)
-        m_t = new_t
-        new_s = tl.maximum(m_s, tl.max(s, 1))
-        q = tl.where(ok, tl.exp(s - new_s[:, None]), 0.0)
-        l_s = l_s * tl.exp(m_s - new_s) + tl.sum(q, 1)
-        m_s = new_s
+        m_s, l_s, m_t, l_t, acc = _online_kl_step(s, t, ok, m_s, l_s, m_t, l_t, acc)
     lse_s = m_s + tl.log(l_s)
     lse_t = m_t + tl.log(l_t)
     kl = acc / l_t - lse_t + lse_s
@@ -159,18 +165,7 @@ def _attn_kl_fwd(QS, KS, QT, KT, MASK, OUT, LSE_S, LSE_T,
                      mask=col_ok[:, None] & (dt_[None, :] < d_t), other=0.0).to(tl.float32)
         s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION, out_dtype=tl.float32) * scale_s
         t = tl.dot(qt, tl.trans(kt), input_precision=PRECISION, out_dtype=tl.float32) * scale_t
-        s = tl.where(key_real, s, NEG)
-        t = tl.where(key_real, t, NEG)
-        new_t = tl.maximum(m_t, tl.max(t, 1))
-        alpha = tl.exp(m_t - new_t)
-        p = tl.where(key_real, tl.exp(t - new_t[:, None]), 0.0)
-        l_t = l_t * alpha + tl.sum(p, 1)
-        acc = acc * alpha + tl.sum(p * (t - s), 1)
-        m_t = new_t
-        new_s = tl.maximum(m_s, tl.max(s, 1))
-        q = tl.where(key_real, tl.exp(s - new_s[:, None]), 0.0)
-        l_s = l_s * tl.exp(m_s - new_s) + tl.sum(q, 1)
-        m_s = new_s
+        m_s, l_s, m_t, l_t, acc = _online_kl_step(s, t, key_real, m_s, l_s, m_t, l_t, acc)
     has_keys = l_t > 0
     lse_s = tl.where(has_keys, m_s + tl.log(tl.where(has_keys, l_s, 1.0)), 0.0)
     lse_t = tl.where(has_keys, m_t + tl.log(tl.where(has_keys, l_t, 1.0)), 0.0)
