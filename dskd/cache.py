@@ -56,7 +56,8 @@ MANIFEST = "manifest.json"
 PENDING = "pending.json"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{k: k for k in STORAGE_DTYPES}}
-CACHEABLE = ("logits", "cls", "attention_qk")  # what a loss term may need from the teacher
+CACHEABLE = ("logits", "cls", "mean", "attention_qk")  # what a loss term may need from the teacher
+POOLED = ("cls", "mean")  # per-layer [examples, hidden] fields
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _CHUNK = 8 << 20
 
@@ -150,8 +151,9 @@ class CacheSpec:
 
     def files(self) -> list[str]:
         names = ["logits"]
-        if "cls" in self.fields:
-            names += [f"cls_L{t}" for t in self.layers]
+        for pooled in POOLED:
+            if pooled in self.fields:
+                names += [f"{pooled}_L{t}" for t in self.layers]
         if "attention_qk" in self.fields:
             names += [f"qk_L{t}" for t in self.layers]
         return names
@@ -166,7 +168,7 @@ def spec_for(losses: dict, pairs) -> CacheSpec:
     for name, spec in losses.items():
         cls = LOSS_REGISTRY[term_type(name, spec)]
         if cls.uses_teacher:
-            fields |= set(cls.needs) & set(CACHEABLE)
+            fields |= set(cls.needs_for(spec)) & set(CACHEABLE)
     layers = tuple(sorted({t for _, t in pairs})) if fields - {"logits"} else ()
     return CacheSpec(tuple(f for f in CACHEABLE if f in fields), layers)
 
@@ -195,7 +197,7 @@ def token_lengths(dataset) -> np.ndarray:
 def field_shapes(spec: CacheSpec, examples: int, tokens: int, hidden: int, labels: int) -> dict[str, tuple]:
     shapes = {"logits": (examples, labels)}
     for name in spec.files()[1:]:
-        shapes[name] = (examples, hidden) if name.startswith("cls_") else (tokens, 2, hidden)
+        shapes[name] = (tokens, 2, hidden) if name.startswith("qk_") else (examples, hidden)
     return shapes
 
 
@@ -203,8 +205,9 @@ def estimate_bytes(spec: CacheSpec, examples: int, tokens: int, hidden: int, lab
     """Bytes per field group for one split (plus the small index arrays)."""
     size = element_size(dtype)
     out = {"logits": examples * labels * 4, "index": examples * 3 * 8}
-    if "cls" in spec.fields:
-        out["cls"] = len(spec.layers) * examples * hidden * size
+    for pooled in POOLED:
+        if pooled in spec.fields:
+            out[pooled] = len(spec.layers) * examples * hidden * size
     if "attention_qk" in spec.fields:
         out["attention_qk"] = len(spec.layers) * tokens * 2 * hidden * size
     return out
@@ -303,8 +306,9 @@ class ShardWriter:
         self.arrays["logits"][rows.start : rows.stop] = outputs["logits"].float().cpu().numpy()
         real = mask.bool()
         for i, t in enumerate(self.spec.layers):
-            if "cls" in self.spec.fields:
-                self.arrays[f"cls_L{t}"][rows.start : rows.stop] = _to_numpy(outputs["cls"][i], self.dtype)
+            for pooled in POOLED:
+                if pooled in self.spec.fields:
+                    self.arrays[f"{pooled}_L{t}"][rows.start : rows.stop] = _to_numpy(outputs[pooled][i], self.dtype)
             if "attention_qk" in self.spec.fields:
                 q, k = outputs["attention_qk"][i]
                 b, h, s, d = q.shape
@@ -556,9 +560,10 @@ class TeacherCache:
         shards = self._split(split)["shards"]
         result = {"logits": self._gather(shards, "logits", shard_of, row_of, "float32").to(device)}
         layers = [t for _, t in pairs]
-        if layers and "cls" in needs:
-            result["cls"] = [self._gather(shards, f"cls_L{t}", shard_of, row_of, self.dtype).to(device)
-                             for t in layers]
+        for pooled in POOLED:
+            if layers and pooled in needs:
+                result[pooled] = [self._gather(shards, f"{pooled}_L{t}", shard_of, row_of, self.dtype).to(device)
+                                  for t in layers]
         if layers and "attention_qk" in needs:
             result["attention_qk"] = self._attention(shards, layers, shard_of, row_of, mask, idx, split)
         return result

@@ -97,10 +97,21 @@ def cls_vectors(hidden_states: tuple[torch.Tensor, ...], layers: list[int]) -> l
     return [hidden_states[layer][:, 0] for layer in layers]
 
 
+def mean_vectors(hidden_states: tuple[torch.Tensor, ...], layers: list[int], mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each 1-based layer's states averaged over the example's real tokens (padding excluded)."""
+    weights = mask.to(hidden_states[0].dtype)[:, :, None]
+    count = weights.sum(1).clamp_min(1.0)
+    return [(hidden_states[layer] * weights).sum(1) / count for layer in layers]
+
+
+POOLED = ("cls", "mean")  # per-layer sentence vectors a term may ask for
+
+
 def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], capture: QKCapture | None,
                         layers: list[int]) -> dict:
     """One forward of ``model`` returning ``logits`` and, for the 1-based ``layers``, what
-    ``needs`` asks for: ``cls`` (first-token vectors) and ``attention_qk`` (via ``capture``).
+    ``needs`` asks for: ``cls`` (first-token vectors), ``mean`` (masked mean over tokens) and
+    ``attention_qk`` (via ``capture``).
     The same path serves the student (with autograd) and the teacher (under no_grad)."""
     want_qk = bool(layers) and "attention_qk" in needs
     if want_qk:
@@ -108,13 +119,15 @@ def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], c
             raise RuntimeError("`attention_qk` is needed but no QKCapture is installed on this model")
         capture.active = set(layers)
     try:
-        out = model(**inputs, output_hidden_states=bool(layers) and "cls" in needs)
+        out = model(**inputs, output_hidden_states=bool(layers) and bool(needs & set(POOLED)))
     finally:
         if capture is not None:
             capture.active = set()
     result = {"logits": out["logits"]}
     if layers and "cls" in needs:
         result["cls"] = cls_vectors(out["hidden_states"], layers)
+    if layers and "mean" in needs:
+        result["mean"] = mean_vectors(out["hidden_states"], layers, inputs["attention_mask"])
     if want_qk:
         result["attention_qk"] = capture.take(layers)
     return result

@@ -61,6 +61,11 @@ class LossTerm(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     uses_teacher: ClassVar[bool] = True
 
+    @classmethod
+    def needs_for(cls, spec: dict) -> frozenset[str]:
+        """What a term configured by ``spec`` reads (before it is built; the teacher cache asks)."""
+        return cls.needs
+
     def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -124,8 +129,15 @@ class LayerwiseTerm(LossTerm):
 
     The outputs it reads are lists aligned with ``student["pairs"]``: the pairs active in
     the current stage (all of them, one for a PID stage, the lower k for SID). The
-    trainer logs each pair's value as ``<term>/L<student layer>``.
+    trainer logs each pair's value as ``<term>/L<student layer>``. A term with
+    ``per_pair = False`` reads the mapped layers but gives one value for all of them
+    (e.g. CoDIR, which concatenates them).
     """
+
+    per_pair: ClassVar[bool] = True
+
+    def bind_data(self, labels: torch.Tensor, idx: torch.Tensor, is_regression: bool, seed: int) -> None:
+        """Called once with the training set's labels and dataset indices (e.g. to size a memory bank)."""
 
     def bind(self, geometry: LayerGeometry, key: str) -> None:
         """Create parameters / check shapes once the models are known (``key`` names the term in errors)."""
@@ -280,6 +292,10 @@ def validate_loss_terms(losses: dict[str, dict], source: str) -> None:
                 raise DskdError(f"{source}: `losses.{term}.{key}` must be a number, got {value!r}")
             if expected is str and not isinstance(value, str):
                 raise DskdError(f"{source}: `losses.{term}.{key}` must be a string, got {value!r}")
+            if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise DskdError(f"{source}: `losses.{term}.{key}` must be an integer, got {value!r}")
+            if expected is bool and not isinstance(value, bool):
+                raise DskdError(f"{source}: `losses.{term}.{key}` must be true or false, got {value!r}")
         try:
             build_term(term, spec)
         except ValueError as exc:
@@ -307,3 +323,6 @@ def build_loss_terms(losses: dict[str, dict], geometry: LayerGeometry | None = N
                     raise DskdError(f"`losses.{name}` compares internal layers and needs a layer map (`layer_map`)")
                 term.bind(geometry, f"losses.{name}")
     return terms
+
+
+from dskd import contrastive  # noqa: E402,F401  (registers `codir`; it builds on the classes above)

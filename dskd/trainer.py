@@ -60,12 +60,12 @@ class DistillationModule(nn.Module):
         student["pairs"] = pairs
         if weights is None:
             return student
-        targets = dict(teacher or {}, labels=batch["labels"])
+        targets = dict(teacher or {}, labels=batch["labels"], idx=batch["idx"])
         mask = batch["attention_mask"]
         values = {}
         for name in weights:
             term = self.terms[name]
-            if isinstance(term, LayerwiseTerm):
+            if isinstance(term, LayerwiseTerm) and term.per_pair:
                 parts = term.pair_losses(student, targets, mask)
                 values[name] = torch.stack(parts).sum()
                 values.update({f"{name}/L{s}": part for (s, _), part in zip(pairs, parts, strict=True)})
@@ -272,9 +272,10 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     student, layers = models.build_student(cfg.student, teacher, task.num_labels, tokenizer.pad_token_id, cfg.seed)
     teacher = models.freeze(teacher, eng.run_dtype(ds_config), eng.device())
     terms, pairs = build_terms(cfg, losses, student.config, teacher.config, layers)
+    bind_data(terms, train_set, task, cfg.seed)
     job = Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, TeacherSide(teacher), layers, resume_tag, terms, pairs)
-    check_stage_layers(cfg, pairs)
+    check_stage_layers(cfg, pairs, terms)
     if "attention_qk" in job.needs:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
         job.teacher.capture = QKCapture(teacher, [t for _, t in pairs], "teacher")
@@ -318,7 +319,8 @@ def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume
         student, layers = models.build_from_arch(cfg.student.arch, t_config.vocab_size, task.num_labels,
                                                  tokenizer.pad_token_id, cfg.seed + 1, "student.arch"), []
     terms, pairs = build_terms(cfg, losses, student.config, t_config, layers)
-    check_stage_layers(cfg, pairs)
+    bind_data(terms, train_set, task, cfg.seed)
+    check_stage_layers(cfg, pairs, terms)
     has_teacher = cfg.teacher.path is not None or cfg.teacher.arch is not None
     identity = cache.identity_for(cfg, tokenizer, fingerprints,
                                   cache.teacher_fingerprint(cfg.teacher, cfg.seed) if has_teacher else None)
@@ -356,9 +358,26 @@ def build_terms(cfg: ExperimentConfig, losses: dict, s_cfg, t_cfg, init_layers: 
     return build_loss_terms(losses, geometry, cfg.seed), pairs
 
 
-def check_stage_layers(cfg: ExperimentConfig, pairs: tuple) -> None:
+def bind_data(terms: nn.ModuleDict, train_set, task, seed: int) -> None:
+    """Give terms that keep per-example state (CoDIR's memory bank) the training set's labels and indices."""
+    if not any(isinstance(t, LayerwiseTerm) and type(t).bind_data is not LayerwiseTerm.bind_data
+               for t in terms.values()):
+        return
+    labels = torch.as_tensor(train_set.data.column("label").to_numpy())
+    idx = torch.as_tensor(train_set.data.column("idx").to_numpy()).long()
+    for term in terms.values():
+        if isinstance(term, LayerwiseTerm):
+            term.bind_data(labels, idx, task.is_regression, seed)
+
+
+def check_stage_layers(cfg: ExperimentConfig, pairs: tuple, terms: nn.ModuleDict | None = None) -> None:
     mapped = {s for s, _ in pairs}
+    whole = [name for name, t in (terms or {}).items() if isinstance(t, LayerwiseTerm) and not t.per_pair]
     for i, stage in enumerate(cfg.schedule):
+        on = [name for name in whole if (stage.losses.get(name, 0) if stage.losses else cfg.losses[name]["weight"]) > 0]
+        if on and (stage.layers is not None or stage.per_layer is not None):
+            raise DskdError(f"`schedule[{i}]` ({stage.name}) distils only some mapped layers, but `losses.{on[0]}` "
+                            "compares all of them at once; turn it off in that stage or drop `layers`/`per_layer`")
         for j, layer in enumerate(stage.layers or []):
             if layer not in mapped:
                 raise DskdError(
