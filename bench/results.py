@@ -41,6 +41,7 @@ METHODS = {
     "internal_pid": "internal KD, PID",
     "internal_sid": "internal KD, SID",
     "internal_joint": "internal KD, joint with soft labels",
+    "codir": "CoDIR (contrastive, NCE, memory bank)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 
