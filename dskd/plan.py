@@ -8,6 +8,7 @@ Memory per rank, from parameter counts P (activations are not included; they dep
 batch shape and are what ``training.batch_size`` trades against):
 
 * teacher (online mode only): P_t x the run's dtype size; a cached run holds none.
+* CoDIR's memory banks: 2 x N_train x dim x the bank dtype, whole on every rank.
 * student under DeepSpeed: weights, gradients and Adam state. fp32 training keeps
   4 + 4 + 8 bytes per parameter; bf16/fp16 keep 2 + 2 bytes of low-precision weights and
   gradients plus 4 + 8 of fp32 master weights and Adam moments. ZeRO-1 divides the
@@ -42,6 +43,19 @@ def student_bytes(params: int, dtype: torch.dtype, zero_stage: int, world: int) 
     if zero_stage >= 3:
         weights //= world
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
+
+
+def memory_bank_bytes(losses: dict, n_train: int) -> int:
+    """CoDIR's two [N_train, dim] banks (student and teacher side), on every rank."""
+    from dskd.contrastive import BANK_DTYPES
+    from dskd.losses import term_type
+
+    total = 0
+    for name, spec in losses.items():
+        if term_type(name, spec) == "codir":
+            size = torch.tensor([], dtype=BANK_DTYPES[spec.get("bank_dtype", "float32")]).element_size()
+            total += 2 * n_train * int(spec.get("dim", 128)) * size
+    return total
 
 
 def teacher_name(config, path: str | None) -> str:
@@ -95,6 +109,7 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
             if "attention_qk" in spec.fields else 0,
         }
     total = sum(s["total_bytes"] for s in splits.values())
+    bank = memory_bank_bytes(cfg.losses, splits["train"]["examples"])
     teacher_params, student_params = _param_count(t_config), _param_count(s_config)
     dsize = torch.tensor([], dtype=run_dtype).element_size()
     name = teacher_name(t_config, cfg.teacher.path)
@@ -112,6 +127,7 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
             "teacher_bytes_cached": 0,
             "student_params": student_params,
             "student_bytes": student_bytes(student_params, run_dtype, zero, world),
+            "memory_bank_bytes": bank,
         },
     }
 
@@ -137,4 +153,6 @@ def format_plan(plan: dict) -> str:
         f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
         f"{cache.human(sb['weights'])}, gradients {cache.human(sb['gradients'])}, optimizer {cache.human(sb['optimizer'])})",
     ]
+    if m["memory_bank_bytes"]:
+        lines.append(f"  CoDIR memory banks (student + teacher side, on every rank): {cache.human(m['memory_bank_bytes'])}")
     return "\n".join(lines)

@@ -233,3 +233,15 @@ def test_codir_runs_on_two_ranks_and_refuses_partial_layer_stages(session_tmp):
         **CODIR, "schedule": [{"name": "pid", "epochs": 1, "per_layer": "progressive"}]})
     proc = run_dskd(["distill", "--config", bad, "--output", session_tmp / "codir-bad"], session_tmp)
     assert proc.returncode == 2 and "but `losses.codir` compares all of them at once" in proc.stderr
+
+
+def test_the_cache_and_the_plan_know_what_codir_reads():
+    from dskd.cache import spec_for
+    from dskd.plan import memory_bank_bytes
+
+    spec = spec_for({"codir": {"weight": 1.0, "pool": "mean"}, "soft_kd": {"weight": 1.0}}, ((1, 2), (2, 4)))
+    assert spec.fields == ("logits", "mean") and spec.layers == (2, 4)
+    assert spec.files() == ["logits", "mean_L2", "mean_L4"]
+    # MNLI-size banks: 392,702 x 128, two of them.
+    assert memory_bank_bytes({"codir": {"weight": 1.0}}, 392_702) == 2 * 392_702 * 128 * 4
+    assert memory_bank_bytes({"codir": {"weight": 1.0, "bank_dtype": "bfloat16"}}, 392_702) == 2 * 392_702 * 128 * 2
