@@ -60,7 +60,7 @@ class DistillationModule(nn.Module):
         student["pairs"] = pairs
         if weights is None:
             return student
-        targets = dict(teacher or {}, labels=batch["labels"], idx=batch["idx"])
+        targets = dict(teacher or {}, labels=batch["labels"], idx=batch.get("idx"))
         mask = batch["attention_mask"]
         values = {}
         for name in weights:
