@@ -202,6 +202,8 @@ class CoDIR(LayerwiseTerm):
         zs = F.normalize(self.embed_s(fs), dim=-1)
         zt = F.normalize(self.embed_t(ft), dim=-1)
         idx, labels = teacher["idx"], teacher["labels"]
+        if teacher.get("split", "train") != "train":
+            return self._held_out(zs, zt, idx, labels)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
             raise DskdError(f"`{self.key}`: a batch holds dataset index {int(idx.max())}, outside the memory bank "
                             f"(0..{self.n - 1}): only training examples can be contrasted")
@@ -220,6 +222,24 @@ class CoDIR(LayerwiseTerm):
         if self.training:
             self._update(idx, zs.detach(), zt.detach())
         return loss
+
+    def _held_out(self, zs, zt, idx, labels) -> torch.Tensor:
+        """For examples outside the training set (a plateau rule's dev batches): the bank has
+        no entry of their own, so both forms are scored as InfoNCE with the live positive
+        against K negatives from the training banks; nothing is updated."""
+        if self.negatives == "label":
+            negatives = sample_label_negatives(labels.cpu(), self.pools, self.k, self._generator(idx))
+        else:
+            negatives = torch.randint(0, self.n, (len(idx), self.k), generator=self._generator(idx))
+        negatives = negatives.to(zs.device)
+        loss = infonce_loss(zt, zs, self.memory_s[negatives], self.tau)
+        if self.symmetric:
+            loss = (loss + infonce_loss(zs, zt, self.memory_t[negatives], self.tau)) / 2
+        return loss
+
+    def _generator(self, idx: torch.Tensor) -> torch.Generator:
+        """Fixed per batch (seeded by its indices), so a held-out loss is comparable across checks."""
+        return torch.Generator().manual_seed(self.seed * 7_919 + int(idx.sum()))
 
     @torch.no_grad()
     def _update(self, idx: torch.Tensor, zs: torch.Tensor, zt: torch.Tensor) -> None:

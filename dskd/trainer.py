@@ -52,15 +52,16 @@ class DistillationModule(nn.Module):
         self.capture = capture  # hooks on the model's mapped layers (a plain attribute, not a module)
 
     def forward(self, batch: dict, teacher: dict | None = None, weights: dict[str, float] | None = None,
-                pairs: tuple[tuple[int, int], ...] = ()):
+                pairs: tuple[tuple[int, int], ...] = (), split: str = "train"):
         """Without ``weights``: the student's outputs (for ``pairs``, its layer-wise ones too).
-        With them: the weighted total and each term's value (layer-wise terms also per pair)."""
+        With them: the weighted total and each term's value (layer-wise terms also per pair).
+        ``split`` tells terms keyed by training index (CoDIR) where the batch comes from."""
         student = forward_with_layers(self.model, models.model_inputs(batch), self.needs, self.capture,
                                       [s for s, _ in pairs])
         student["pairs"] = pairs
         if weights is None:
             return student
-        targets = dict(teacher or {}, labels=batch["labels"], idx=batch.get("idx"))
+        targets = dict(teacher or {}, labels=batch["labels"], idx=batch.get("idx"), split=split)
         mask = batch["attention_mask"]
         values = {}
         for name in weights:
@@ -508,7 +509,7 @@ def losses_on(engine, teacher: TeacherSide | None, batch: dict, weights: dict[st
     teacher_out = None
     if teacher is not None and any(module.terms[name].uses_teacher for name in weights):
         teacher_out = teacher.outputs(batch, module.needs, pairs, split)
-    return engine(batch, teacher_out, weights, pairs)
+    return engine(batch, teacher_out, weights, pairs, split)
 
 
 def train_step(engine, teacher: TeacherSide | None, batch: dict, weights: dict[str, float], pairs=()):

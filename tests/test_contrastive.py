@@ -245,3 +245,14 @@ def test_the_cache_and_the_plan_know_what_codir_reads():
     # MNLI-size banks: 392,702 x 128, two of them.
     assert memory_bank_bytes({"codir": {"weight": 1.0}}, 392_702) == 2 * 392_702 * 128 * 4
     assert memory_bank_bytes({"codir": {"weight": 1.0, "bank_dtype": "bfloat16"}}, 392_702) == 2 * 392_702 * 128 * 2
+
+
+def test_dev_batches_are_scored_without_touching_the_bank(monkeypatch):
+    term = _term("nce")
+    banks = term.memory_s.clone(), term.memory_t.clone()
+    student = {"pairs": ((1, 1),), "cls": [torch.tensor(FS)]}
+    teacher = {"cls": [torch.tensor(FT)], "idx": torch.tensor([40, 41]), "labels": torch.tensor([0, 1]),
+               "split": "dev"}
+    first = term(student, teacher, torch.ones(2, 4))  # dev indices need not be in the (training) bank
+    assert torch.isfinite(first) and torch.equal(term(student, teacher, torch.ones(2, 4)), first)
+    assert torch.equal(term.memory_s, banks[0]) and torch.equal(term.memory_t, banks[1]) and int(term.step) == 0
