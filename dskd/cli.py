@@ -43,6 +43,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, type=Path, help="run folder (checkpoints/, tensorboard/, metrics.json, model/)")
     p.add_argument("--deepspeed", help="DeepSpeed JSON from ds_configs/ (ZeRO stage and dtype); overrides training.deepspeed")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest complete checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume if --output holds a checkpoint of this config, else start (what requeued jobs run)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
 
 
@@ -140,8 +142,12 @@ def _train(args, role: str) -> int:
     from dskd.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    job = trainer.prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite)
+    job = trainer.prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
     result = trainer.run(job, sys.argv)
+    if result.get("preempted"):
+        from dskd.preemption import EXIT_PREEMPTED
+
+        return EXIT_PREEMPTED
     if engine.rank() == 0 and not result.get("halted"):
         out = args.output
         if "teacher" in result:

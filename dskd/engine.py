@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Callable
 
@@ -27,28 +26,19 @@ MANAGED_KEYS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def prepare_environment(announce: bool = False) -> None:
+    """Environment that must be set before ``import deepspeed``: the accelerator, and the
+    rank/world/master variables from whichever launcher started us (``dskd.launch``)."""
+    from dskd import launch
 
-
-def prepare_environment() -> None:
-    """Environment that must be set before ``import deepspeed``."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
-    # Ranks started by srun carry SLURM_* only; torch/DeepSpeed read RANK & co.
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-    # A plain `dskd ...` is a one-rank job; without these DeepSpeed tries MPI discovery.
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    detected = launch.detect()
+    launch.apply(detected)
+    if announce and detected.rank == 0:
+        import sys
+
+        print(detected.describe(), file=sys.stderr, flush=True)
 
 
 def is_cpu() -> bool:
@@ -56,7 +46,7 @@ def is_cpu() -> bool:
 
 
 def init_distributed() -> None:
-    prepare_environment()
+    prepare_environment(announce=not torch.distributed.is_initialized())
     import deepspeed
     import deepspeed.ops
 

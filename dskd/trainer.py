@@ -22,6 +22,7 @@ import yaml
 from torch import nn
 
 from dskd import cache, checkpoint, data, engine as eng, metrics as metrics_mod, models
+from dskd.preemption import EXIT_PREEMPTED, StopRequest
 from dskd.capture import QKCapture, forward_with_layers
 from dskd.config import ExperimentConfig, PlateauConfig, TeacherConfig, TrainingConfig, dump_config, resolve_path, to_dict
 from dskd.errors import DskdError
@@ -189,13 +190,27 @@ def _diff_configs(old: dict, new: dict, prefix: tuple = ()) -> list[str]:
     return diffs
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: ExperimentConfig) -> str | None:
-    """Validate the output folder without writing; return the checkpoint tag to resume from."""
-    if resume and overwrite:
-        raise DskdError("--resume and --overwrite contradict each other; pick one")
+def check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: ExperimentConfig, auto: bool = False) -> str | None:
+    """Validate the output folder without writing; return the checkpoint tag to resume from.
+
+    ``auto`` (``--auto-resume``, what a requeued job runs): resume when the folder holds a
+    complete checkpoint of this config, start fresh when it holds none, refuse another config.
+    """
+    if sum((resume, overwrite, auto)) > 1:
+        raise DskdError("--resume, --auto-resume and --overwrite contradict each other; pick one")
     holds_run = (out / RUN_FILE).exists() or (out / "checkpoints").exists()
     if out.exists() and not out.is_dir():
         raise DskdError(f"--output {out} is a file; give a folder")
+    if auto:
+        if checkpoint.latest_tag(out / "checkpoints") is not None:
+            resume = True
+        elif holds_run:
+            saved = yaml.safe_load((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else {}
+            diffs = _diff_configs(saved, to_dict(cfg))
+            if diffs:
+                raise DskdError(f"--auto-resume: {out} holds a run of another config ({'; '.join(diffs)}); "
+                                "choose another folder")
+            return None  # stopped before its first checkpoint: start over
     if not resume:
         if holds_run and not overwrite:
             raise DskdError(
@@ -250,13 +265,14 @@ class Job:
         return frozenset({"logits"}).union(*(term.needs for term in self.terms.values()))
 
 
-def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | None, resume: bool, overwrite: bool) -> Job:
+def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | None, resume: bool, overwrite: bool,
+            auto_resume: bool = False) -> Job:
     eng.init_distributed()
     training = cfg.finetune if role == "finetune" else cfg.training
     losses = {"hard_ce": {"weight": 1.0}} if role == "finetune" else cfg.losses
     ds_config, ds_file = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
     eng.check_precision_supported(ds_config, ds_file)
-    resume_tag = check_output_dir(out, resume, overwrite, cfg)
+    resume_tag = check_output_dir(out, resume, overwrite, cfg, auto_resume)
 
     task = data.get_task(cfg.data.task)
     if role == "distill" and cfg.teacher.cache is not None:
@@ -662,10 +678,11 @@ def run(job: Job, argv: list[str]) -> dict:
     samples_per_step = world * training.batch_size * training.grad_accum
     last_save_step = -1
     current_stage = stage_at(state["step"]).name if state["step"] < stages[-1].end else None
-    halted = False
+    halted = preempted = False
+    stop = StopRequest()
     engine.train()
 
-    while state["step"] < stages[-1].end and not halted:
+    while state["step"] < stages[-1].end and not halted and not preempted:
         batches = epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
                                 training.batch_size, training.grad_accum)
         loader = _loader(job.train_set, batches[state["batch_in_epoch"] :], pad_id)
@@ -757,7 +774,22 @@ def run(job: Job, argv: list[str]) -> dict:
             if halting:
                 halted = True
                 break
+            if stop.agreed(device):  # a scheduler signal on any rank: checkpoint this step and leave
+                if last_save_step != step:
+                    save()
+                    last_save_step = step
+                preempted = True
+                break
     monitor.close()
+    stop.restore()
+
+    if preempted:
+        _set_status(out, "preempted")
+        if rank == 0:
+            print(f"[preempt] {stop.name()}: checkpoint at step {state['step']}; exiting with code "
+                  f"{EXIT_PREEMPTED} so the job is requeued (continue with --auto-resume or --resume)",
+                  file=sys.stderr, flush=True)
+        return {"preempted": True, "step": state["step"]}
 
     if halted:
         _set_status(out, "halted")

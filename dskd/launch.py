@@ -1,0 +1,138 @@
+"""Which launcher started this process, and the torch.distributed environment that implies.
+
+DeepSpeed reads no ``SLURM_*`` variable; without ``RANK``/``WORLD_SIZE``/``MASTER_*`` it falls
+back to mpi4py discovery, which aborts under plain ``srun`` when mpi4py is installed without
+PMI support (../shared/notes/hpc-on-one-machine.md). So dskd fills those variables itself,
+before DeepSpeed starts, from whichever launcher it finds (first match wins):
+
+* ``env``: ``RANK`` and ``WORLD_SIZE`` already set, by torchrun (``torchrun``), the
+  deepspeed launcher (``deepspeed``) or by hand; ``MASTER_ADDR``/``MASTER_PORT`` must be too.
+* ``mpirun``: Open MPI's ``OMPI_COMM_WORLD_*``. The master is ``MASTER_ADDR`` when given,
+  127.0.0.1 when every rank is on this node, else rank 0's host name broadcast with mpi4py.
+* ``srun``: a Slurm job step's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``; the
+  master is the step's first node, the port ``20000 + job id mod 40000`` (two jobs on one
+  node do not collide; all ranks of a job agree without talking).
+* ``single``: none of the above, one process.
+
+Inconsistent environments (a rank outside the world, ``RANK`` without ``WORLD_SIZE``, the
+batch script of a multi-task Slurm job running dskd without ``srun``) stop with a message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from dskd.errors import DskdError
+
+
+@dataclass(frozen=True)
+class Launch:
+    launcher: str
+    rank: int
+    world: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    def describe(self) -> str:
+        return (f"[launch] {self.launcher}: {self.world} rank(s), this is rank {self.rank} (local {self.local_rank}), "
+                f"master {self.master_addr}:{self.master_port}")
+
+
+def _int(env, name: str) -> int:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError):
+        raise DskdError(f"the launch environment has {name}={env.get(name)!r}; expected an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("vm", "gpu[03-05,09]", "a01,b02")."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    match = re.match(r"([^,\[]+)(?:\[([0-9]+))?", nodelist)
+    if not match:
+        raise DskdError(f"cannot read the first host of SLURM node list {nodelist!r}; set MASTER_ADDR")
+    return match.group(1) + (match.group(2) or "")
+
+
+def _from_env(env) -> Launch:
+    if "WORLD_SIZE" not in env:
+        raise DskdError("RANK is set but WORLD_SIZE is not; launch with torchrun, the deepspeed launcher or "
+                        "launchers/*.sh, or unset RANK for a single process")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+    world = _int(env, "WORLD_SIZE")
+    if missing and world > 1:
+        raise DskdError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not; every rank needs the master's "
+                        "address and port (torchrun and the deepspeed launcher set them)")
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env else "env"
+    return Launch(launcher, _int(env, "RANK"), world, int(env.get("LOCAL_RANK", 0)),
+                  env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port()))
+
+
+def _from_mpirun(env) -> Launch:
+    rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+    local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+    if "MASTER_ADDR" in env:
+        addr = env["MASTER_ADDR"]
+    elif int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)) == world:
+        addr = "127.0.0.1"  # one node
+    else:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise DskdError("mpirun across nodes: pass the master's address (mpirun -x MASTER_ADDR=<host of rank 0>) "
+                            "or install mpi4py (pip install 'dskd[mpi]') so rank 0's host can be broadcast") from None
+        addr = MPI.COMM_WORLD.bcast(socket.getfqdn() if rank == 0 else None, root=0)
+    return Launch("mpirun", rank, world, local, addr, int(env.get("MASTER_PORT", 29500)))
+
+
+def _from_srun(env) -> Launch:
+    if "SLURM_STEP_NUM_TASKS" not in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        raise DskdError(
+            f"this is the batch script of a {env['SLURM_NTASKS']}-task Slurm job, not a job step: start dskd "
+            "with `srun` (one task per GPU), as the templates in slurm/ do"
+        )
+    world = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+    rank, local = _int(env, "SLURM_PROCID"), int(env.get("SLURM_LOCALID", 0))
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    addr = env.get("MASTER_ADDR") or first_host(nodes)
+    port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 40000)
+    return Launch("srun", rank, world, local, addr, port)
+
+
+def detect(env=None) -> Launch:
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        launch = _from_env(env)
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        launch = _from_mpirun(env)
+    elif "SLURM_PROCID" in env:
+        launch = _from_srun(env)
+    else:
+        launch = Launch("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()))
+    if launch.world < 1 or not 0 <= launch.rank < launch.world or not 0 <= launch.local_rank < launch.world:
+        raise DskdError(f"inconsistent launch environment ({launch.launcher}): rank {launch.rank}, local rank "
+                        f"{launch.local_rank}, world size {launch.world}")
+    return launch
+
+
+def apply(launch: Launch) -> None:
+    """Export what torch.distributed and DeepSpeed read."""
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world), LOCAL_RANK=str(launch.local_rank),
+                      MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
