@@ -7,8 +7,9 @@ before DeepSpeed starts, from whichever launcher it finds (first match wins):
 
 * ``env``: ``RANK`` and ``WORLD_SIZE`` already set, by torchrun (``torchrun``), the
   deepspeed launcher (``deepspeed``) or by hand; ``MASTER_ADDR``/``MASTER_PORT`` must be too.
-* ``mpirun``: Open MPI's ``OMPI_COMM_WORLD_*``. The master is ``MASTER_ADDR`` when given,
-  127.0.0.1 when every rank is on this node, else rank 0's host name broadcast with mpi4py.
+* ``mpirun``: Open MPI's ``OMPI_COMM_WORLD_*``. The master is ``MASTER_ADDR`` when given, else
+  rank 0's host name broadcast with mpi4py when it is installed, else 127.0.0.1 when every
+  rank is on this node.
 * ``srun``: a Slurm job step's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``; the
   master is the step's first node, the port ``20000 + job id mod 40000`` (two jobs on one
   node do not collide; all ranks of a job agree without talking).
@@ -88,18 +89,26 @@ def _from_env(env) -> Launch:
 def _from_mpirun(env) -> Launch:
     rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
     local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+    launcher = "mpirun"
     if "MASTER_ADDR" in env:
         addr = env["MASTER_ADDR"]
-    elif int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)) == world:
-        addr = "127.0.0.1"  # one node
     else:
         try:
             from mpi4py import MPI
-        except ImportError:
+        except Exception:  # not installed, or installed without a usable MPI library
+            MPI = None
+        if MPI is not None:
+            addr = MPI.COMM_WORLD.bcast(socket.gethostname() if rank == 0 else None, root=0)
+            # MPI's work is done (gloo/NCCL carry the training); finalize now, because dskd
+            # leaves with os._exit and mpirun treats an unfinalized exit as a crash.
+            MPI.Finalize()
+            launcher = "mpirun (master from mpi4py)"
+        elif int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)) == world:
+            addr = "127.0.0.1"  # every rank on this node
+        else:
             raise DskdError("mpirun across nodes: pass the master's address (mpirun -x MASTER_ADDR=<host of rank 0>) "
-                            "or install mpi4py (pip install 'dskd[mpi]') so rank 0's host can be broadcast") from None
-        addr = MPI.COMM_WORLD.bcast(socket.getfqdn() if rank == 0 else None, root=0)
-    return Launch("mpirun", rank, world, local, addr, int(env.get("MASTER_PORT", 29500)))
+                            "or install mpi4py (pip install 'dskd[mpi]') so rank 0's host can be broadcast")
+    return Launch(launcher, rank, world, local, addr, int(env.get("MASTER_PORT", 29500)))
 
 
 def _from_srun(env) -> Launch:

@@ -1,0 +1,57 @@
+"""Launcher detection: which environment means what, and which ones are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from dskd.errors import DskdError
+from dskd.launch import detect, first_host
+
+
+def test_single_process():
+    launch = detect({})
+    assert (launch.launcher, launch.rank, launch.world, launch.master_addr) == ("single", 0, 1, "127.0.0.1")
+
+
+@pytest.mark.parametrize("extra, name", [({"TORCHELASTIC_RUN_ID": "x"}, "torchrun"), ({"CROSS_RANK": "0"}, "deepspeed"),
+                                         ({}, "env")])
+def test_torchrun_deepspeed_and_plain_env(extra, name):
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1234", **extra}
+    launch = detect(env)
+    assert (launch.launcher, launch.rank, launch.world, launch.local_rank, launch.master_addr, launch.master_port) == (
+        name, 1, 4, 1, "n0", 1234)
+
+
+def test_srun_step():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+           "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
+    launch = detect(env)
+    assert (launch.launcher, launch.rank, launch.world, launch.local_rank) == ("srun", 3, 4, 1)
+    assert launch.master_port == 20000 + 123456 % 40000
+    assert launch.master_addr in ("gpu07",)  # scontrol (if present) and the fallback parser agree
+
+
+def test_mpirun_one_node_without_master():
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "10.0.0.1"}
+    launch = detect(env)
+    assert (launch.launcher, launch.rank, launch.world, launch.master_addr, launch.master_port) == (
+        "mpirun", 1, 2, "10.0.0.1", 29500)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0"}, "RANK is set but WORLD_SIZE is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT not"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "rank 2, local rank 0, world size 2"),
+    ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK='x'; expected an integer"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, "the batch script of a 4-task Slurm job"),
+])
+def test_inconsistent_environments_are_refused(env, message):
+    with pytest.raises(DskdError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        detect(env)
+
+
+@pytest.mark.parametrize("nodelist, host", [("vm", "vm"), ("gpu[03-05,09]", "gpu03"), ("a01,b02", "a01")])
+def test_first_host_of_a_node_list(nodelist, host, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # the parser, not scontrol
+    assert first_host(nodelist) == host

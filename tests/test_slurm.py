@@ -1,0 +1,107 @@
+"""The sbatch templates on a real single-node Slurm cluster, and an mpirun launch.
+
+The cluster (tests/slurm_cluster.py) is started once for this module and stopped at the
+end. Every job runs dskd through the real `slurm/distill.sbatch` with tiny models on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, dskd_env
+from slurm_cluster import Cluster, missing_reason
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))]
+
+# Two tasks, one fake GPU and one CPU each; 1024 examples / (2 ranks x 16) = 32 steps per epoch.
+JOB = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # munged wants every parent of its socket traversable by all; pytest's tmp folders are 0700.
+    root = Path(tempfile.mkdtemp(prefix="dskd-slurm-"))
+    root.chmod(0o711)
+    c = Cluster(root)
+    c.start()
+    c.env.update({k: v for k, v in dskd_env(c.root).items() if k not in c.env or k.startswith(("HF_", "DS_"))})
+    c.env.update(DSKD_VENV=sys.prefix, GLOO_SOCKET_IFNAME="lo", PYTHON=sys.executable)
+    yield c
+    c.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _submit(cluster, out_log, *args) -> str:
+    proc = cluster.run("sbatch", "--parsable", *JOB, "-o", out_log, "slurm/distill.sbatch", *args, cwd=REPO)
+    return proc.stdout.strip().split(";")[0]
+
+
+def _scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_a_two_task_job_completes_with_both_ranks(cluster, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = _submit(cluster, log, "--config", "configs/tiny.yaml", "--output", out)
+    state = cluster.wait(job, timeout=300)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert "[launch] srun: 2 rank(s), this is rank 0 (local 0), master" in text
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["status"] == "completed"
+    assert json.loads((out / "metrics.json").read_text())["step"] == 32
+    assert _scalars(out / "tensorboard")["train/loss/total"][-1][0] == 32
+
+
+def test_a_signalled_job_requeues_resumes_and_finishes_every_step(cluster, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = _submit(cluster, log, "--config", "configs/tiny.yaml", "--output", out, "--set", "training.epochs=4",
+                  "--set", "training.save_every=1000")
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until the first run is training (its progress bar shows step 10+)
+        if log.is_file() and any(f"| {n}/128" in log.read_text() for n in range(10, 60)):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the job did not start training: {log.read_text()[-2000:] if log.is_file() else 'no log'}")
+    cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
+    state = cluster.wait(job, timeout=400)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+    assert "[preempt] SIGUSR1: checkpoint at step" in text and "requeueing job" in text
+    assert text.count("[launch] srun: 2 rank(s)") == 2
+    stopped = int(text.split("[preempt] SIGUSR1: checkpoint at step ")[1].split(";")[0])
+    assert 0 < stopped < 128
+    # The same number of steps as an uninterrupted run (4 epochs x 32), logged without a gap.
+    assert json.loads((out / "metrics.json").read_text())["step"] == 128
+    steps = [s for s, _ in _scalars(out / "tensorboard")["train/loss/total"]]
+    assert steps[-1] == 128 and sorted(set(steps)) == list(range(4, 129, 4))
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed (apt-get install openmpi-bin)")
+def test_mpirun_launch_with_open_mpi_and_mpi4py(tmp_path):
+    pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed or finds no MPI library")
+    env = dict(dskd_env(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("PYTHON", None)
+    env["PYTHON"] = sys.executable
+    out = tmp_path / "run"
+    proc = subprocess.run(["timeout", "-k", "5", "300", "bash", "launchers/mpirun.sh", "2", "distill", "--config",
+                           "configs/tiny.yaml", "--output", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[launch] mpirun (master from mpi4py): 2 rank(s)" in proc.stderr
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert os.path.isfile(out / "metrics.json")
