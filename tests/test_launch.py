@@ -55,3 +55,20 @@ def test_inconsistent_environments_are_refused(env, message):
 def test_first_host_of_a_node_list(nodelist, host, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # the parser, not scontrol
     assert first_host(nodelist) == host
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, name", [("deepspeed.sh", "deepspeed"), ("torchrun.sh", "torchrun")])
+def test_launcher_scripts_start_two_ranks(script, name, session_tmp):
+    import json
+    import subprocess
+
+    from conftest import REPO, dskd_env
+
+    out = session_tmp / f"launcher-{name}"
+    proc = subprocess.run(["timeout", "-k", "5", "300", "bash", f"launchers/{script}", "2", "distill", "--config",
+                           "configs/tiny.yaml", "--output", str(out), "--set", "training.halt_after_steps=2"],
+                          cwd=REPO, env=dskd_env(session_tmp), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"[launch] {name}: 2 rank(s), this is rank 0 (local 0)" in proc.stderr
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
