@@ -1,4 +1,4 @@
-"""``dskd`` command line: finetune, distill, cache-teacher, plan, evaluate, export."""
+"""``dskd`` command line: finetune, distill, cache-teacher, plan, report, evaluate, export."""
 
 from __future__ import annotations
 
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="cache storage dtype: fp32, fp16 or bf16 (default: the run's dtype)")
     p.add_argument("--world-size", type=int, help="ranks to plan ZeRO partitioning for (default: 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("report", help="one table of the hyper-parameters and final metrics of many runs (a sweep)")
+    p.add_argument("roots", nargs="+", type=Path, help="run folders, or folders holding them (searched recursively)")
+    p.add_argument("--json", action="store_true", help="print the collected runs as JSON")
 
     p = sub.add_parser("evaluate", help="print a model's dev metrics on data.task as JSON")
     p.add_argument("--model", required=True, help="a Hugging Face model folder, or a dskd run folder (uses its model/)")
@@ -200,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             code = _plan(args)
         elif args.command == "cache-teacher":
             code = _cache_teacher(args)
+        elif args.command == "report":
+            from dskd.report import collect, format_table
+
+            report = collect(args.roots)
+            print(json.dumps(report, indent=2) if args.json else format_table(report))
+            code = 0
         elif args.command == "evaluate":
             print(json.dumps(_evaluate(args)))
             code = 0

@@ -36,6 +36,11 @@ class Monitor:
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
 
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        """The run's settings and final metrics for TensorBoard's hparams plugin (sweeps compare them)."""
+        if self.writer is not None:
+            self.writer.add_hparams(hparams, metrics, run_name=".")
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)

@@ -780,6 +780,11 @@ def run(job: Job, argv: list[str]) -> dict:
                     last_save_step = step
                 preempted = True
                 break
+    if not halted and not preempted and state.get("last_eval"):
+        from dskd.report import flatten
+
+        final = {f"hparams/{k}": v for k, v in state["last_eval"].items() if k != "step"}
+        monitor.hparams(flatten(to_dict(cfg)), final)
     monitor.close()
     stop.restore()
 

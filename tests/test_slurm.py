@@ -105,3 +105,27 @@ def test_mpirun_launch_with_open_mpi_and_mpi4py(tmp_path):
     assert "[launch] mpirun (master from mpi4py): 2 rank(s)" in proc.stderr
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
     assert os.path.isfile(out / "metrics.json")
+
+
+def test_a_sweep_array_shares_one_command_and_reports_one_table(cluster, tmp_path):
+    sweep = tmp_path / "lr.txt"
+    sweep.write_text("--set training.lr=1.0e-3\n\n--set training.lr=3.0e-4\n")
+    root = tmp_path / "sweep"
+    proc = cluster.run("sbatch", "--parsable", "--array=1-2", "--cpus-per-task=1", "-o", tmp_path / "sweep-%a.out",
+                       "slurm/sweep.sbatch", sweep, root, "--config", "configs/tiny.yaml", cwd=REPO)
+    array = proc.stdout.strip().split(";")[0]
+    for task in ("1", "2"):
+        state = cluster.wait(f"{array}_{task}", timeout=300)
+        assert state["JobState"] == "COMPLETED", (tmp_path / f"sweep-{task}.out").read_text()[-3000:]
+    report = subprocess.run([sys.executable, "-m", "dskd", "report", str(root)], cwd=REPO, capture_output=True,
+                            text=True, env=cluster.env)
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.strip().splitlines()
+    assert lines[0] == "| run | training.lr | accuracy | step | status |"
+    assert {line.split(" | ")[1] for line in lines[2:]} == {"0.001", "0.0003"}
+    assert all(line.endswith("| 64 | completed |") for line in lines[2:])
+    from tensorboard.backend.event_processing import event_file_loader
+
+    plugins = {v.metadata.plugin_data.plugin_name for f in (root / "run-1" / "tensorboard").iterdir()
+               for ev in event_file_loader.EventFileLoader(str(f)).Load() for v in ev.summary.value}
+    assert "hparams" in plugins
