@@ -42,6 +42,7 @@ METHODS = {
     "internal_sid": "internal KD, SID",
     "internal_joint": "internal KD, joint with soft labels",
     "codir": "CoDIR (contrastive, NCE, memory bank)",
+    "pkd": "PKD baseline (patient [CLS] MSE, skip)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 

@@ -136,6 +136,10 @@ class LayerwiseTerm(LossTerm):
 
     per_pair: ClassVar[bool] = True
 
+    def compares(self, pair: tuple[int, int]) -> bool:
+        """Whether this term compares the mapped (student, teacher) ``pair`` (all by default)."""
+        return True
+
     def bind_data(self, labels: torch.Tensor, idx: torch.Tensor, is_regression: bool, seed: int) -> None:
         """Called once with the training set's labels and dataset indices (e.g. to size a memory bank)."""
 
@@ -251,6 +255,47 @@ class ClsCosine(LayerwiseTerm):
                 values.append(hidden_rows(hs, ht, "cosine").mean())
             else:
                 values.append(reference.hidden_rows(hs, ht, "cosine").mean())
+        return values
+
+
+@register_loss("pkd")
+class PatientKD(LayerwiseTerm):
+    """PKD (Sun et al., EMNLP 2019), the patient-teacher term: per mapped layer, the MSE
+    between the L2-normalised [CLS] vectors of student and teacher (``normalize: false``
+    compares them raw, the code's other setting). With ``exclude_last`` (default, as the
+    paper) the student's top mapped layer is left to the soft-label term. The MSE averages
+    over the batch and the features (torch's ``mean``, as the released code). Widths that
+    differ get a trainable projection per layer, as ``cls_cosine``."""
+
+    needs = frozenset({"cls"})
+
+    def __init__(self, normalize: bool = True, exclude_last: bool = True):
+        super().__init__()
+        self.normalize, self.exclude_last = normalize, exclude_last
+        self.projections = nn.ModuleDict()
+        self.last = None
+
+    def bind(self, geometry: LayerGeometry, key: str) -> None:
+        self.last = max(s for s, _ in geometry.pairs) if self.exclude_last else None
+        if self.exclude_last and len(geometry.pairs) < 2:
+            raise DskdError(f"`{key}` with `exclude_last: true` needs at least 2 mapped layers; the layer map has "
+                            f"{len(geometry.pairs)}")
+        if geometry.student_hidden != geometry.teacher_hidden:
+            for s, _ in geometry.pairs:
+                self.projections[f"L{s}"] = nn.Linear(geometry.student_hidden, geometry.teacher_hidden)
+
+    def compares(self, pair: tuple[int, int]) -> bool:
+        return pair[0] != self.last
+
+    def pair_losses(self, student: dict, teacher: dict, mask: torch.Tensor) -> list[torch.Tensor]:
+        values = []
+        for (s, _), hs, ht in zip(student["pairs"], student["cls"], teacher["cls"], strict=True):
+            if f"L{s}" in self.projections:
+                hs = self.projections[f"L{s}"](hs)
+            hs, ht = hs.float(), ht.float()
+            if self.normalize:
+                hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
+            values.append(hidden_rows(hs, ht, "mse").mean())
         return values
 
 

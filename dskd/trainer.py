@@ -68,13 +68,26 @@ class DistillationModule(nn.Module):
         for name in weights:
             term = self.terms[name]
             if isinstance(term, LayerwiseTerm) and term.per_pair:
-                parts = term.pair_losses(student, targets, mask)
+                keep = [i for i, pair in enumerate(pairs) if term.compares(pair)]
+                if not keep:  # none of this stage's layers is one the term compares
+                    values[name] = mask.new_zeros((), dtype=torch.float32)
+                    continue
+                parts = term.pair_losses(_pick(student, keep), _pick(targets, keep), mask)
                 values[name] = torch.stack(parts).sum()
-                values.update({f"{name}/L{s}": part for (s, _), part in zip(pairs, parts, strict=True)})
+                values.update({f"{name}/L{pairs[i][0]}": part for i, part in zip(keep, parts, strict=True)})
             else:
                 values[name] = term(student, targets, mask)
         total = sum(weight * values[name] for name, weight in weights.items())
         return total, values
+
+
+def _pick(outputs: dict, keep: list[int]) -> dict:
+    """``outputs`` with its per-pair lists (and ``pairs``) reduced to the positions ``keep``."""
+    picked = dict(outputs)
+    for key, value in outputs.items():
+        if isinstance(value, (list, tuple)) and key in ("pairs", "cls", "mean", "attention_qk"):
+            picked[key] = type(value)(value[i] for i in keep) if key == "pairs" else [value[i] for i in keep]
+    return picked
 
 
 @dataclass
