@@ -135,6 +135,27 @@ def soft_kl_rows_triton(zs: torch.Tensor, zt: torch.Tensor, temperature: float) 
 
 
 @triton.jit
+def _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s, ds_, dt_):
+    """Student and teacher query tiles of the rows ``rows``, upcast to fp32."""
+    qs = tl.load(QS + b * sqs_b + h * sqs_h + rows[:, None] * sqs_s + ds_[None, :],
+                 mask=row_ok[:, None] & (ds_[None, :] < d_s), other=0.0).to(tl.float32)
+    qt = tl.load(QT + b * sqt_b + h * sqt_h + rows[:, None] * sqt_s + dt_[None, :],
+                 mask=row_ok[:, None] & (dt_[None, :] < d_t), other=0.0).to(tl.float32)
+    return qs, qt
+
+
+@triton.jit
+def _row_state(LSE_S, LSE_T, GRAD, MASK, pid_bh, b, rows, row_ok, seq):
+    """What the backward kernels need per query row: both log-sum-exps and the upstream
+    gradient, zero for padded rows (their KL is the constant 0)."""
+    lse_s = tl.load(LSE_S + pid_bh * seq + rows, mask=row_ok, other=0.0)
+    lse_t = tl.load(LSE_T + pid_bh * seq + rows, mask=row_ok, other=0.0)
+    g = tl.load(GRAD + pid_bh * seq + rows, mask=row_ok, other=0.0)
+    g = tl.where(tl.load(MASK + b * seq + rows, mask=row_ok, other=0) > 0, g, 0.0)
+    return lse_s, lse_t, g
+
+
+@triton.jit
 def _attn_kl_fwd(QS, KS, QT, KT, MASK, OUT, LSE_S, LSE_T,
                  sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, sqt_b, sqt_h, sqt_s, skt_b, skt_h, skt_s,
                  n_heads, seq, d_s, d_t, scale_s, scale_t,
@@ -146,10 +167,7 @@ def _attn_kl_fwd(QS, KS, QT, KT, MASK, OUT, LSE_S, LSE_T,
     ds_, dt_ = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
     row_ok = rows < seq
     row_real = tl.load(MASK + b * seq + rows, mask=row_ok, other=0) > 0
-    qs = tl.load(QS + b * sqs_b + h * sqs_h + rows[:, None] * sqs_s + ds_[None, :],
-                 mask=row_ok[:, None] & (ds_[None, :] < d_s), other=0.0).to(tl.float32)
-    qt = tl.load(QT + b * sqt_b + h * sqt_h + rows[:, None] * sqt_s + dt_[None, :],
-                 mask=row_ok[:, None] & (dt_[None, :] < d_t), other=0.0).to(tl.float32)
+    qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s, ds_, dt_)
     m_s = tl.full([BLOCK_M], NEG, tl.float32)
     m_t = tl.full([BLOCK_M], NEG, tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -157,14 +175,8 @@ def _attn_kl_fwd(QS, KS, QT, KT, MASK, OUT, LSE_S, LSE_T,
     acc = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, seq, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < seq
-        key_real = (tl.load(MASK + b * seq + cols, mask=col_ok, other=0) > 0)[None, :]
-        ks = tl.load(KS + b * sks_b + h * sks_h + cols[:, None] * sks_s + ds_[None, :],
-                     mask=col_ok[:, None] & (ds_[None, :] < d_s), other=0.0).to(tl.float32)
-        kt = tl.load(KT + b * skt_b + h * skt_h + cols[:, None] * skt_s + dt_[None, :],
-                     mask=col_ok[:, None] & (dt_[None, :] < d_t), other=0.0).to(tl.float32)
-        s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION, out_dtype=tl.float32) * scale_s
-        t = tl.dot(qt, tl.trans(kt), input_precision=PRECISION, out_dtype=tl.float32) * scale_t
+        s, t, key_real, _ = _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, sks_s,
+                                         skt_b, skt_h, skt_s, scale_s, scale_t, ds_, dt_, PRECISION)
         m_s, l_s, m_t, l_t, acc = _online_kl_step(s, t, key_real, m_s, l_s, m_t, l_t, acc)
     has_keys = l_t > 0
     lse_s = tl.where(has_keys, m_s + tl.log(tl.where(has_keys, l_s, 1.0)), 0.0)
@@ -202,14 +214,8 @@ def _attn_kl_bwd_dq(QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DQ,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ds_, dt_ = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
     row_ok = rows < seq
-    qs = tl.load(QS + b * sqs_b + h * sqs_h + rows[:, None] * sqs_s + ds_[None, :],
-                 mask=row_ok[:, None] & (ds_[None, :] < d_s), other=0.0).to(tl.float32)
-    qt = tl.load(QT + b * sqt_b + h * sqt_h + rows[:, None] * sqt_s + dt_[None, :],
-                 mask=row_ok[:, None] & (dt_[None, :] < d_t), other=0.0).to(tl.float32)
-    lse_s = tl.load(LSE_S + pid_bh * seq + rows, mask=row_ok, other=0.0)
-    lse_t = tl.load(LSE_T + pid_bh * seq + rows, mask=row_ok, other=0.0)
-    g = tl.load(GRAD + pid_bh * seq + rows, mask=row_ok, other=0.0)
-    g = tl.where(tl.load(MASK + b * seq + rows, mask=row_ok, other=0) > 0, g, 0.0)  # padded rows are constant 0
+    qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s, ds_, dt_)
+    lse_s, lse_t, g = _row_state(LSE_S, LSE_T, GRAD, MASK, pid_bh, b, rows, row_ok, seq)
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for n0 in range(0, seq, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -236,14 +242,8 @@ def _attn_kl_bwd_dk(QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DK,
     for m0 in range(0, seq, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < seq
-        qs = tl.load(QS + b * sqs_b + h * sqs_h + rows[:, None] * sqs_s + ds_[None, :],
-                     mask=row_ok[:, None] & (ds_[None, :] < d_s), other=0.0).to(tl.float32)
-        qt = tl.load(QT + b * sqt_b + h * sqt_h + rows[:, None] * sqt_s + dt_[None, :],
-                     mask=row_ok[:, None] & (dt_[None, :] < d_t), other=0.0).to(tl.float32)
-        lse_s = tl.load(LSE_S + pid_bh * seq + rows, mask=row_ok, other=0.0)
-        lse_t = tl.load(LSE_T + pid_bh * seq + rows, mask=row_ok, other=0.0)
-        g = tl.load(GRAD + pid_bh * seq + rows, mask=row_ok, other=0.0)
-        g = tl.where(tl.load(MASK + b * seq + rows, mask=row_ok, other=0) > 0, g, 0.0)
+        qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s, ds_, dt_)
+        lse_s, lse_t, g = _row_state(LSE_S, LSE_T, GRAD, MASK, pid_bh, b, rows, row_ok, seq)
         s, t, key_real, _ = _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, sks_s,
                                          skt_b, skt_h, skt_s, scale_s, scale_t, ds_, dt_, PRECISION)
         d_scores = tl.where(key_real & row_ok[:, None],
