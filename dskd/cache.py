@@ -622,7 +622,7 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
     eng.check_precision_supported(ds_config, deepspeed_path or training.deepspeed)
     compute = eng.run_dtype(ds_config)
     store = storage_dtype(dtype or str(compute).replace("torch.", ""))
-    batch_size = batch_size or 2 * training.batch_size
+    batch_size = 2 * training.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise DskdError(f"--batch-size must be at least 1, got {batch_size}")
     task = data.get_task(cfg.data.task)

@@ -344,3 +344,15 @@ def test_plan_and_dry_run_print_the_estimate_and_write_nothing(setup, tmp_path):
     assert dry.stdout.startswith("teacher, mrpc, 2 mapped layers, S=24, float32: ")
     assert "attention stored as L x L maps instead of Q/K would take" in dry.stdout
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "--dtype", "fp8"], "--dtype: unknown cache dtype 'fp8'; use fp32, fp16 or bf16"),
+    (["plan", "--world-size", "0"], "--world-size must be at least 1, got 0"),
+    (["cache-teacher", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+])
+def test_bad_cache_and_plan_options_are_named(setup, tmp_path, args, message):
+    extra = ["--output", tmp_path / "c"] if args[0] == "cache-teacher" else []
+    proc = run_dskd([*args, "--config", setup["cfg"], *extra], setup["root"])
+    _fails(proc, message)
+    assert not (tmp_path / "c").exists()
