@@ -43,6 +43,11 @@ METHODS = {
     "internal_joint": "internal KD, joint with soft labels",
     "codir": "CoDIR (contrastive, NCE, memory bank)",
     "pkd": "PKD baseline (patient [CLS] MSE, skip)",
+    "tinybert": "TinyBERT baseline (attention scores + hidden MSE, then soft CE)",
+    "minilm": "MiniLM baseline (top-layer attention + value-relation KL, then soft labels)",
+    "annealing_kd": "Annealing-KD (annealed logit MSE, best phase 1, then labels)",
+    "continuation_kd": "Continuation-KD (smoothed to standard KD, then labels)",
+    "pro_kd": "Pro-KD (teacher epoch 2, then final teacher)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 

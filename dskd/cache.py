@@ -159,16 +159,27 @@ class CacheSpec:
         return names
 
 
-def spec_for(losses: dict, pairs) -> CacheSpec:
+def spec_for(losses: dict, pairs, strict: bool = True) -> CacheSpec:
     """The cache a run with these loss terms and layer pairs reads. Terms with weight 0
-    count too: a schedule stage may turn them on."""
+    count too: a schedule stage may turn them on. A term that needs a teacher output the
+    cache does not store (every token's hidden states, the attention values) is refused
+    by name; ``strict=False`` (``dskd plan``) leaves it out instead."""
     from dskd.losses import LOSS_REGISTRY, term_type
 
     fields = {"logits"}
     for name, spec in losses.items():
-        cls = LOSS_REGISTRY[term_type(name, spec)]
+        kind = term_type(name, spec)
+        cls = LOSS_REGISTRY[kind]
         if cls.uses_teacher:
-            fields |= set(cls.needs_for(spec)) & set(CACHEABLE)
+            needs = set(cls.needs_for(spec))
+            missing = sorted(needs - set(CACHEABLE))
+            if missing and strict:
+                raise DskdError(
+                    f"`losses.{name}` ({kind}) needs the teacher's {', '.join(missing)}, which the teacher cache "
+                    f"does not store (it stores {', '.join(CACHEABLE)}); run it with the online teacher "
+                    "(`teacher.path` or `teacher.arch`, without `teacher.cache`)"
+                )
+            fields |= needs & set(CACHEABLE)
     layers = tuple(sorted({t for _, t in pairs})) if fields - {"logits"} else ()
     return CacheSpec(tuple(f for f in CACHEABLE if f in fields), layers)
 

@@ -7,7 +7,9 @@ the query and key projections of the mapped layers only and keep their outputs, 
 to ``[B, heads, S, head_dim]``. The losses recompute the dropout-free distribution
 ``softmax(Q K^T / sqrt(head_dim) + mask)`` from them. Every other layer, and the model's
 own attention computation, keeps its fast kernel; the extra cost is one ``Q K^T`` per
-mapped layer inside the loss (see docs/design.md).
+mapped layer inside the loss (see docs/design.md). Terms that also need the value
+projections (MiniLM's value relation, need ``attention_v``) make the capture hook
+``value`` too, on first use only, so runs that never ask for V pay nothing for it.
 
 This is exact for encoders whose attention scores are ``Q K^T / sqrt(head_dim)`` plus the
 padding mask (BERT, RoBERTa, ELECTRA-style with absolute positions); ``encoder_blocks``
@@ -52,23 +54,40 @@ class QKCapture:
 
     Hooks are installed once for every layer that may be needed; ``active`` picks which
     of them store anything on the next forward, so a stage that distils one layer pays
-    for one. Call ``take(layers)`` after the forward to collect and clear them.
+    for one. Call ``take(layers)`` after the forward to collect and clear them. The value
+    projections are hooked only once ``hook_values()`` is called (``take_values``).
     """
 
     def __init__(self, model: nn.Module, layers: list[int], who: str):
         blocks = encoder_blocks(model, who)
+        self.who = who
         self.layers = sorted(set(layers))
         self.active: set[int] = set()
         self._store: dict[tuple[int, str], torch.Tensor] = {}
         self._handles = []
+        self._attention: dict[int, nn.Module] = {}
+        self._values_hooked = False
         for layer in self.layers:
             if not 1 <= layer <= len(blocks):
                 raise DskdError(f"the {who} has {len(blocks)} layers; layer {layer} does not exist")
             attn = self_attention(blocks[layer - 1], who, layer)
+            self._attention[layer] = attn
             head_dim = int(attn.attention_head_size)
             for part in ("q", "k"):
                 module = attn.query if part == "q" else attn.key
                 self._handles.append(module.register_forward_hook(self._hook(layer, part, head_dim)))
+
+    def hook_values(self) -> None:
+        """Also keep the value projections (``attention.self.value``) of the active layers; idempotent."""
+        if self._values_hooked:
+            return
+        for layer, attn in self._attention.items():
+            if not isinstance(getattr(attn, "value", None), nn.Module):
+                raise DskdError(f"layer {layer} of the {self.who} has no BERT-style value projection "
+                                "(attention.self.value)")
+            hook = self._hook(layer, "v", int(attn.attention_head_size))
+            self._handles.append(attn.value.register_forward_hook(hook))
+        self._values_hooked = True
 
     def _hook(self, layer: int, part: str, head_dim: int):
         def hook(module, inputs, output):
@@ -85,6 +104,15 @@ class QKCapture:
             raise RuntimeError(f"layer {exc.args[0][0]} was not captured; was it active during the forward?") from None
         finally:
             self._store.clear()
+
+    def take_values(self, layers: list[int]) -> list[torch.Tensor]:
+        """The value projections [B, heads, S, head_dim] of ``layers`` from the last forward
+        (call before ``take``, which clears the store)."""
+        try:
+            return [self._store.pop((layer, "v")) for layer in layers]
+        except KeyError as exc:
+            raise RuntimeError(f"the values of layer {exc.args[0][0]} were not captured; was it active and "
+                               "hook_values() called before the forward?") from None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -105,21 +133,28 @@ def mean_vectors(hidden_states: tuple[torch.Tensor, ...], layers: list[int], mas
 
 
 POOLED = ("cls", "mean")  # per-layer sentence vectors a term may ask for
+STATES = POOLED + ("hidden", "embeddings")  # needs read from ``hidden_states``
 
 
 def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], capture: QKCapture | None,
                         layers: list[int]) -> dict:
     """One forward of ``model`` returning ``logits`` and, for the 1-based ``layers``, what
-    ``needs`` asks for: ``cls`` (first-token vectors), ``mean`` (masked mean over tokens) and
-    ``attention_qk`` (via ``capture``).
+    ``needs`` asks for: ``cls`` (first-token vectors), ``mean`` (masked mean over tokens),
+    ``hidden`` (every token's states [B, S, d] after each layer), ``attention_qk`` (via
+    ``capture``) and ``attention_v`` (the value projections [B, heads, S, head_dim], via
+    ``capture``). Per-layer outputs are lists aligned with ``layers``; ``embeddings`` (the
+    embedding output, hidden state 0) is one tensor, returned whenever ``layers`` is not empty.
     The same path serves the student (with autograd) and the teacher (under no_grad)."""
     want_qk = bool(layers) and "attention_qk" in needs
-    if want_qk:
+    want_v = bool(layers) and "attention_v" in needs
+    if want_qk or want_v:
         if capture is None:
-            raise RuntimeError("`attention_qk` is needed but no QKCapture is installed on this model")
+            raise RuntimeError("`attention_qk`/`attention_v` is needed but no QKCapture is installed on this model")
+        if want_v:
+            capture.hook_values()
         capture.active = set(layers)
     try:
-        out = model(**inputs, output_hidden_states=bool(layers) and bool(needs & set(POOLED)))
+        out = model(**inputs, output_hidden_states=bool(layers) and bool(needs & set(STATES)))
     finally:
         if capture is not None:
             capture.active = set()
@@ -128,6 +163,14 @@ def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], c
         result["cls"] = cls_vectors(out["hidden_states"], layers)
     if layers and "mean" in needs:
         result["mean"] = mean_vectors(out["hidden_states"], layers, inputs["attention_mask"])
+    if layers and "hidden" in needs:
+        result["hidden"] = [out["hidden_states"][layer] for layer in layers]
+    if layers and "embeddings" in needs:
+        result["embeddings"] = out["hidden_states"][0]
+    if want_v:
+        result["attention_v"] = capture.take_values(layers)
     if want_qk:
         result["attention_qk"] = capture.take(layers)
+    elif want_v:
+        capture.take([])  # clear the store
     return result

@@ -77,11 +77,14 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int) -> str:
-    """Collective: every rank must call it."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, write_extra=None) -> str:
+    """Collective: every rank must call it. ``write_extra(tag_dir)``, called on every rank
+    before the checkpoint is marked complete, adds files of our own (the SWA average)."""
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{eng.rank()}.pt")
+    if write_extra is not None:
+        write_extra(ckpt_dir / tag)
     eng.barrier()
     if eng.rank() == 0:
         _atomic_write(ckpt_dir / tag / COMPLETE, "ok\n")

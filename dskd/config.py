@@ -136,6 +136,26 @@ class StageConfig:
     # layers 1..k (SID).
     per_layer: Optional[Literal["progressive", "stacked"]] = None
     plateau: Optional[PlateauConfig] = None
+    # At the end of the stage, put the student (with its optimizer state) back to its best
+    # dev evaluation made during the stage, as Annealing-KD's phase 1 -> phase 2. The stage
+    # is evaluated at its end even off the `training.eval_every` grid.
+    keep_best: bool = False
+    # The teacher this stage distils from: a model folder or dskd run (its model/), e.g. one
+    # of the checkpoints `finetune.trajectory` exported (Pro-KD). null: `teacher.path`. It
+    # must have the main teacher's shape (depth, width, heads, labels, vocabulary).
+    teacher: Optional[str] = None
+
+
+@dataclass
+class SwaConfig:
+    """Stochastic Weight Averaging: what is evaluated and exported is the running mean of the
+    weights from `start` of the run on (docs/methods.md, "SWA")."""
+
+    start: float = 0.75  # share of the run's optimizer steps done when averaging starts
+    every: int = 1  # optimizer steps between averaged snapshots; also the cycle length of `cyclic`
+    lr: Literal["constant", "cyclic"] = "constant"
+    lr_high: float = 0.5  # the SWA LR as a multiple of `lr` (the top of each cycle for `cyclic`)
+    lr_low: float = 0.05  # cyclic: the multiple reached at each averaged step
 
 
 @dataclass
@@ -162,6 +182,12 @@ class TrainingConfig:
     # At each evaluation, draw this many heads of every mapped layer's attention
     # (teacher | student, one fixed dev example) to TensorBoard; 0 turns it off.
     attention_images: int = 4
+    # Also export the model at every checkpoint to <run>/trajectory/<tag>/ (a Hugging Face
+    # folder, never rotated away): the teacher's training trajectory that Pro-KD stages
+    # distil from (`schedule[].teacher`).
+    trajectory: bool = False
+    # Stochastic Weight Averaging (null: off); see SwaConfig.
+    swa: Optional[SwaConfig] = None
 
 
 def _default_losses() -> dict[str, dict[str, Any]]:
@@ -410,6 +436,17 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                 fail(f"`{section}.{name}` must be positive, got {getattr(obj, name)}")
         if hasattr(obj, "warmup_ratio") and not 0 <= obj.warmup_ratio < 1:
             fail(f"`{section}.warmup_ratio` must be in [0, 1), got {obj.warmup_ratio}")
+        swa = getattr(obj, "swa", None)
+        if swa is not None:
+            if not 0 <= swa.start < 1:
+                fail(f"`{section}.swa.start` is the share of the run after which weights are averaged; it must be "
+                     f"in [0, 1), got {swa.start}")
+            if swa.every < 1:
+                fail(f"`{section}.swa.every` must be at least 1, got {swa.every}")
+            if swa.lr_high <= 0:
+                fail(f"`{section}.swa.lr_high` must be positive, got {swa.lr_high}")
+            if swa.lr == "cyclic" and not 0 <= swa.lr_low <= swa.lr_high:
+                fail(f"`{section}.swa.lr_low` must be in [0, lr_high={swa.lr_high}] for a cyclic LR, got {swa.lr_low}")
     validate_loss_terms(cfg.losses, source)
     for i, stage in enumerate(cfg.schedule):
         key = f"schedule[{i}]"
@@ -430,6 +467,12 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
             for j, layer in enumerate(stage.layers):
                 if layer < 1:
                     fail(f"`{key}.layers[{j}]` must be a 1-based student layer, got {layer}")
+        if stage.teacher is not None and cfg.teacher.cache is not None:
+            fail(f"`{key}.teacher` ({stage.name}) switches teachers, but `teacher.cache` holds one teacher's "
+                 "outputs; distil such a schedule from the online teachers (drop teacher.cache)")
+        if stage.keep_best and stage.per_layer is not None:
+            fail(f"`{key}` ({stage.name}) sets both `keep_best` and `per_layer`; keep the best weights of a "
+                 "single stage (split the per-layer stages out, or drop keep_best)")
         if stage.plateau is not None:
             for name in ("every", "patience", "batches"):
                 if getattr(stage.plateau, name) < 1:

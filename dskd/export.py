@@ -2,7 +2,8 @@
 
 The checkpoint holds the engine's whole module (``model.*`` plus loss-term parameters
 such as projections) in whatever ZeRO layout trained it. Export consolidates it to
-fp32, keeps only the trained model, and writes it with its tokenizer so that
+fp32 (or takes the SWA average the checkpoint holds), keeps only the trained model, and
+writes it with its tokenizer so that
 ``AutoModelForSequenceClassification.from_pretrained(out)`` loads it anywhere.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from dskd import checkpoint
 from dskd.errors import DskdError
+from dskd.swa import averaged_state
 
 MODEL_PREFIX = "model."
 
@@ -32,7 +34,9 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise DskdError(f"--out {out} exists and is not a model folder; choose an empty or new folder")
     info = json.loads((run_dir / RUN_FILE).read_text())
-    state = checkpoint.consolidated_state_dict(ckpt_dir, tag, int(info.get("zero_stage", 0)))
+    # With SWA the averaged weights are the result, not the last trained ones.
+    state = averaged_state(ckpt_dir / tag) or checkpoint.consolidated_state_dict(ckpt_dir, tag,
+                                                                                 int(info.get("zero_stage", 0)))
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
     config = AutoConfig.from_pretrained(run_dir / MODEL_CONFIG_DIR)

@@ -22,6 +22,7 @@ New terms register with ``@register_loss("name")`` and become usable from YAML a
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -60,6 +61,10 @@ class LossTerm(nn.Module):
     registry_name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     uses_teacher: ClassVar[bool] = True
+    # Fraction of the current schedule stage already done, in [0, 1): the trainer sets it
+    # before every step (from the step counter, so a resumed run sees the same values).
+    # Terms whose objective changes over a stage (Annealing-KD, Continuation-KD) read it.
+    progress: float = 0.0
 
     @classmethod
     def needs_for(cls, spec: dict) -> frozenset[str]:
@@ -108,6 +113,84 @@ class SoftLabelKD(LossTerm):
         flat_s, flat_t = zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1])
         rows = soft_kl_rows(flat_s, flat_t, t) if self.kernel == "fused" else reference.soft_kl_rows(flat_s, flat_t, t)
         return rows.sum() / zs.shape[0] * (t * t)
+
+
+# ------------------------------------------- objectives that change over a stage
+
+
+@register_loss("annealing_kd")
+class AnnealingKD(LossTerm):
+    """Annealing-KD phase 1 (Jafari et al., EACL 2021): MSE between the student's logits
+    and the teacher's logits scaled by an annealing factor, no softmax and no labels.
+
+    The factor follows the released code: ``k / max_temperature`` with ``k`` = 1, 2, ...,
+    ``max_temperature``, each for an equal share of the stage (the code raises ``k`` every
+    E1 / T_max epochs), so the teacher's logits go from 1/T_max of their size to full size.
+    The MSE averages over examples and classes (torch's ``mean``, as the code). Phase 2
+    (hard labels from the best phase-1 weights) is a second stage with ``keep_best`` on
+    this one; see docs/methods.md.
+    """
+
+    def __init__(self, max_temperature: int = 7):
+        super().__init__()
+        if max_temperature < 1:
+            raise ValueError("max_temperature must be at least 1")
+        self.max_temperature = max_temperature
+
+    def factor(self) -> float:
+        k = min(self.max_temperature, 1 + math.floor(self.progress * self.max_temperature))
+        return k / self.max_temperature
+
+    def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(student["logits"].float(), self.factor() * teacher["logits"].float())
+
+
+@register_loss("continuation_kd")
+class ContinuationKD(LossTerm):
+    """Continuation KD (Jafari et al., 2022): start from a smoothed, tolerant version of the
+    KD objective and make it harder until it is the standard one. The paper's exact loss
+    family is unverified; this is ours (docs/methods.md, "Continuation-KD").
+
+    With lambda = min(1, progress / ramp) going 0 -> 1 over the stage:
+
+    * temperature tau = start_temperature^(1 - lambda) * temperature^lambda (geometric):
+      a high tau smooths both distributions, so the student first matches their broad
+      shape and only later the teacher's sharp (and possibly noisy) decisions;
+    * per example l_i = tau^2 KL(softmax(z_t / tau) || softmax(z_s / tau));
+    * a dead zone that shrinks to nothing: max(0, l_i - margin * (1 - lambda)), so small
+      disagreements with the teacher cost nothing early on.
+
+    At lambda = 1 (after ``ramp`` of the stage) it is exactly ``soft_kd`` at ``temperature``.
+    Regression logits: squared error with the same shrinking dead zone on |z_s - z_t|.
+    """
+
+    def __init__(self, temperature: float = 2.0, start_temperature: float = 8.0, margin: float = 0.1,
+                 ramp: float = 1.0):
+        super().__init__()
+        if temperature <= 0 or start_temperature <= 0:
+            raise ValueError("temperature and start_temperature must be positive")
+        if margin < 0:
+            raise ValueError("margin must be non-negative")
+        if not 0 < ramp <= 1:
+            raise ValueError("ramp (the share of the stage over which the loss hardens) must be in (0, 1]")
+        self.temperature, self.start_temperature, self.margin, self.ramp = temperature, start_temperature, margin, ramp
+
+    def hardness(self) -> float:
+        return min(1.0, self.progress / self.ramp)
+
+    def current(self) -> tuple[float, float]:
+        """(temperature, dead-zone margin) at the current progress."""
+        lam = self.hardness()
+        return self.start_temperature ** (1 - lam) * self.temperature ** lam, self.margin * (1 - lam)
+
+    def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:
+        zs, zt = student["logits"], teacher["logits"]
+        tau, margin = self.current()
+        if zs.shape[-1] == 1:
+            gap = (zs.float() - zt.float()).abs().squeeze(-1)
+            return F.relu(gap - margin).pow(2).mean()
+        rows = soft_kl_rows(zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]), tau) * (tau * tau)
+        return F.relu(rows - margin).sum() / zs.shape[0]
 
 
 # ------------------------------------------------- internal representations (per layer)
@@ -298,6 +381,175 @@ class PatientKD(LayerwiseTerm):
             values.append(hidden_rows(hs, ht, "mse").mean())
         return values
 
+
+# ------------------------------------------------------------- TinyBERT and MiniLM
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Pre-softmax attention scores ``Q K^T / sqrt(head_dim)`` in fp32 (fp64 stays), [B, H/group, S, S].
+
+    Consecutive groups of ``group`` heads are averaged (see ``head_groups``). Entries of
+    a padded key or a padded query row are 0: TinyBERT zeroes the masked entries (scores
+    <= -100 after the -10000 mask, i.e. padded keys) on both sides; we zero the padded
+    query rows too, which carry no information.
+    """
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if group > 1:
+        b, h, s, t = scores.shape
+        scores = scores.reshape(b, h // group, group, s, t).mean(2)
+    real = mask.bool()
+    return scores.masked_fill(~(real[:, None, :, None] & real[:, None, None, :]), 0.0)
+
+
+@register_loss("tinybert_attention")
+class TinyBertAttention(LayerwiseTerm):
+    """TinyBERT (Jiao et al., 2020) attention term: per mapped layer, the MSE between the
+    pre-softmax attention scores of student and teacher, rebuilt from the captured Q and K.
+
+    Masked entries (padded keys and padded query rows) are 0 on both sides and the MSE is
+    torch's ``mean`` over all [B, H, S, S] entries, padding included, as the released code.
+    Different head counts are grouped by averaging scores (``heads: auto``, when one count
+    divides the other) or compared head-averaged (``heads: mean``); TinyBERT has equal counts.
+    """
+
+    needs = frozenset({"attention_qk"})
+
+    def __init__(self, heads: str = "auto"):
+        super().__init__()
+        if heads not in ("auto", "mean"):
+            raise ValueError(f"heads must be 'auto' or 'mean', got {heads!r}")
+        self.heads = heads
+        self.groups = (1, 1)
+
+    def bind(self, geometry: LayerGeometry, key: str) -> None:
+        self.groups = head_groups(geometry.student_heads, geometry.teacher_heads, self.heads, key)
+
+    def pair_losses(self, student: dict, teacher: dict, mask: torch.Tensor) -> list[torch.Tensor]:
+        gs, gt = self.groups
+        values = []
+        for (qs, ks), (qt, kt) in zip(student["attention_qk"], teacher["attention_qk"], strict=True):
+            scores = attention_scores(qs, ks, mask, gs)
+            with torch.no_grad():
+                target = attention_scores(qt, kt, mask, gt).to(scores.dtype)
+            values.append(F.mse_loss(scores, target))
+        return values
+
+
+@register_loss("tinybert_hidden")
+class TinyBertHidden(LayerwiseTerm):
+    """TinyBERT hidden-state term: per mapped layer, ``MSE(W h_s, h_t)`` over every token's
+    states after the student layer and its teacher layer.
+
+    ``W`` (``fit_dense``) is one trainable Linear(d_s -> d_t) shared by all layers, as the
+    released code, created only when the widths differ; it is a parameter of this term, so
+    it is trained and checkpointed with the student. ``embeddings: true`` (default) adds
+    the embedding outputs (layer 0 <-> layer 0, through the same ``W``); that value is added
+    to the student's bottom mapped layer, so it is part of ``tinybert_hidden/L<bottom>`` and
+    is left out of stages that do not distil that layer. ``mask_padding: true`` (default,
+    ours) averages over real tokens only; ``false`` averages over every position as the
+    released code (torch's ``mean`` over [B, S, d_t]).
+    """
+
+    needs = frozenset({"hidden", "embeddings"})
+
+    def __init__(self, embeddings: bool = True, mask_padding: bool = True):
+        super().__init__()
+        self.embeddings, self.mask_padding = embeddings, mask_padding
+        self.needs = type(self).needs_for({"embeddings": embeddings})
+        self.fit_dense: nn.Linear | None = None
+        self.bottom = None
+
+    @classmethod
+    def needs_for(cls, spec: dict) -> frozenset[str]:
+        return frozenset({"hidden", "embeddings"}) if spec.get("embeddings", True) else frozenset({"hidden"})
+
+    def bind(self, geometry: LayerGeometry, key: str) -> None:
+        self.bottom = min(s for s, _ in geometry.pairs)
+        if geometry.student_hidden != geometry.teacher_hidden:
+            self.fit_dense = nn.Linear(geometry.student_hidden, geometry.teacher_hidden)
+
+    def state_mse(self, hs: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE of [B, S, d_s] student states (projected) against [B, S, d_t] teacher states."""
+        if self.fit_dense is not None:
+            hs = self.fit_dense(hs)  # called as a module (not through the kernel) so ZeRO-3 gathers it
+        rows = hidden_rows(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), "mse")
+        if not self.mask_padding:
+            return rows.mean()
+        weights = mask.reshape(-1).to(rows.dtype)
+        return (rows * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def pair_losses(self, student: dict, teacher: dict, mask: torch.Tensor) -> list[torch.Tensor]:
+        values = []
+        for (s, _), hs, ht in zip(student["pairs"], student["hidden"], teacher["hidden"], strict=True):
+            value = self.state_mse(hs, ht, mask)
+            if self.embeddings and s == self.bottom:
+                value = value + self.state_mse(student["embeddings"], teacher["embeddings"], mask)
+            values.append(value)
+        return values
+
+
+@register_loss("soft_ce")
+class SoftCrossEntropy(LossTerm):
+    """TinyBERT's prediction-layer term: the soft cross-entropy
+    ``-sum_c softmax(z_t/T)_c log softmax(z_s/T)_c`` with no T^2 factor, averaged over the
+    batch (``reduction: batchmean``, the convention of ``soft_kd``) or over batch and
+    classes (``mean``, the released code's ``.mean()``, 1/C of it). Regression tasks get
+    the MSE to the gold labels, as the released code."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean"):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if reduction not in ("batchmean", "mean"):
+            raise ValueError(f"reduction must be 'batchmean' or 'mean', got {reduction!r}")
+        self.temperature, self.reduction = temperature, reduction
+
+    def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:
+        zs = student["logits"].float()
+        if zs.shape[-1] == 1:
+            return F.mse_loss(zs.squeeze(-1), teacher["labels"].float())
+        t = self.temperature
+        zs, zt = zs.reshape(-1, zs.shape[-1]), teacher["logits"].float().reshape(-1, zs.shape[-1])
+        cross = -(F.softmax(zt / t, dim=-1) * F.log_softmax(zs / t, dim=-1)).sum(-1)
+        return cross.mean() / (zs.shape[-1] if self.reduction == "mean" else 1)
+
+
+@register_loss("minilm")
+class MiniLM(LayerwiseTerm):
+    """MiniLM (Wang et al., NeurIPS 2020), deep self-attention distillation of the student's
+    top mapped layer only: ``KL(A_t || A_s) + KL(VR_t || VR_s)``, where A = softmax(Q K^T /
+    sqrt(d_head)) and VR = softmax(V V^T / sqrt(d_head)) per head, each averaged over heads
+    and real query rows (as ``attention_kl``). The value relation is ``attention_kl`` with
+    (V, V) in place of (Q, K): the same formula, so the same kernels (gradients reach V
+    through both slots). With the default layer map the top student layer's partner is the
+    teacher's last layer, as in MiniLM. ``heads``/``kernel`` as ``attention_kl``."""
+
+    needs = frozenset({"attention_qk", "attention_v"})
+
+    def __init__(self, heads: str = "auto", kernel: str = "fused"):
+        super().__init__()
+        if heads not in ("auto", "mean"):
+            raise ValueError(f"heads must be 'auto' or 'mean', got {heads!r}")
+        self.heads = heads
+        self.kernel = _check_kernel(kernel)
+        self.groups = (1, 1)
+        self.top = None
+
+    def bind(self, geometry: LayerGeometry, key: str) -> None:
+        self.groups = head_groups(geometry.student_heads, geometry.teacher_heads, self.heads, key)
+        self.top = max(s for s, _ in geometry.pairs)
+
+    def compares(self, pair: tuple[int, int]) -> bool:
+        return pair[0] == self.top
+
+    def pair_losses(self, student: dict, teacher: dict, mask: torch.Tensor) -> list[torch.Tensor]:
+        values = []
+        for s_qk, t_qk, vs, vt in zip(student["attention_qk"], teacher["attention_qk"], student["attention_v"],
+                                      teacher["attention_v"], strict=True):
+            attention = attention_kl(s_qk, t_qk, mask, self.groups, self.kernel)
+            values.append(attention + attention_kl((vs, vs), (vt, vt), mask, self.groups, self.kernel))
+        return values
 
 # ------------------------------------------------------------------ config plumbing
 

@@ -92,7 +92,12 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
         s_config = models.arch_config(cfg.student.arch, t_config.vocab_size, task.num_labels,
                                       tokenizer.pad_token_id, "student.arch")
     pairs = trainer.mapped_pairs(cfg, cfg.losses, init_layers, n_student, t_config.num_hidden_layers)
-    spec = cache.spec_for(cfg.losses, pairs)
+    try:
+        cache.spec_for(cfg.losses, pairs)
+        refused = None
+    except DskdError as exc:  # a term the cache cannot serve: the memory estimate still holds online
+        refused = str(exc)
+    spec = cache.spec_for(cfg.losses, pairs, strict=False)
     train_set, dev_set = trainer.load_data(cfg, task, tokenizer)
     hidden, heads, labels = t_config.hidden_size, t_config.num_attention_heads, task.num_labels
     splits = {}
@@ -119,6 +124,7 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
         "summary": summary,
         "task": task.name,
         "cache": {"dtype": store_dtype, "fields": list(spec.fields), "teacher_layers": list(spec.layers),
+                  "refused": refused,
                   "splits": splits, "total_bytes": total,
                   "bytes_per_train_example": splits["train"]["total_bytes"] / max(splits["train"]["examples"], 1)},
         "memory_per_rank": {
@@ -144,6 +150,8 @@ def format_plan(plan: dict) -> str:
             lines.append(f"        attention stored as L x L maps instead of Q/K would take "
                          f"{cache.human(s['attention_as_maps_bytes'])}")
     lines.append(f"  total {cache.human(c['total_bytes'])}, {cache.human(c['bytes_per_train_example'])} per train example")
+    if c.get("refused"):
+        lines.append(f"  not usable for this config: {c['refused']}")
     sb = m["student_bytes"]
     lines += [
         "",

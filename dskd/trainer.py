@@ -7,6 +7,7 @@ the output folder is written, so a mistake never costs a previous run's results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -21,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 
-from dskd import cache, checkpoint, data, engine as eng, metrics as metrics_mod, models
+from dskd import cache, checkpoint, data, engine as eng, metrics as metrics_mod, models, swa
 from dskd.preemption import EXIT_PREEMPTED, StopRequest
 from dskd.capture import QKCapture, forward_with_layers
 from dskd.config import ExperimentConfig, PlateauConfig, TeacherConfig, TrainingConfig, dump_config, resolve_path, to_dict
@@ -33,6 +34,9 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_DIR = "model_config"  # the trained model's HF config + tokenizer, for export
+STAGE_BEST_DIR = "stage_best"  # checkpoint of the best dev evaluation of a `keep_best` stage
+CAPTURED = {"attention_qk", "attention_v"}  # needs read by forward hooks (dskd.capture), not from outputs
+TRAJECTORY_DIR = "trajectory"  # `trajectory: true`: the model exported at every checkpoint
 # Keys that may differ between a run and its resumption.
 RESUME_MUTABLE_KEYS = {("training", "halt_after_steps"), ("finetune", "halt_after_steps")}
 
@@ -51,6 +55,11 @@ class DistillationModule(nn.Module):
         self.terms = terms
         self.needs = needs
         self.capture = capture  # hooks on the model's mapped layers (a plain attribute, not a module)
+
+    def set_progress(self, fraction: float) -> None:
+        """Tell every term how much of the current stage is done (see ``LossTerm.progress``)."""
+        for term in self.terms.values():
+            term.progress = fraction
 
     def forward(self, batch: dict, teacher: dict | None = None, weights: dict[str, float] | None = None,
                 pairs: tuple[tuple[int, int], ...] = (), split: str = "train"):
@@ -85,7 +94,8 @@ def _pick(outputs: dict, keep: list[int]) -> dict:
     """``outputs`` with its per-pair lists (and ``pairs``) reduced to the positions ``keep``."""
     picked = dict(outputs)
     for key, value in outputs.items():
-        if isinstance(value, (list, tuple)) and key in ("pairs", "cls", "mean", "attention_qk"):
+        if isinstance(value, (list, tuple)) and key in ("pairs", "cls", "mean", "hidden", "attention_qk",
+                                                         "attention_v"):
             picked[key] = type(value)(value[i] for i in keep) if key == "pairs" else [value[i] for i in keep]
     return picked
 
@@ -97,6 +107,21 @@ class TeacherSide:
 
     model: nn.Module
     capture: QKCapture | None = None
+    source: str | None = None  # the schedule stage's `teacher`; None: `teacher.path` / `teacher.arch`
+
+    def use(self, source: str | None, load) -> bool:
+        """Distil from the teacher ``source`` from now on (``load(source)`` builds it, frozen);
+        the previous one is released. Returns whether it changed."""
+        if source == self.source:
+            return False
+        self.model = None  # let the old teacher go before the new one is loaded
+        self.model = load(source)
+        if self.capture is not None:
+            layers = self.capture.layers
+            self.capture.remove()
+            self.capture = QKCapture(self.model, layers, "teacher")
+        self.source = source
+        return True
 
     def outputs(self, batch: dict, needs: frozenset[str], pairs: tuple[tuple[int, int], ...] = (),
                 split: str = "train") -> dict:
@@ -112,6 +137,12 @@ class Stage:
     weights: dict[str, float]
     layers: tuple[int, ...] | None = None  # student layers of the layer-wise terms; None = all mapped
     plateau: PlateauConfig | None = None
+    keep_best: bool = False  # end the stage with its best-on-dev weights
+    teacher: str | None = None  # the teacher of this stage (Pro-KD); None: the configured one
+
+    def progress(self, step: int) -> float:
+        """Share of the stage done before optimizer step ``step`` (0-based), in [0, 1)."""
+        return min(max((step - self.start) / max(self.end - self.start, 1), 0.0), 1.0)
 
 
 def plan_stages(specs: list, losses: dict[str, dict], training: TrainingConfig, steps_per_epoch: int,
@@ -144,7 +175,8 @@ def plan_stages(specs: list, losses: dict[str, dict], training: TrainingConfig, 
         shares = [length // len(expanded) + (i < length % len(expanded)) for i in range(len(expanded))]
         for (name, layers), share in zip(expanded, shares, strict=True):
             share = max(share, 1)
-            stages.append(Stage(name, start, start + share, weights, layers, spec.plateau))
+            stages.append(Stage(name, start, start + share, weights, layers, spec.plateau, spec.keep_best,
+                                spec.teacher))
             start += share
     return stages
 
@@ -163,6 +195,10 @@ def lr_factor(step: int, stages: list[Stage], training: TrainingConfig) -> float
     whole run or restarted per stage. Reads ``stages`` live, so plateau-shortened
     stages reshape the schedule."""
     start, end = 0, stages[-1].end
+    if training.swa is not None:
+        factor = swa.swa_lr_factor(training.swa, step, end)
+        if factor is not None:
+            return factor
     if training.lr_schedule == "per_stage":
         stage = next((s for s in stages if s.start <= step < s.end), stages[-1])
         start, end = stage.start, stage.end
@@ -306,10 +342,62 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     job = Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, TeacherSide(teacher), layers, resume_tag, terms, pairs)
     check_stage_layers(cfg, pairs, terms)
-    if "attention_qk" in job.needs:
+    check_stage_teachers(cfg, task, teacher.config)
+    if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
         job.teacher.capture = QKCapture(teacher, [t for _, t in pairs], "teacher")
     return job
+
+
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "model_type")
+
+
+def check_stage_teachers(cfg: ExperimentConfig, task, main_config) -> None:
+    """Each stage's own teacher (Pro-KD) must exist, fit the task and have the main teacher's
+    shape, which the layer map, the loss terms' projections and the tokenizer were built for.
+    Checked from config files before anything runs."""
+    for i, stage in enumerate(cfg.schedule):
+        if stage.teacher is None:
+            continue
+        key = f"schedule[{i}].teacher"
+        source = resolve_stage_teacher(cfg, stage.teacher, key)
+        other = models.pretrained_config(source, task.num_labels, key)
+        diffs = [f"{name} {getattr(other, name, None)} vs {getattr(main_config, name, None)}" for name in SHAPE_KEYS
+                 if getattr(other, name, None) != getattr(main_config, name, None)]
+        if diffs:
+            raise DskdError(f"`{key}` ({stage.name}: {source}) differs in shape from the main teacher "
+                            f"({'; '.join(diffs)}); every stage teacher must be a checkpoint of the same model")
+
+
+def resolve_stage_teacher(cfg: ExperimentConfig, value: str, key: str) -> str:
+    """A stage's teacher as a path. ``trajectory:K`` is the K-th (1-based; negative counts
+    from the end) model that `finetune.trajectory` exported into ``teacher.path``, by step,
+    so one recipe serves every task's teacher."""
+    if not value.startswith("trajectory:"):
+        return value
+    index = value[len("trajectory:"):]
+    if not index.lstrip("-").isdigit() or int(index) == 0:
+        raise DskdError(f"`{key}`: {value!r} must be trajectory:K with K = 1, 2, ... (or -1, -2, ... from the end)")
+    if cfg.teacher.path is None:
+        raise DskdError(f"`{key}`: {value!r} picks from the trajectory of `teacher.path`, which is not set")
+    folder = Path(resolve_path(cfg.teacher.path)) / TRAJECTORY_DIR
+    found = sorted(p for p in folder.iterdir() if (p / "config.json").is_file()) if folder.is_dir() else []
+    k = int(index)
+    if not found or not (1 <= k <= len(found) or 1 <= -k <= len(found)):
+        raise DskdError(f"`{key}`: {value!r} but {folder} holds {len(found)} exported teacher(s); fine-tune the "
+                        "teacher with `finetune.trajectory: true` (it exports one per checkpoint)")
+    return str(found[k - 1] if k > 0 else found[k])
+
+
+def stage_teacher_loader(job: "Job"):
+    """What ``TeacherSide.use`` calls to build a stage's teacher, frozen in the run's dtype."""
+    def load(source: str | None) -> nn.Module:
+        model = (models.load_pretrained(resolve_stage_teacher(job.cfg, source, "schedule[].teacher"),
+                                        job.task.num_labels, for_finetune=False, key="schedule[].teacher")
+                 if source is not None else load_teacher(job.cfg, job.task, job.tokenizer))
+        return models.freeze(model, eng.run_dtype(job.ds_config), eng.device())
+
+    return load
 
 
 def load_teacher(cfg: ExperimentConfig, task, tokenizer, for_finetune: bool = False) -> nn.Module:
@@ -358,7 +446,7 @@ def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume
     store.verify(cfg.teacher.cache_check, eng.rank(), eng.world_size())
     job = Job(cfg, "distill", out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, store, layers, resume_tag, terms, pairs)
-    if "attention_qk" in job.needs:
+    if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
     return job
 
@@ -444,7 +532,8 @@ def _init_output_dir(job: Job, argv: list[str]) -> None:
     out = job.out
     if eng.rank() == 0:
         if job.resume_tag is None:
-            for name in (RUN_FILE, METRICS_FILE, CONFIG_FILE, "checkpoints", "tensorboard", "model", MODEL_CONFIG_DIR):
+            for name in (RUN_FILE, METRICS_FILE, CONFIG_FILE, "checkpoints", "tensorboard", "model", MODEL_CONFIG_DIR,
+                         STAGE_BEST_DIR, TRAJECTORY_DIR):
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -594,6 +683,33 @@ def attention_snapshot(engine, teacher: TeacherSide, example: dict, pairs, group
                                 groups, heads, step)
 
 
+def keep_stage_best(engine, out: Path, state: dict, index: int, result: dict, metric: str, step: int,
+                    monitor) -> None:
+    """After an evaluation in a ``keep_best`` stage: checkpoint the student when it beats the
+    stage's best so far (one such checkpoint is kept, beside the run's own checkpoints so
+    their rotation never removes it)."""
+    tracked = state.get("stage_best")
+    if tracked is not None and tracked["stage"] == index and result[metric] <= tracked["result"][metric]:
+        return
+    checkpoint.save(engine, out / STAGE_BEST_DIR, step, {"dskd": {"stage": index}}, keep=1)
+    state["stage_best"] = {"stage": index, "step": step, "tag": checkpoint.tag_for(step), "result": dict(result)}
+    monitor.line(f"[keep_best] step {step}: new best of the stage ({metric}={result[metric]:.4f}) checkpointed")
+
+
+def restore_stage_best(engine, out: Path, state: dict, stage: Stage, metric: str, monitor) -> None:
+    """End of a ``keep_best`` stage: load the weights and optimizer state of its best
+    evaluation. The LR schedule and the step counter go on (they are not restored), and
+    the run's RNG streams are left alone, so an interrupted run resumes to the same result."""
+    best = state["stage_best"]
+    if best["step"] != stage.end:
+        engine.load_checkpoint(str(out / STAGE_BEST_DIR), tag=best["tag"], load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    state["last_eval"] = dict(best["result"], step=stage.end)
+    monitor.line(f"[keep_best] {stage.name} ended at step {stage.end}; continuing from its best weights, "
+                 f"step {best['step']} ({metric}={best['result'][metric]:.4f})")
+    monitor.text("stage", f"{stage.name}: best weights of step {best['step']} restored", stage.end)
+
+
 def refresh_lr(engine) -> None:
     """Re-evaluate the LR schedule for the next step after the stage table changed: the
     scheduler computed it from the old table at the last optimizer step."""
@@ -636,8 +752,11 @@ def run(job: Job, argv: list[str]) -> dict:
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "teacher_metrics": None,
              "stage_bounds": [[st.start, st.end] for st in stages], "plateau": None}
+    averager = swa.WeightAverage(engine.module) if training.swa is not None else None
     if job.resume_tag is not None:
         state.update(checkpoint.load(engine, out / "checkpoints", job.resume_tag))
+        if averager is not None:
+            averager.load(out / "checkpoints" / job.resume_tag)
         # Plateau rules may have ended stages early; the checkpoint holds where they really ended.
         for st, (start, end) in zip(stages, state["stage_bounds"], strict=True):
             st.start, st.end = start, end
@@ -683,7 +802,14 @@ def run(job: Job, argv: list[str]) -> dict:
 
     def save() -> None:
         state["stage_bounds"] = [[st.start, st.end] for st in stages]
-        checkpoint.save(engine, out / "checkpoints", state["step"], {"dskd": dict(state)}, training.keep_checkpoints)
+        tag = checkpoint.save(engine, out / "checkpoints", state["step"], {"dskd": dict(state)},
+                              training.keep_checkpoints, averager.save if averager is not None else None)
+        if training.trajectory:
+            if rank == 0:
+                from dskd.export import export_run
+
+                export_run(out, out / TRAJECTORY_DIR / tag, tag)
+            eng.barrier()
 
     sums: dict[str, torch.Tensor] = {}
     micro_count = 0
@@ -705,7 +831,16 @@ def run(job: Job, argv: list[str]) -> dict:
                 monitor.line(f"[stage] step {state['step']}: {current_stage} -> {stage.name}")
                 monitor.text("stage", f"step {state['step']}: {current_stage} -> {stage.name}", state["step"])
                 current_stage = stage.name
+            if isinstance(job.teacher, TeacherSide) and job.teacher.use(stage.teacher, stage_teacher_loader(job)):
+                scores = evaluate(lambda b: job.teacher.outputs(b, frozenset({"logits"}), (), "dev")["logits"],
+                                  job.dev_set, task, pad_id, eval_batch, device)
+                described = resolve_stage_teacher(cfg, stage.teacher, "schedule[].teacher") if stage.teacher \
+                    else cfg.teacher.path or "the teacher built from teacher.arch"
+                monitor.line(f"[teacher] stage {stage.name} distils from {described} "
+                             f"(dev {_format_metrics(scores)})")
+                monitor.scalars({f"teacher/stage/{k}": v for k, v in scores.items()}, state["step"])
             batch = {k: v.to(device) for k, v in batch.items()}
+            engine.module.set_progress(stage.progress(state["step"]))
             total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
@@ -723,6 +858,9 @@ def run(job: Job, argv: list[str]) -> dict:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
             monitor.advance()
+            if averager is not None and swa.averages_at(training.swa, step, stages[-1].end):
+                averager.update()
+                monitor.scalars({"swa/snapshots": float(averager.count)}, step)
 
             if step % training.log_every == 0 or step == stages[-1].end:
                 names = sorted(sums)
@@ -760,9 +898,10 @@ def run(job: Job, argv: list[str]) -> dict:
             halting = training.halt_after_steps is not None and step == training.halt_after_steps and not finished
             if (training.eval_every and step % training.eval_every == 0) or (
                 not training.eval_every and end_of_epoch
-            ) or finished:
+            ) or finished or (stage.keep_best and step == stage.end):
                 engine.eval()
-                result = evaluate(student_logits, job.dev_set, task, pad_id, eval_batch, device)
+                with averager.applied() if averager is not None else contextlib.nullcontext():
+                    result = evaluate(student_logits, job.dev_set, task, pad_id, eval_batch, device)
                 engine.train()
                 main = result[task.main_metric]
                 if state["best"] is None or main > state["best"][task.main_metric]:
@@ -774,6 +913,11 @@ def run(job: Job, argv: list[str]) -> dict:
                     f"{state['best'][task.main_metric]:.4f} at step {state['best']['step']})"
                 )
                 state["last_eval"] = dict(result, step=step)
+                if stage.keep_best:
+                    keep_stage_best(engine, out, state, stages.index(stage), result, task.main_metric, step,
+                                    monitor)
+                    if step == stage.end:
+                        restore_stage_best(engine, out, state, stage, task.main_metric, monitor)
                 if snapshot_example is not None:
                     attention_snapshot(engine, job.teacher, snapshot_example, job.pairs, attention_terms[0].groups,
                                        training.attention_images, monitor, step)
