@@ -48,6 +48,7 @@ METHODS = {
     "annealing_kd": "Annealing-KD (annealed logit MSE, best phase 1, then labels)",
     "continuation_kd": "Continuation-KD (smoothed to standard KD, then labels)",
     "pro_kd": "Pro-KD (teacher epoch 2, then final teacher)",
+    "swa": "SWA, no teacher (average of the 2nd epoch)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 
