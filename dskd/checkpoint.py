@@ -111,4 +111,5 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[s
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    # Non-tensor entries are terms' extra state (RW-KD's meta-learner), not weights.
+    return {k: v.float() for k, v in states["module"].items() if torch.is_tensor(v)}

@@ -65,6 +65,18 @@ class ArchConfig:
 
 
 @dataclass
+class LabelNoiseConfig:
+    """Corrupt a share of the training labels, reproducibly (KD under noisy labels)."""
+
+    rate: float  # share of the training labels changed (per class for `asymmetric`)
+    # symmetric: a changed label becomes one of the other classes, uniformly; asymmetric:
+    # class c becomes flip[c] (default c -> c + 1 for every class but the last).
+    kind: Literal["symmetric", "asymmetric"] = "symmetric"
+    seed: int = 0
+    flip: Optional[dict[str, int]] = None
+
+
+@dataclass
 class DataConfig:
     task: str = "sst2"
     # A GLUE-format folder (the GLUE root or the task folder), pkg://... for the
@@ -74,6 +86,10 @@ class DataConfig:
     # Keep the first N rows of a split (a deterministic subsample); null keeps all.
     train_limit: Optional[int] = None
     dev_limit: Optional[int] = None
+    # Share of the training examples held out of training (a seeded choice, made before any
+    # label noise, so they keep their labels): the meta batches of RW-KD.
+    holdout: float = 0.0
+    label_noise: Optional[LabelNoiseConfig] = None
 
 
 @dataclass
@@ -447,6 +463,14 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                 fail(f"`{section}.swa.lr_high` must be positive, got {swa.lr_high}")
             if swa.lr == "cyclic" and not 0 <= swa.lr_low <= swa.lr_high:
                 fail(f"`{section}.swa.lr_low` must be in [0, lr_high={swa.lr_high}] for a cyclic LR, got {swa.lr_low}")
+    if not 0 <= cfg.data.holdout < 1:
+        fail(f"`data.holdout` is the share of training examples held out; it must be in [0, 1), got {cfg.data.holdout}")
+    noise = cfg.data.label_noise
+    if noise is not None:
+        if not 0 <= noise.rate <= 1:
+            fail(f"`data.label_noise.rate` must be in [0, 1], got {noise.rate}")
+        if noise.flip is not None and noise.kind != "asymmetric":
+            fail("`data.label_noise.flip` maps classes for `kind: asymmetric` only; drop it or set kind: asymmetric")
     validate_loss_terms(cfg.losses, source)
     for i, stage in enumerate(cfg.schedule):
         key = f"schedule[{i}]"

@@ -86,6 +86,7 @@ class DistillationModule(nn.Module):
                 values.update({f"{name}/L{pairs[i][0]}": part for i, part in zip(keep, parts, strict=True)})
             else:
                 values[name] = term(student, targets, mask)
+                values.update({f"{name}/{key}": value for key, value in term.extra_logs().items()})
         total = sum(weight * values[name] for name, weight in weights.items())
         return total, values
 
@@ -308,6 +309,8 @@ class Job:
     terms: nn.ModuleDict
     pairs: tuple[tuple[int, int], ...] = ()  # every mapped (student layer, teacher layer)
     student_capture: QKCapture | None = None
+    holdout_set: object = None  # `data.holdout`: training examples kept out of training (RW-KD's meta batches)
+    noisy_labels: int | None = None  # `data.label_noise`: how many training labels were changed
 
     @property
     def needs(self) -> frozenset[str]:
@@ -331,18 +334,23 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
                         "`teacher.cache` only serves `dskd distill`")
     tokenizer = models.load_tokenizer(cfg.teacher)
     train_set, dev_set = load_data(cfg, task, tokenizer)
+    train_set, holdout_set, noisy = training_split(cfg, task, train_set)
     teacher = load_teacher(cfg, task, tokenizer, for_finetune=role == "finetune")
     if role == "finetune":
-        return Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
-                   teacher, None, [], resume_tag, build_loss_terms(losses))
+        job = Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
+                  teacher, None, [], resume_tag, build_loss_terms(losses))
+        job.holdout_set, job.noisy_labels = holdout_set, noisy
+        return job
     student, layers = models.build_student(cfg.student, teacher, task.num_labels, tokenizer.pad_token_id, cfg.seed)
     teacher = models.freeze(teacher, eng.run_dtype(ds_config), eng.device())
     terms, pairs = build_terms(cfg, losses, student.config, teacher.config, layers)
     bind_data(terms, train_set, task, cfg.seed)
     job = Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, TeacherSide(teacher), layers, resume_tag, terms, pairs)
+    job.holdout_set, job.noisy_labels = holdout_set, noisy
     check_stage_layers(cfg, pairs, terms)
     check_stage_teachers(cfg, task, teacher.config)
+    check_meta_terms(job)
     if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
         job.teacher.capture = QKCapture(teacher, [t for _, t in pairs], "teacher")
@@ -423,6 +431,7 @@ def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume
     tokenizer = cache_tokenizer(cfg, store)
     fingerprints: dict = {}
     train_set, dev_set = load_data(cfg, task, tokenizer, fingerprints)
+    train_set, holdout_set, noisy = training_split(cfg, task, train_set)
     t_config = SimpleNamespace(**store.teacher_config)
     if t_config.num_labels != task.num_labels:
         raise DskdError(f"`teacher.cache`: {store.path} holds a teacher with {t_config.num_labels} output labels; "
@@ -446,6 +455,8 @@ def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume
     store.verify(cfg.teacher.cache_check, eng.rank(), eng.world_size())
     job = Job(cfg, "distill", out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, store, layers, resume_tag, terms, pairs)
+    job.holdout_set, job.noisy_labels = holdout_set, noisy
+    check_meta_terms(job)
     if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
     return job
@@ -505,6 +516,16 @@ def check_stage_layers(cfg: ExperimentConfig, pairs: tuple, terms: nn.ModuleDict
         if stage.per_layer is not None and not mapped:
             raise DskdError(f"`schedule[{i}].per_layer` ({stage.name}) needs a layer-wise loss term "
                             "(attention_kl or cls_cosine) to distil layer by layer")
+
+
+def training_split(cfg: ExperimentConfig, task, train_set):
+    """The examples trained on, the held-out ones (``data.holdout``, chosen first so they keep
+    their labels) and how many training labels ``data.label_noise`` changed (None: no noise)."""
+    train_set, holdout_set = data.split_holdout(train_set, cfg.data.holdout, cfg.seed)
+    noisy = None
+    if cfg.data.label_noise is not None:
+        train_set, noisy = data.apply_label_noise(train_set, task, cfg.data.label_noise)
+    return train_set, holdout_set, noisy
 
 
 def load_data(cfg: ExperimentConfig, task, tokenizer, fingerprints: dict | None = None):
@@ -628,6 +649,43 @@ def losses_on(engine, teacher: TeacherSide | None, batch: dict, weights: dict[st
     if teacher is not None and any(module.terms[name].uses_teacher for name in weights):
         teacher_out = teacher.outputs(batch, module.needs, pairs, split)
     return engine(batch, teacher_out, weights, pairs, split)
+
+
+def meta_terms(terms, names) -> list:
+    """The terms among ``names`` that learn from held-out batches (RW-KD's meta-learner)."""
+    return [terms[name] for name in names if getattr(terms[name], "meta", False)]
+
+
+def holdout_batch(job: "Job", step: int, pad_id: int, device) -> dict:
+    """This rank's meta batch for optimizer step ``step``: a function of (seed, step, rank)
+    only, so a resumed run draws the same ones."""
+    generator = torch.Generator().manual_seed(job.cfg.seed * 1_000_003 + step * eng.world_size() + eng.rank())
+    rows = torch.randperm(len(job.holdout_set), generator=generator)[: job.training.batch_size].tolist()
+    return {k: v.to(device) for k, v in data.collate([job.holdout_set[i] for i in rows], pad_id).items()}
+
+
+def meta_step(job: "Job", engine, batch: dict, stage: "Stage", step: int, pad_id: int) -> None:
+    """Before optimizer step ``step``: let meta-learned terms update from a held-out batch."""
+    due = [t for t in meta_terms(engine.module.terms, stage.weights) if step % t.meta_every == 0]
+    if not due:
+        return
+    meta_batch = holdout_batch(job, step, pad_id, batch["input_ids"].device)
+    teacher_logits = job.teacher.outputs(batch, frozenset({"logits"}), (), "train")["logits"]
+    for term in due:
+        term.meta_update(engine.module.model, batch, teacher_logits, meta_batch, engine.get_lr()[0])
+
+
+def check_meta_terms(job: "Job") -> None:
+    """Terms with a meta-learner need held-out examples and the student's full weights on every rank."""
+    for name, term in job.terms.items():
+        if not getattr(term, "meta", False):
+            continue
+        if job.holdout_set is None:
+            raise DskdError(f"`losses.{name}` learns its weights on held-out training examples; set `data.holdout` "
+                            "(e.g. 0.05 keeps 5% of the training set out of training for its meta batches)")
+        if eng.zero_stage(job.ds_config) == 3:
+            raise DskdError(f"`losses.{name}`: the meta-learner's look-ahead needs the student's full weights on "
+                            f"every rank, which ZeRO-3 partitions ({job.ds_file}); use ZeRO stage 0, 1 or 2")
 
 
 def train_step(engine, teacher: TeacherSide | None, batch: dict, weights: dict[str, float], pairs=()):
@@ -784,6 +842,12 @@ def run(job: Job, argv: list[str]) -> dict:
         + (" until plateau" if st.plateau else "") + ")"
         for st in stages
     )
+    if job.holdout_set is not None:
+        monitor.line(f"[data] {len(job.holdout_set)} training examples held out (data.holdout {cfg.data.holdout})")
+    if job.noisy_labels is not None:
+        noise = cfg.data.label_noise
+        monitor.line(f"[data] label noise ({noise.kind}, rate {noise.rate}, seed {noise.seed}): {job.noisy_labels} "
+                     f"of {len(job.train_set)} training labels changed")
     monitor.line(
         f"[{job.role}] {len(job.train_set)} train / {len(job.dev_set)} dev examples, {world} rank(s), "
         f"{steps_per_epoch} steps/epoch, {stages[-1].end} steps, stages: {describe}"
@@ -841,6 +905,8 @@ def run(job: Job, argv: list[str]) -> dict:
                 monitor.scalars({f"teacher/stage/{k}": v for k, v in scores.items()}, state["step"])
             batch = {k: v.to(device) for k, v in batch.items()}
             engine.module.set_progress(stage.progress(state["step"]))
+            if state["batch_in_epoch"] % training.grad_accum == 0:
+                meta_step(job, engine, batch, stage, state["step"], pad_id)
             total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
