@@ -49,6 +49,7 @@ METHODS = {
     "continuation_kd": "Continuation-KD (smoothed to standard KD, then labels)",
     "pro_kd": "Pro-KD (teacher epoch 2, then final teacher)",
     "swa": "SWA, no teacher (average of the 2nd epoch)",
+    "rw_kd": "RW-KD (meta-learned per-example CE/KD weights)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 
