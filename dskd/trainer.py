@@ -225,6 +225,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def saved_config(out: Path) -> dict:
+    """The config a run was started with, completed with today's defaults for keys added to
+    the schema since (so a run started by an older dskd resumes when nothing really changed)."""
+    from dskd.config import ExperimentConfig, build_dataclass
+
+    raw = yaml.safe_load((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else {}
+    try:
+        return to_dict(build_dataclass(ExperimentConfig, raw or {}, str(out / CONFIG_FILE)))
+    except DskdError:  # a key this version no longer knows: compare as written
+        return raw or {}
+
+
 def _diff_configs(old: dict, new: dict, prefix: tuple = ()) -> list[str]:
     keys = set(old) | set(new)
     diffs = []
@@ -255,8 +267,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: ExperimentCo
         if checkpoint.latest_tag(out / "checkpoints") is not None:
             resume = True
         elif holds_run:
-            saved = yaml.safe_load((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else {}
-            diffs = _diff_configs(saved, to_dict(cfg))
+            diffs = _diff_configs(saved_config(out), to_dict(cfg))
             if diffs:
                 raise DskdError(f"--auto-resume: {out} holds a run of another config ({'; '.join(diffs)}); "
                                 "choose another folder")
@@ -271,8 +282,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: ExperimentCo
     tag = checkpoint.latest_tag(out / "checkpoints")
     if tag is None:
         raise DskdError(f"--resume: {out / 'checkpoints'} holds no complete checkpoint to resume from")
-    saved = yaml.safe_load((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else {}
-    diffs = _diff_configs(saved, to_dict(cfg))
+    diffs = _diff_configs(saved_config(out), to_dict(cfg))
     if diffs:
         raise DskdError(
             f"--resume: the config differs from the one {out} was started with ({'; '.join(diffs)}); "

@@ -313,3 +313,22 @@ def test_internal_kd_across_widths_and_heads_on_two_ranks_zero3(session_tmp):
     assert images[0].width == images[0].height > 0
     scalars = _scalars(out / "tensorboard")
     assert {"train/loss/attention_kl/L1", "train/loss/cls_cosine/L2"} <= set(scalars)
+
+
+def test_a_run_started_before_new_config_keys_existed_still_resumes(tmp_path):
+    import yaml
+
+    from dskd.config import load_config, to_dict
+    from dskd.trainer import CONFIG_FILE, _diff_configs, saved_config
+
+    cfg = load_config(write_config(tmp_path / "c.yaml"))
+    old = to_dict(cfg)
+    for section, key in (("data", "holdout"), ("data", "label_noise"), ("training", "trajectory"),
+                         ("training", "swa")):
+        del old[section][key]  # what an older dskd wrote: these keys did not exist yet
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    assert _diff_configs(saved_config(tmp_path / "run"), to_dict(cfg)) == []
+    old["training"]["epochs"] = 9.0  # a real change is still reported
+    (tmp_path / "run" / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    assert _diff_configs(saved_config(tmp_path / "run"), to_dict(cfg)) == [f"training.epochs: 9.0 -> {cfg.training.epochs}"]
