@@ -50,6 +50,7 @@ METHODS = {
     "pro_kd": "Pro-KD (teacher epoch 2, then final teacher)",
     "swa": "SWA, no teacher (average of the 2nd epoch)",
     "rw_kd": "RW-KD (meta-learned per-example CE/KD weights)",
+    "kroneckerbert": "KroneckerBERT (Kronecker-factored layers and embeddings; internal KD, then soft labels)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 

@@ -113,6 +113,21 @@ class TeacherConfig:
 
 
 @dataclass
+class KroneckerConfig:
+    """KroneckerBERT (docs/methods.md): each named kind of linear map W [out, in] of the student's
+    layers becomes A ⊗ B, initialised as the nearest Kronecker product of the copied weight.
+    A kind's value is the shape [m2, n2] of the small factor B; A is [out/m2, in/n2], so the
+    kind keeps about 1/(m2*n2) of its weights. null leaves that kind dense."""
+
+    attention: Optional[list[int]] = None  # query, key, value, attention output: [hidden, hidden]
+    intermediate: Optional[list[int]] = None  # FFN in: [intermediate, hidden]
+    output: Optional[list[int]] = None  # FFN out: [hidden, intermediate]
+    # The word-embedding table [vocab, hidden] (vocab rounded up to a multiple of m2).
+    embeddings: Optional[list[int]] = None
+    layers: Optional[list[int]] = None  # student layers (1-based) whose maps are factored; null: all
+
+
+@dataclass
 class StudentConfig:
     # Copy embeddings, these teacher layers (1-based) and the head into the student.
     init_from_teacher: bool = True
@@ -121,6 +136,8 @@ class StudentConfig:
     layers: Optional[int] = None
     # Shape of a student built from config (required when init_from_teacher is false).
     arch: Optional[ArchConfig] = None
+    # KroneckerBERT: factor the student's linear maps as Kronecker products (null: dense).
+    kronecker: Optional[KroneckerConfig] = None
 
 
 @dataclass
@@ -438,6 +455,8 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                 f"`student.layers` is {student.layers} but `student.teacher_layers` lists "
                 f"{len(student.teacher_layers)} layers; drop one of them or make them agree"
             )
+    if student.kronecker is not None:
+        _validate_kronecker(student, fail)
     for section in ("data", "training", "finetune"):
         obj = getattr(cfg, section)
         for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints"):
@@ -520,6 +539,39 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     for section in ("training", "finetune"):
         if getattr(cfg, section).attention_images < 0:
             fail(f"`{section}.attention_images` must be 0 (off) or more, got {getattr(cfg, section).attention_images}")
+
+
+def _validate_kronecker(student: StudentConfig, fail) -> None:
+    """Shapes and layers of `student.kronecker`; divisibility by the model's sizes is checked when
+    the student is built (or here already, for a student built from `student.arch`)."""
+    spec, key = student.kronecker, "student.kronecker"
+    kinds = ("attention", "intermediate", "output", "embeddings")
+    if all(getattr(spec, kind) is None for kind in kinds):
+        fail(f"`{key}` compresses nothing; give the factor shape [m2, n2] of at least one of "
+             + ", ".join(f"`{key}.{kind}`" for kind in kinds))
+    for kind in kinds:
+        shape = getattr(spec, kind)
+        if shape is not None and (len(shape) != 2 or min(shape) < 1):
+            fail(f"`{key}.{kind}` must be the shape [m2, n2] of the factor B (two positive integers), got {shape}")
+    if spec.layers is not None:
+        if not spec.layers or min(spec.layers) < 1:
+            fail(f"`{key}.layers` lists 1-based student layers to factor (null: all), got {spec.layers}")
+        depth = student.arch.layers if student.arch is not None else (
+            len(student.teacher_layers) if student.teacher_layers else student.layers)
+        if depth is not None and max(spec.layers) > depth:
+            fail(f"`{key}.layers` names layer {max(spec.layers)}, but the student has {depth} layers")
+    arch = student.arch
+    if arch is not None:
+        sizes = {"attention": (arch.hidden, arch.hidden), "intermediate": (arch.intermediate, arch.hidden),
+                 "output": (arch.hidden, arch.intermediate)}
+        for kind, (m, n) in sizes.items():
+            shape = getattr(spec, kind)
+            if shape is not None and (m % shape[0] or n % shape[1]):
+                fail(f"`{key}.{kind}` is {shape}, which does not divide the [{m}, {n}] weights it factors "
+                     f"([out, in]: m2 must divide {m} and n2 must divide {n})")
+        if spec.embeddings is not None and arch.hidden % spec.embeddings[1]:
+            fail(f"`{key}.embeddings` is {spec.embeddings}: {spec.embeddings[1]} does not divide the hidden size "
+                 f"{arch.hidden} of the word embeddings")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

@@ -22,6 +22,7 @@ MODEL_PREFIX = "model."
 def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    import dskd.kronecker  # noqa: F401  (registers KroneckerBERT, whose config model_config/ may hold)
     from dskd.trainer import MODEL_CONFIG_DIR, RUN_FILE
 
     run_dir, out = Path(run_dir), Path(out)

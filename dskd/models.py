@@ -97,6 +97,8 @@ def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
     """A model folder's config, checked against the task, without loading weights."""
     from transformers import AutoConfig
 
+    import dskd.kronecker  # noqa: F401  (registers the KroneckerBERT model types)
+
     source = resolve_model_path(path)
     if _looks_local(source) and not Path(source).exists():
         raise DskdError(f"`{key}` points to {source}, which does not exist; give a model folder, hub name or dskd run")
@@ -115,6 +117,8 @@ def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
 def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "teacher.path"):
     """Load a sequence classifier; for distillation its head must already match the task."""
     from transformers import AutoModelForSequenceClassification
+
+    import dskd.kronecker  # noqa: F401  (registers the KroneckerBERT model types)
 
     source = resolve_model_path(path)
     if not for_finetune:
@@ -310,6 +314,20 @@ def student_from_teacher_files(path: str, cfg: StudentConfig, num_labels: int):
 def build_student(cfg: StudentConfig, teacher: nn.Module, num_labels: int, pad_token_id: int, seed: int):
     """The student and the teacher layers it was initialised from (empty when built from config)."""
     if cfg.init_from_teacher:
-        return student_from_teacher(teacher, cfg)
-    vocab = teacher.config.vocab_size
-    return build_from_arch(cfg.arch, vocab, num_labels, pad_token_id, seed + 1, "student.arch"), []
+        student, layers = student_from_teacher(teacher, cfg)
+    else:
+        vocab = teacher.config.vocab_size
+        student, layers = build_from_arch(cfg.arch, vocab, num_labels, pad_token_id, seed + 1, "student.arch"), []
+    return apply_kronecker(student, cfg, seed), layers
+
+
+def apply_kronecker(student: nn.Module, cfg: StudentConfig, seed: int) -> nn.Module:
+    """KroneckerBERT (`student.kronecker`): the student with its linear maps factored as A ⊗ B,
+    from the copied teacher weights by nearest Kronecker product (random factors for a student
+    built from `student.arch`). Unchanged when `student.kronecker` is null."""
+    if cfg.kronecker is None:
+        return student
+    from dskd import kronecker
+
+    init = "nearest" if cfg.init_from_teacher else "random"
+    return kronecker.kroneckerize(student, cfg.kronecker, init=init, seed=seed + 2)

@@ -91,6 +91,10 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     else:
         s_config = models.arch_config(cfg.student.arch, t_config.vocab_size, task.num_labels,
                                       tokenizer.pad_token_id, "student.arch")
+    if cfg.student.kronecker is not None:  # KroneckerBERT: count the factored student
+        from dskd.kronecker import kronecker_config
+
+        s_config = kronecker_config(s_config, cfg.student.kronecker)
     pairs = trainer.mapped_pairs(cfg, cfg.losses, init_layers, n_student, t_config.num_hidden_layers)
     try:
         cache.spec_for(cfg.losses, pairs)

@@ -455,6 +455,7 @@ def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume
     else:
         student, layers = models.build_from_arch(cfg.student.arch, t_config.vocab_size, task.num_labels,
                                                  tokenizer.pad_token_id, cfg.seed + 1, "student.arch"), []
+    student = models.apply_kronecker(student, cfg.student, cfg.seed)
     terms, pairs = build_terms(cfg, losses, student.config, t_config, layers)
     bind_data(terms, train_set, task, cfg.seed)
     check_stage_layers(cfg, pairs, terms)
@@ -858,6 +859,10 @@ def run(job: Job, argv: list[str]) -> dict:
         noise = cfg.data.label_noise
         monitor.line(f"[data] label noise ({noise.kind}, rate {noise.rate}, seed {noise.seed}): {job.noisy_labels} "
                      f"of {len(job.train_set)} training labels changed")
+    if job.role == "distill" and getattr(job.model.config, "kronecker", None):
+        from dskd import kronecker
+
+        monitor.line(kronecker.describe(job.model))
     monitor.line(
         f"[{job.role}] {len(job.train_set)} train / {len(job.dev_set)} dev examples, {world} rank(s), "
         f"{steps_per_epoch} steps/epoch, {stages[-1].end} steps, stages: {describe}"
