@@ -51,12 +51,18 @@ METHODS = {
     "swa": "SWA, no teacher (average of the 2nd epoch)",
     "rw_kd": "RW-KD (meta-learned per-example CE/KD weights)",
     "kroneckerbert": "KroneckerBERT (Kronecker-factored layers and embeddings; internal KD, then soft labels)",
+    "universal_kd": "Universal-KD (per-layer pseudo-classifiers, attention over teacher layers)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 
 
 def teacher_dir(root: Path, task: str) -> Path:
     return root / task / "teacher"
+
+
+def probes_dir(root: Path, task: str) -> Path:
+    """Universal-KD's teacher pseudo-classifiers (`dskd train-probes`), one folder per task's teacher."""
+    return root / task / "probes"
 
 
 def student_dir(root: Path, task: str, layers: int, method: str, seed: int) -> Path:
@@ -98,9 +104,18 @@ def run_grid(args) -> None:
                     out = student_dir(args.root, task, layers, method, seed)
                     if completed(out):
                         continue
+                    extra = []
+                    if method == "universal_kd":  # the teacher's pseudo-classifiers first (again if it is newer)
+                        probes, manifest = probes_dir(args.root, task), probes_dir(args.root, task) / "manifest.json"
+                        if not manifest.is_file() or \
+                                manifest.stat().st_mtime < (teacher / "metrics.json").stat().st_mtime:
+                            launch([*dskd, "train-probes", "--config", "configs/results/universal_kd.yaml", "--output",
+                                    str(probes), "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}"])],
+                                   args.threads)
+                        extra = [f"losses.universal_kd.teacher_probes={probes}"]
                     launch([*dskd, "distill", "--config", f"configs/results/{method}.yaml", "--output", str(out),
                             "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}",
-                                                                f"seed={seed}"])], args.threads)
+                                                                f"seed={seed}"] + extra)], args.threads)
 
 
 def collect(args) -> dict:

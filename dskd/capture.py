@@ -133,7 +133,7 @@ def mean_vectors(hidden_states: tuple[torch.Tensor, ...], layers: list[int], mas
 
 
 POOLED = ("cls", "mean")  # per-layer sentence vectors a term may ask for
-STATES = POOLED + ("hidden", "embeddings")  # needs read from ``hidden_states``
+STATES = POOLED + ("hidden", "embeddings", "cls_all")  # needs read from ``hidden_states``
 
 
 def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], capture: QKCapture | None,
@@ -144,6 +144,8 @@ def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], c
     ``capture``) and ``attention_v`` (the value projections [B, heads, S, head_dim], via
     ``capture``). Per-layer outputs are lists aligned with ``layers``; ``embeddings`` (the
     embedding output, hidden state 0) is one tensor, returned whenever ``layers`` is not empty.
+    ``cls_all`` (also only when ``layers`` is not empty) is the [CLS] vector of *every* layer,
+    ``[layer 1, ..., layer L]``, whatever the mapped pairs are (Universal-KD's pseudo-classifiers).
     The same path serves the student (with autograd) and the teacher (under no_grad)."""
     want_qk = bool(layers) and "attention_qk" in needs
     want_v = bool(layers) and "attention_v" in needs
@@ -167,6 +169,8 @@ def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], c
         result["hidden"] = [out["hidden_states"][layer] for layer in layers]
     if layers and "embeddings" in needs:
         result["embeddings"] = out["hidden_states"][0]
+    if layers and "cls_all" in needs:
+        result["cls_all"] = [state[:, 0] for state in out["hidden_states"][1:]]
     if want_v:
         result["attention_v"] = capture.take_values(layers)
     if want_qk:

@@ -1,4 +1,4 @@
-"""``dskd`` command line: finetune, distill, cache-teacher, plan, report, evaluate, export."""
+"""``dskd`` command line: finetune, distill, cache-teacher, train-probes, plan, report, evaluate, export."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ examples:
   dskd cache-teacher --config configs/quickstart.yaml --set teacher.path=runs/teacher --output runs/cache
   dskd distill  --config configs/quickstart.yaml --output runs/cached --set teacher.path=runs/teacher \
                 --set teacher.cache=runs/cache
+  dskd train-probes --config configs/results/universal_kd.yaml --output runs/probes \
+                --set teacher.path=runs/teacher
   dskd evaluate --model runs/student/model --config configs/quickstart.yaml
   dskd export   --run runs/student --out exported/student
   launchers/local.sh 2 distill --config configs/tiny.yaml --output runs/tiny2
@@ -87,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="teacher batch size (default: 2 x training.batch_size)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --output holds")
     p.add_argument("--dry-run", action="store_true", help="print the plan (as `dskd plan`) and write nothing")
+
+    p = sub.add_parser(
+        "train-probes",
+        help="Universal-KD: fit the frozen teacher's per-layer pseudo-classifiers and save them",
+        description="Run the frozen teacher once over the training set, fit one linear classifier per layer on its "
+        "[CLS] vectors and the gold labels, print each one's dev accuracy and save them to --output; set "
+        "`losses.universal_kd.teacher_probes: DIR` to distil with them. One process (not under a launcher).",
+    )
+    _add_config(p)
+    p.add_argument("--output", required=True, type=Path, help="folder to write (probes.safetensors, manifest.json)")
+    p.add_argument("--layers", type=int, nargs="+",
+                   help="teacher layers (1-based; default: the config's universal_kd teacher_layers, else all)")
+    p.add_argument("--epochs", type=int, default=20, help="passes of Adam over the cached vectors (default 20)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate on standardised vectors (default 1e-2)")
+    p.add_argument("--fit-batch-size", type=int, default=64, help="mini-batch of the fit (default 64)")
+    p.add_argument("--batch-size", type=int, help="teacher batch size (default: 2 x training.batch_size)")
+    p.add_argument("--overwrite", action="store_true", help="replace the probes --output holds")
 
     p = sub.add_parser(
         "plan",
@@ -194,6 +213,21 @@ def _cache_teacher(args) -> int:
     return 0
 
 
+def _train_probes(args) -> int:
+    from dskd.config import load_config
+    from dskd.universal import train_probes
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = train_probes(cfg, args.output, args.batch_size, args.epochs, args.lr, args.fit_batch_size,
+                            args.layers, args.overwrite, sys.argv)
+    for layer, accuracy in manifest["dev_accuracy"].items():
+        print(f"probe {layer}: dev accuracy {accuracy:.4f}  (train {manifest['train_accuracy'][layer]:.4f})")
+    print(f"teacher probes dev: {json.dumps(manifest['dev_accuracy'])}")
+    print(f"teacher probes: {args.output}; use them with: dskd distill ... "
+          f"--set losses.universal_kd.teacher_probes={args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
@@ -204,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             code = _plan(args)
         elif args.command == "cache-teacher":
             code = _cache_teacher(args)
+        elif args.command == "train-probes":
+            code = _train_probes(args)
         elif args.command == "report":
             from dskd.report import collect, format_table
 

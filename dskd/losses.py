@@ -7,7 +7,8 @@ Every term is an ``nn.Module`` called as ``term(student, teacher, mask)``:
   teacher layer) pairs active in this stage): ``attention_qk`` (captured Q, K per
   layer, see ``dskd.capture``) and ``cls`` (the [CLS] vector after each layer). The
   teacher side also carries the batch's ground-truth ``labels``: for the hard-label
-  term the data set is the teacher.
+  term the data set is the teacher. ``cls_all`` (need of the same name) is the [CLS]
+  vector after every layer, not only the mapped ones (Universal-KD).
 * ``mask`` is the batch's attention mask ``[B, S]`` (1 = real token).
 
 A term declares which outputs it ``needs`` so the teacher is asked only for those, and
@@ -74,6 +75,11 @@ class LossTerm(nn.Module):
     def extra_logs(self) -> dict[str, torch.Tensor]:
         """Diagnostics of the last call, logged as ``<term>/<key>`` beside its value (not in the loss)."""
         return {}
+
+    def bind_run(self, cfg, key: str) -> None:
+        """Called once with the experiment config once the term is built (and bound), before
+        anything runs: for terms that read files made for one teacher and task (Universal-KD's
+        teacher probes) and must refuse others. ``key`` names the term in errors."""
 
     def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -315,6 +321,8 @@ class LayerGeometry:
     teacher_hidden: int
     student_heads: int
     teacher_heads: int
+    student_depth: int = 0  # layers of each model (0: unknown, e.g. a hand-built geometry in a test)
+    teacher_depth: int = 0
 
 
 class LayerwiseTerm(LossTerm):
@@ -735,3 +743,4 @@ def build_loss_terms(losses: dict[str, dict], geometry: LayerGeometry | None = N
 
 from dskd import contrastive  # noqa: E402,F401  (registers `codir`; it builds on the classes above)
 from dskd import reweight  # noqa: E402,F401  (registers `rw_kd`)
+from dskd import universal  # noqa: E402,F401  (registers `universal_kd`)

@@ -491,11 +491,13 @@ def build_terms(cfg: ExperimentConfig, losses: dict, s_cfg, t_cfg, init_layers: 
     """The loss terms, bound to the layer map when a term compares internal layers.
     ``s_cfg``/``t_cfg``: the models' configs (depth, width, heads)."""
     pairs = mapped_pairs(cfg, losses, init_layers, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    if not pairs:
-        return build_loss_terms(losses, seed=cfg.seed), ()
-    geometry = LayerGeometry(pairs, s_cfg.hidden_size, t_cfg.hidden_size,
-                             s_cfg.num_attention_heads, t_cfg.num_attention_heads)
-    return build_loss_terms(losses, geometry, cfg.seed), pairs
+    geometry = LayerGeometry(pairs, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg.num_attention_heads,
+                             t_cfg.num_attention_heads, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers) \
+        if pairs else None
+    terms = build_loss_terms(losses, geometry, cfg.seed)
+    for name, term in terms.items():
+        term.bind_run(cfg, f"losses.{name}")  # e.g. Universal-KD's probes must be of this teacher and task
+    return terms, pairs
 
 
 def bind_data(terms: nn.ModuleDict, train_set, task, seed: int) -> None:
