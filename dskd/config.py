@@ -513,6 +513,9 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         if stage.teacher is not None and cfg.teacher.cache is not None:
             fail(f"`{key}.teacher` ({stage.name}) switches teachers, but `teacher.cache` holds one teacher's "
                  "outputs; distil such a schedule from the online teachers (drop teacher.cache)")
+        if stage.keep_best and cfg.training.swa is not None:
+            fail(f"`{key}.keep_best` ({stage.name}) rewinds the student to an earlier evaluation, which the running "
+                 "SWA average (`training.swa`) cannot follow; use one of them")
         if stage.keep_best and stage.per_layer is not None:
             fail(f"`{key}` ({stage.name}) sets both `keep_best` and `per_layer`; keep the best weights of a "
                  "single stage (split the per-layer stages out, or drop keep_best)")

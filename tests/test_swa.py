@@ -67,6 +67,9 @@ def test_swa_settings_are_checked_by_key(tmp_path):
                          ({"lr": "step"}, r"`training.swa.lr` must be 'constant' or 'cyclic'")):
         with pytest.raises(DskdError, match=message):
             load_config(write_config(tmp_path / "s.yaml", {"training.swa": swa}))
+    with pytest.raises(DskdError, match=r"`schedule\[0\].keep_best` \(a\) rewinds the student .* use one of them"):
+        load_config(write_config(tmp_path / "k.yaml", {"training.swa": {}, "schedule": [
+            {"name": "a", "epochs": 1, "keep_best": True}]}))
 
 
 SWA = {
