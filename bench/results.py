@@ -52,6 +52,8 @@ METHODS = {
     "rw_kd": "RW-KD (meta-learned per-example CE/KD weights)",
     "kroneckerbert": "KroneckerBERT (Kronecker-factored layers and embeddings; internal KD, then soft labels)",
     "universal_kd": "Universal-KD (per-layer pseudo-classifiers, attention over teacher layers)",
+    "combined_kd": "Combined-KD (MATE-KD generated text + annealed logit MSE, then labels)",
+    "glitter": "Glitter (soft-label KD + KD on the top-2 of 8 EDA candidates by KL, T 5, cached teacher)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 
@@ -63,6 +65,16 @@ def teacher_dir(root: Path, task: str) -> Path:
 def probes_dir(root: Path, task: str) -> Path:
     """Universal-KD's teacher pseudo-classifiers (`dskd train-probes`), one folder per task's teacher."""
     return root / task / "probes"
+
+
+def pool_dir(root: Path, task: str) -> Path:
+    """Glitter's candidate pool (`dskd augment`), one per task (it depends on the data only)."""
+    return root / task / "pool"
+
+
+def glitter_cache_dir(root: Path, task: str) -> Path:
+    """The teacher cache with the candidates' logits (`dskd cache-teacher` with `data.augment`)."""
+    return root / task / "glitter-cache"
 
 
 def student_dir(root: Path, task: str, layers: int, method: str, seed: int) -> Path:
@@ -113,6 +125,20 @@ def run_grid(args) -> None:
                                     str(probes), "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}"])],
                                    args.threads)
                         extra = [f"losses.universal_kd.teacher_probes={probes}"]
+                    if method == "glitter":  # the candidate pool, then the cache of their logits (again if older)
+                        pool, store = pool_dir(args.root, task), glitter_cache_dir(args.root, task)
+                        recipe = "configs/results/glitter.yaml"
+                        if not (pool / "manifest.json").is_file():
+                            launch([*dskd, "augment", "--config", recipe, "--output", str(pool), "--overwrite",
+                                    *sets(TASKS[task] + [f"teacher.path={teacher}", f"data.augment={pool}"])],
+                                   args.threads)
+                        manifest = store / "manifest.json"
+                        if not manifest.is_file() or manifest.stat().st_mtime < max(
+                                (teacher / "metrics.json").stat().st_mtime, (pool / "manifest.json").stat().st_mtime):
+                            launch([*dskd, "cache-teacher", "--config", recipe, "--output", str(store), "--overwrite",
+                                    *sets(TASKS[task] + [f"teacher.path={teacher}", f"data.augment={pool}"])],
+                                   args.threads)
+                        extra = [f"data.augment={pool}", f"teacher.cache={store}"]
                     launch([*dskd, "distill", "--config", f"configs/results/{method}.yaml", "--output", str(out),
                             "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}",
                                                                 f"seed={seed}"] + extra)], args.threads)

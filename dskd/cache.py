@@ -58,6 +58,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{k: k for k in STORAGE_DTYPES}}
 CACHEABLE = ("logits", "cls", "mean", "attention_qk")  # what a loss term may need from the teacher
 POOLED = ("cls", "mean")  # per-layer [examples, hidden] fields
+AUGMENT = "augment"  # Glitter's candidates (`data.augment`): logits only, keyed by candidate id
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _CHUNK = 8 << 20
 
@@ -357,8 +358,10 @@ def _diff(expected: dict, found: dict, prefix: str = "") -> list[str]:
 
 
 def write(out: Path, identity: dict, layout: dict, about: dict, splits: dict, teacher, spec: CacheSpec,
-          batch_size: int, tokenizer, teacher_config: dict, overwrite: bool, log=print, flush_every: int = 50) -> dict:
+          batch_size: int, tokenizer, teacher_config: dict, overwrite: bool, log=print, flush_every: int = 50,
+          specs: dict[str, CacheSpec] | None = None) -> dict:
     """Write (or finish writing) the cache on every rank; return the manifest.
+    ``specs`` overrides ``spec`` for some splits (Glitter's candidates: logits only).
 
     ``identity`` says what the cache is of (teacher, tokenizer, data, max length);
     ``layout`` how it is stored (fields, layers, dtype, world size, batch size); ``about``
@@ -390,16 +393,17 @@ def write(out: Path, identity: dict, layout: dict, about: dict, splits: dict, te
     pad_id = tokenizer.pad_token_id
     shards = {}
     for split, dataset in splits.items():
-        writer = ShardWriter(out / split / f"shard-{rank}", spec, dataset, rank, world, batch_size, hidden, labels,
-                             layout["dtype"])
+        split_spec = (specs or {}).get(split, spec)
+        writer = ShardWriter(out / split / f"shard-{rank}", split_spec, dataset, rank, world, batch_size, hidden,
+                             labels, layout["dtype"])
         if writer.done:
             log(f"[cache] {split}: resuming at batch {writer.done}/{len(writer.batches)}")
         started, last_flush = time.perf_counter(), time.perf_counter()
         for number, rows in enumerate(writer.batches[writer.done :], start=writer.done + 1):
             batch = data.collate([dataset[int(p)] for p in writer.order[rows.start : rows.stop]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            outputs = models.teacher_outputs(teacher.model, batch, frozenset(spec.fields), teacher.capture,
-                                             list(spec.layers))
+            outputs = models.teacher_outputs(teacher.model, batch, frozenset(split_spec.fields), teacher.capture,
+                                             list(split_spec.layers))
             writer.write(rows, outputs, batch["attention_mask"])
             if number % flush_every == 0 or time.perf_counter() - last_flush > 60:
                 writer.mark(number)
@@ -489,6 +493,9 @@ class TeacherCache:
         """Refuse a cache that is not of this run's teacher, tokenizer, data and max length,
         or lacks an output or layer the run's losses read."""
         expected, found = dict(identity), dict(self.identity)
+        if AUGMENT not in expected.get("data", {}) and AUGMENT in found.get("data", {}):
+            # A run without Glitter's candidates may read a cache that also holds theirs.
+            found["data"] = {k: v for k, v in found["data"].items() if k != AUGMENT}
         if expected["teacher"] is None:  # teacher.path unset: no weights to compare with
             expected.pop("teacher")
             found.pop("teacher", None)
@@ -642,6 +649,12 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
     tokenizer = models.load_tokenizer(cfg.teacher)
     fingerprints: dict = {}
     train_set, dev_set = trainer.load_data(cfg, task, tokenizer, fingerprints)
+    splits, specs = {"train": train_set, "dev": dev_set}, {}
+    from dskd import glitter
+
+    candidates = glitter.open_candidates(cfg, task, tokenizer, fingerprints)  # adds the pool to the identity
+    if candidates is not None:
+        splits[AUGMENT], specs[AUGMENT] = candidates.view, CacheSpec(("logits",), ())
     model = trainer.load_teacher(cfg, task, tokenizer)
     init_layers, n_student = models.student_layer_plan(cfg.student, model.config.num_hidden_layers)
     pairs = trainer.mapped_pairs(cfg, cfg.losses, init_layers, n_student, model.config.num_hidden_layers)
@@ -654,15 +667,18 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
     layout = {"fields": list(spec.fields), "layers": list(spec.layers), "dtype": store,
               "compute_dtype": str(compute).replace("torch.", ""), "world_size": eng.world_size(),
               "batch_size": batch_size}
-    about = {"teacher_path": cfg.teacher.path, "data_path": cfg.data.path, "command": argv}
+    if candidates is not None:
+        layout[AUGMENT] = {"fields": ["logits"], "candidates_per_example": candidates.n, "key": "candidate id"}
+    about = {"teacher_path": cfg.teacher.path, "data_path": cfg.data.path, "augment_path": cfg.data.augment,
+             "command": argv}
     def log(*parts) -> None:  # progress goes to stderr, as the trainer's log lines do
         if eng.rank() == 0:
             print(*parts, file=sys.stderr, flush=True)
 
     from dskd.trainer import TeacherSide
 
-    return write(out, identity, layout, about, {"train": train_set, "dev": dev_set}, TeacherSide(model, capture),
-                 spec, batch_size, tokenizer, teacher_config, overwrite, log)
+    return write(out, identity, layout, about, splits, TeacherSide(model, capture), spec, batch_size, tokenizer,
+                 teacher_config, overwrite, log, specs=specs)
 
 
 def cache_size(path: Path) -> int:

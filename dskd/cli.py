@@ -1,4 +1,4 @@
-"""``dskd`` command line: finetune, distill, cache-teacher, train-probes, plan, report, evaluate, export."""
+"""``dskd`` command line: finetune, distill, cache-teacher, augment, train-probes, plan, report, evaluate, export."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ examples:
                 --set teacher.cache=runs/cache
   dskd train-probes --config configs/results/universal_kd.yaml --output runs/probes \
                 --set teacher.path=runs/teacher
+  dskd augment  --config configs/results/glitter.yaml --output runs/pool --candidates 8
   dskd evaluate --model runs/student/model --config configs/quickstart.yaml
   dskd export   --run runs/student --out exported/student
   launchers/local.sh 2 distill --config configs/tiny.yaml --output runs/tiny2
@@ -89,6 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="teacher batch size (default: 2 x training.batch_size)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --output holds")
     p.add_argument("--dry-run", action="store_true", help="print the plan (as `dskd plan`) and write nothing")
+
+    p = sub.add_parser(
+        "augment",
+        help="Glitter: write a pool of augmented candidates of every training example (data.augment)",
+        description="Generate --candidates augmented copies of every training example of the config's data and "
+        "save them as a `datasets` split (DIR/candidates) with DIR/manifest.json. Candidate j of example idx has "
+        "the id idx * candidates + j. Masked-LM fill-in with the teacher's own MLM head where teacher.path has one, "
+        "else EDA operations (random deletion, swap, insertion of a word of the same sentence). Deterministic in "
+        "--seed; one process. Point `data.augment` at DIR, then run `dskd cache-teacher` (it adds the candidates' "
+        "teacher logits) and `dskd distill` with the `glitter` loss term.",
+    )
+    _add_config(p)
+    p.add_argument("--output", required=True, type=Path, help="pool folder to write")
+    p.add_argument("--candidates", type=int, default=8, help="candidates per training example (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed (default 0; not the run's seed)")
+    p.add_argument("--method", default="auto", choices=["auto", "eda", "mlm"],
+                   help="auto (default): the teacher's masked-LM head if it has one, else EDA; mlm: refuse "
+                   "without one; eda: EDA operations")
+    p.add_argument("--ops", nargs="+", default=["delete", "swap", "insert"],
+                   help="EDA operations, used in turn by candidate number (default: delete swap insert)")
+    p.add_argument("--alpha", type=float, default=0.1,
+                   help="EDA: share of words changed (deletion probability; swaps/insertions per word; default 0.1)")
+    p.add_argument("--mask-rate", type=float, default=0.15, help="MLM: share of word pieces masked (default 0.15)")
+    p.add_argument("--top-k", type=int, default=10, help="MLM: draw each fill-in from the top k (default 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace the pool --output holds")
 
     p = sub.add_parser(
         "train-probes",
@@ -213,6 +239,20 @@ def _cache_teacher(args) -> int:
     return 0
 
 
+def _augment(args) -> int:
+    from dskd.config import load_config
+    from dskd.glitter import augment
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = augment(cfg, args.output, args.candidates, args.seed, args.method, args.alpha, args.ops,
+                       args.mask_rate, args.top_k, args.overwrite, sys.argv)
+    print(f"candidate pool: {args.output} ({manifest['source']['examples']} examples x {manifest['candidates']} "
+          f"candidates, {manifest['method']}, seed {manifest['seed']}, fingerprint {manifest['fingerprint']})")
+    print(f"use it with: dskd cache-teacher ... --set data.augment={args.output}, then dskd distill ... "
+          f"--set data.augment={args.output}")
+    return 0
+
+
 def _train_probes(args) -> int:
     from dskd.config import load_config
     from dskd.universal import train_probes
@@ -240,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             code = _cache_teacher(args)
         elif args.command == "train-probes":
             code = _train_probes(args)
+        elif args.command == "augment":
+            code = _augment(args)
         elif args.command == "report":
             from dskd.report import collect, format_table
 

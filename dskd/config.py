@@ -90,6 +90,9 @@ class DataConfig:
     # label noise, so they keep their labels): the meta batches of RW-KD.
     holdout: float = 0.0
     label_noise: Optional[LabelNoiseConfig] = None
+    # Glitter: a candidate pool written by `dskd augment` (augmented copies of the training
+    # examples); read by the `glitter` loss term and by `dskd cache-teacher` (split `augment`).
+    augment: Optional[str] = None
 
 
 @dataclass
@@ -491,6 +494,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         if noise.flip is not None and noise.kind != "asymmetric":
             fail("`data.label_noise.flip` maps classes for `kind: asymmetric` only; drop it or set kind: asymmetric")
     validate_loss_terms(cfg.losses, source)
+    _validate_augment(cfg, fail)
     for i, stage in enumerate(cfg.schedule):
         key = f"schedule[{i}]"
         if (stage.epochs is None) == (stage.steps is None):
@@ -542,6 +546,20 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     for section in ("training", "finetune"):
         if getattr(cfg, section).attention_images < 0:
             fail(f"`{section}.attention_images` must be 0 (off) or more, got {getattr(cfg, section).attention_images}")
+
+
+def _validate_augment(cfg: ExperimentConfig, fail) -> None:
+    """`data.augment` (Glitter's candidate pool) and the terms that read it go together."""
+    from dskd.losses import LOSS_REGISTRY, term_type
+
+    readers = [name for name, spec in cfg.losses.items()
+               if getattr(LOSS_REGISTRY[term_type(name, spec)], "augments", False)]
+    if cfg.data.augment is None and readers:
+        fail(f"`losses.{readers[0]}` distils on augmented candidates; set `data.augment` to a pool written by "
+             "`dskd augment --config C --output DIR`")
+    if cfg.data.augment is not None and not readers:
+        fail("`data.augment` is set but no loss term reads augmented candidates; add `glitter` to `losses` or "
+             "drop `data.augment`")
 
 
 def _validate_kronecker(student: StudentConfig, fail) -> None:

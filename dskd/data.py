@@ -390,10 +390,12 @@ def _rows(file: str, task_name: str, limit: int | None, stamp: tuple[int, int]):
         yield dict(zip(names, values))
 
 
-def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int) -> datasets.Dataset:
+def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, in_memory: bool = False) -> datasets.Dataset:
     """Tokenize text_a (and text_b) into input_ids, attention_mask and, if the tokenizer
     makes them, token_type_ids. No padding here: :func:`collate` pads each batch to its
-    longest example, which wastes far less compute than padding to max_length."""
+    longest example, which wastes far less compute than padding to max_length.
+    ``in_memory``: keep the result in memory instead of a cache file beside ``ds``'s files
+    (Glitter's candidate pool, a folder every rank reads)."""
     text_columns = [column for column in ("text_a", "text_b") if column in ds.column_names]
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -405,7 +407,8 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int) -> datasets
         batched=True,
         remove_columns=text_columns,
         desc="tokenize",
-        load_from_cache_file=True,
+        load_from_cache_file=not in_memory,
+        keep_in_memory=in_memory,
     )
 
 

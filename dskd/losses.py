@@ -744,3 +744,5 @@ def build_loss_terms(losses: dict[str, dict], geometry: LayerGeometry | None = N
 from dskd import contrastive  # noqa: E402,F401  (registers `codir`; it builds on the classes above)
 from dskd import reweight  # noqa: E402,F401  (registers `rw_kd`)
 from dskd import universal  # noqa: E402,F401  (registers `universal_kd`)
+from dskd import adversarial  # noqa: E402,F401  (registers `mate_kd`)
+from dskd import glitter  # noqa: E402,F401  (registers `glitter`)

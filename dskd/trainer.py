@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 
-from dskd import cache, checkpoint, data, engine as eng, metrics as metrics_mod, models, swa
+from dskd import adversarial, cache, checkpoint, data, engine as eng, glitter, metrics as metrics_mod, models, swa
 from dskd.preemption import EXIT_PREEMPTED, StopRequest
 from dskd.capture import QKCapture, forward_with_layers
 from dskd.config import ExperimentConfig, PlateauConfig, TeacherConfig, TrainingConfig, dump_config, resolve_path, to_dict
@@ -71,6 +71,10 @@ class DistillationModule(nn.Module):
         student["pairs"] = pairs
         if weights is None:
             return student
+        if "augment" in batch and glitter.reads_candidates(self.terms, weights):
+            # Glitter: the student on the originals' augmented candidates (train mode, with grad), here
+            # inside the DeepSpeed module so that ZeRO-3 gathers the parameters for it too.
+            student["augment"] = {"logits": self.model(**models.model_inputs(batch["augment"]))["logits"]}
         targets = dict(teacher or {}, labels=batch["labels"], idx=batch.get("idx"), split=split)
         mask = batch["attention_mask"]
         values = {}
@@ -321,6 +325,7 @@ class Job:
     student_capture: QKCapture | None = None
     holdout_set: object = None  # `data.holdout`: training examples kept out of training (RW-KD's meta batches)
     noisy_labels: int | None = None  # `data.label_noise`: how many training labels were changed
+    candidates: object = None  # `data.augment`: Glitter's candidate pool (glitter.Candidates)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -343,7 +348,8 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
         raise DskdError("`dskd finetune` trains the teacher, so it needs `teacher.path` or `teacher.arch`; "
                         "`teacher.cache` only serves `dskd distill`")
     tokenizer = models.load_tokenizer(cfg.teacher)
-    train_set, dev_set = load_data(cfg, task, tokenizer)
+    fingerprints: dict = {}
+    train_set, dev_set = load_data(cfg, task, tokenizer, fingerprints if cfg.data.augment else None)
     train_set, holdout_set, noisy = training_split(cfg, task, train_set)
     teacher = load_teacher(cfg, task, tokenizer, for_finetune=role == "finetune")
     if role == "finetune":
@@ -358,9 +364,11 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     job = Job(cfg, role, out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, TeacherSide(teacher), layers, resume_tag, terms, pairs)
     job.holdout_set, job.noisy_labels = holdout_set, noisy
+    job.candidates = glitter.open_candidates(cfg, task, tokenizer, fingerprints)
     check_stage_layers(cfg, pairs, terms)
     check_stage_teachers(cfg, task, teacher.config)
     check_meta_terms(job)
+    adversarial.bind_job(job)  # MATE-KD's generator: refusals, then built for the teacher's vocabulary
     if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
         job.teacher.capture = QKCapture(teacher, [t for _, t in pairs], "teacher")
@@ -460,13 +468,15 @@ def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume
     bind_data(terms, train_set, task, cfg.seed)
     check_stage_layers(cfg, pairs, terms)
     has_teacher = cfg.teacher.path is not None or cfg.teacher.arch is not None
+    candidates = glitter.open_candidates(cfg, task, tokenizer, fingerprints)  # before the identity: it names the pool
     identity = cache.identity_for(cfg, tokenizer, fingerprints,
                                   cache.teacher_fingerprint(cfg.teacher, cfg.seed) if has_teacher else None)
-    store.check(identity, cache.spec_for(losses, pairs), ["train", "dev"])
+    store.check(identity, cache.spec_for(losses, pairs), ["train", "dev"] + ([cache.AUGMENT] if candidates else []))
     store.verify(cfg.teacher.cache_check, eng.rank(), eng.world_size())
     job = Job(cfg, "distill", out, training, losses, ds_config, ds_file, task, tokenizer, train_set, dev_set,
               student, store, layers, resume_tag, terms, pairs)
     job.holdout_set, job.noisy_labels = holdout_set, noisy
+    job.candidates = candidates
     check_meta_terms(job)
     if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
@@ -661,6 +671,8 @@ def losses_on(engine, teacher: TeacherSide | None, batch: dict, weights: dict[st
     teacher_out = None
     if teacher is not None and any(module.terms[name].uses_teacher for name in weights):
         teacher_out = teacher.outputs(batch, module.needs, pairs, split)
+        if "augment" in batch:  # Glitter's candidates: the cache's `augment` split (by candidate id), or online
+            teacher_out["augment"] = teacher.outputs(batch["augment"], frozenset({"logits"}), (), cache.AUGMENT)
     return engine(batch, teacher_out, weights, pairs, split)
 
 
@@ -924,6 +936,9 @@ def run(job: Job, argv: list[str]) -> dict:
             engine.module.set_progress(stage.progress(state["step"]))
             if state["batch_in_epoch"] % training.grad_accum == 0:
                 meta_step(job, engine, batch, stage, state["step"], pad_id)
+            batch = glitter.attach(job.candidates, engine.module.terms, batch, stage.weights, pad_id)
+            adversarial.before_micro_step(job, engine, batch, stage, state["step"],
+                                          state["batch_in_epoch"] % training.grad_accum)
             total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
