@@ -634,7 +634,7 @@ class SoftCrossEntropy(LossTerm):
 
 
 @register_loss("minilm")
-class MiniLM(LayerwiseTerm):
+class MiniLM(AttentionKL):
     """MiniLM (Wang et al., NeurIPS 2020), deep self-attention distillation of the student's
     top mapped layer only: ``KL(A_t || A_s) + KL(VR_t || VR_s)``, where A = softmax(Q K^T /
     sqrt(d_head)) and VR = softmax(V V^T / sqrt(d_head)) per head, each averaged over heads
@@ -646,16 +646,11 @@ class MiniLM(LayerwiseTerm):
     needs = frozenset({"attention_qk", "attention_v"})
 
     def __init__(self, heads: str = "auto", kernel: str = "fused"):
-        super().__init__()
-        if heads not in ("auto", "mean"):
-            raise ValueError(f"heads must be 'auto' or 'mean', got {heads!r}")
-        self.heads = heads
-        self.kernel = _check_kernel(kernel)
-        self.groups = (1, 1)
+        super().__init__(heads, kernel)
         self.top = None
 
     def bind(self, geometry: LayerGeometry, key: str) -> None:
-        self.groups = head_groups(geometry.student_heads, geometry.teacher_heads, self.heads, key)
+        super().bind(geometry, key)
         self.top = max(s for s, _ in geometry.pairs)
 
     def compares(self, pair: tuple[int, int]) -> bool:
