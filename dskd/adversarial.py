@@ -351,44 +351,17 @@ class MateKD(LossTerm):
         pending, self._pending = self._pending, None
         if pending is None or pending["mask"].shape != mask.shape or not torch.equal(pending["mask"], mask):
             raise RuntimeError("`mate_kd` was called without generated text for this batch; the trainer prepares it "
-                               "(dskd.adversarial.before_micro_step) before every training micro-step")
+                               "(`before_micro_step`) before every training micro-step")
         zs = pending["model"](**pending["inputs"])["logits"]
         return F.mse_loss(zs.float(), self.factor() * pending["teacher_logits"].float())
 
     def extra_logs(self) -> dict[str, torch.Tensor]:
         return {k: torch.tensor(v) for k, v in self._logs.items()}
 
-    # ------------------------------------------------------------ checkpointing
+    # ------------------------------------------------------------ trainer hooks
 
-    def get_extra_state(self) -> dict:
-        if self.generator is None:
-            return {}
-        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "logs": dict(self._logs)}
-
-    def set_extra_state(self, state: dict) -> None:
-        if not state:
-            return
-        if self.generator is None:
-            raise RuntimeError("`mate_kd`: a checkpoint holds a generator but none was built; call build_generator "
-                               "(the trainer does, through dskd.adversarial.bind_job) before loading")
-        self.generator.load_state_dict(state["generator"])
-        # A copy: torch keeps the given moment tensors when device and dtype already match, and
-        # they must not stay shared with whatever handed us the state.
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        self._logs = dict(state.get("logs", {}))
-
-
-# ------------------------------------------------------------------ trainer hooks
-
-
-def bind_job(job) -> None:
-    """At prepare time, for every ``mate_kd`` term: refuse what it cannot run under, and build
-    its generator for the teacher's vocabulary."""
-    for name, term in job.terms.items():
-        if not isinstance(term, MateKD):
-            continue
-        key = f"losses.{name}"
+    def bind_job(self, job, key: str) -> None:
+        """Refuse what the generator cannot run under, then build it for the teacher's vocabulary."""
         if eng.zero_stage(job.ds_config) == 3:
             raise DskdError(f"`{key}`: the generator's steps run the student outside the DeepSpeed engine with its "
                             f"full word-embedding matrix, which ZeRO-3 partitions ({job.ds_file}); use ZeRO stage "
@@ -407,10 +380,43 @@ def bind_job(job) -> None:
             raise DskdError(f"`{key}`: the teacher embeds {w_t.shape[0]} tokens and the student {w_s.shape[0]}; the "
                             "generator writes one vocabulary for both")
         config = teacher.config
-        term.build_generator(w_t.shape[0], int(getattr(config, "max_position_embeddings", 512)),
+        self.build_generator(w_t.shape[0], int(getattr(config, "max_position_embeddings", 512)),
                              int(getattr(config, "type_vocab_size", 2) or 2), tokenizer.pad_token_id,
                              tokenizer.mask_token_id, tokenizer.all_special_ids, job.cfg.seed + 3, eng.device(), key,
                              job.cfg.data.max_length)
+
+    def before_micro_step(self, step, batch: dict) -> dict:
+        """At a cycle boundary (first micro-step of the optimizer step) the generator steps; then
+        the micro-batch's generated text and the teacher's logits on it."""
+        model, device = step.engine.module.model, batch["input_ids"].device
+        if step.micro == 0 and self.generator_due(step.step - step.stage.start):
+            self.generator_cycle(model, step.job.teacher.model,
+                                 lambda k: training_batch(step.job, step.step, k, step.pad_id, device), step.step)
+        self.prepare(model, step.job.teacher, batch, step.step, step.micro)
+        return batch
+
+    # ------------------------------------------------------------ checkpointing
+
+    def get_extra_state(self) -> dict:
+        if self.generator is None:
+            return {}
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "logs": dict(self._logs)}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not state:
+            return
+        if self.generator is None:
+            raise RuntimeError("`mate_kd`: a checkpoint holds a generator but none was built; call build_generator "
+                               "(the trainer does, through `bind_job`) before loading")
+        self.generator.load_state_dict(state["generator"])
+        # A copy: torch keeps the given moment tensors when device and dtype already match, and
+        # they must not stay shared with whatever handed us the state.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._logs = dict(state.get("logs", {}))
+
+
+# ------------------------------------------------------------------ trainer hooks
 
 
 def training_batch(job, step: int, k: int, pad_id: int, device) -> dict:
@@ -421,17 +427,3 @@ def training_batch(job, step: int, k: int, pad_id: int, device) -> dict:
     generator = torch.Generator().manual_seed(_seed(job.cfg.seed, step, k, eng.rank(), 7))
     rows = torch.randperm(len(job.train_set), generator=generator)[: job.training.batch_size].tolist()
     return {key: v.to(device) for key, v in data.collate([job.train_set[i] for i in rows], pad_id).items()}
-
-
-def before_micro_step(job, engine, batch: dict, stage, step: int, micro: int) -> None:
-    """Called by the trainer before every training micro-step. For each ``mate_kd`` term on in
-    ``stage``: at a cycle boundary (first micro-step of the optimizer step) the generator
-    steps, then the micro-batch's generated text and the teacher's logits on it."""
-    terms = [t for name, t in engine.module.terms.items() if name in stage.weights and isinstance(t, MateKD)]
-    if not terms:
-        return
-    model, pad_id, device = engine.module.model, job.tokenizer.pad_token_id, batch["input_ids"].device
-    for term in terms:
-        if micro == 0 and term.generator_due(step - stage.start):
-            term.generator_cycle(model, job.teacher.model, lambda k: training_batch(job, step, k, pad_id, device), step)
-        term.prepare(model, job.teacher, batch, step, micro)

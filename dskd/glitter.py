@@ -402,10 +402,9 @@ def reads_candidates(terms, names) -> bool:
     return any(getattr(terms[name], "augments", False) for name in names)
 
 
-def attach(candidates: Candidates | None, terms, batch: dict, weights, pad_id: int) -> dict:
-    """``batch`` plus ``batch["augment"]``, its originals' candidates, when a term on in this
-    stage reads them (the per-step hook of ``trainer.run``)."""
-    if candidates is None or not reads_candidates(terms, weights):
+def attach(candidates: Candidates | None, batch: dict, pad_id: int) -> dict:
+    """``batch`` plus ``batch["augment"]``, its originals' candidates."""
+    if candidates is None or "augment" in batch:
         return batch
     return dict(batch, augment=candidates.batch(batch["idx"], pad_id, batch["input_ids"].device))
 
@@ -447,6 +446,10 @@ class Glitter(LossTerm):
         if self.select > n:
             raise DskdError(f"`{key}.select` is {self.select}, but the pool `data.augment` has {n} candidates per "
                             "example")
+
+    def before_micro_step(self, step, batch: dict) -> dict:
+        """The batch's originals' candidates go with it (the student runs on them in the module's forward)."""
+        return attach(step.job.candidates, batch, step.pad_id)
 
     def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:
         if "augment" not in student:

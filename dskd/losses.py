@@ -76,6 +76,19 @@ class LossTerm(nn.Module):
         """Diagnostics of the last call, logged as ``<term>/<key>`` beside its value (not in the loss)."""
         return {}
 
+    def bind_job(self, job, key: str) -> None:
+        """Called once the run is prepared (models, data, teacher) and before anything is
+        written: terms with work of their own beside the loss (a meta-learner, a generator)
+        check the job here and take what they need from it. ``key`` names the term in errors."""
+
+    def before_micro_step(self, step, batch: dict) -> dict:
+        """Called before every training micro-step of a stage in which the term is on, with
+        ``step`` a ``trainer.StepContext``. A term may do extra work here (update a meta-learner
+        or a generator) and return the batch with more inputs (Glitter's candidates). What it
+        does must follow from the seed, the step counter and the rank only, so that a resumed
+        run repeats it exactly."""
+        return batch
+
     def bind_run(self, cfg, key: str) -> None:
         """Called once with the experiment config once the term is built (and bound), before
         anything runs: for terms that read files made for one teacher and task (Universal-KD's

@@ -63,7 +63,6 @@ def meta_learner(hidden: int) -> nn.Sequential:
 class ReweightedKD(LossTerm):
     """Per-example weights between CE and soft-label KD from a meta-learned network (see module doc)."""
 
-    meta = True  # the trainer calls ``meta_update`` with held-out batches
 
     def __init__(self, temperature: float = 2.0, hidden: int = 16, meta_lr: float = 1e-3, meta_every: int = 1,
                  inner_lr: float = 0.0):
@@ -118,6 +117,25 @@ class ReweightedKD(LossTerm):
 
     # ---------------------------------------------------------- the meta update
 
+    def bind_job(self, job, key: str) -> None:
+        """The meta batches need held-out examples, and the look-ahead the student's full weights."""
+        if job.holdout_set is None:
+            raise DskdError(f"`{key}` learns its weights on held-out training examples; set `data.holdout` "
+                            "(e.g. 0.05 keeps 5% of the training set out of training for its meta batches)")
+        if eng.zero_stage(job.ds_config) == 3:
+            raise DskdError(f"`{key}`: the meta-learner's look-ahead needs the student's full weights on every "
+                            f"rank, which ZeRO-3 partitions ({job.ds_file}); use ZeRO stage 0, 1 or 2")
+
+    def before_micro_step(self, step, batch: dict) -> dict:
+        """Every ``meta_every`` optimizer steps, before the first micro-step: one meta update."""
+        if step.micro != 0 or step.step % self.meta_every:
+            return batch
+        device = batch["input_ids"].device
+        meta_batch = holdout_batch(step.job, step.step, step.pad_id, device)
+        teacher_logits = step.job.teacher.outputs(batch, frozenset({"logits"}), (), "train")["logits"]
+        self.meta_update(step.engine.module.model, batch, teacher_logits, meta_batch, step.engine.get_lr()[0])
+        return batch
+
     def meta_update(self, student: nn.Module, batch: dict, teacher_logits: torch.Tensor, meta_batch: dict,
                     student_lr: float) -> torch.Tensor:
         """One meta-learner step from a look-ahead of ``student`` (see module doc); returns the meta loss."""
@@ -158,3 +176,13 @@ class ReweightedKD(LossTerm):
     def set_extra_state(self, state: dict) -> None:
         self.learner.load_state_dict(state["learner"])
         self.meta_optimizer.load_state_dict(state["optimizer"])
+
+
+def holdout_batch(job, step: int, pad_id: int, device) -> dict:
+    """This rank's meta batch for optimizer step ``step``: a function of (seed, step, rank)
+    only, so a resumed run draws the same ones."""
+    from dskd import data
+
+    generator = torch.Generator().manual_seed(job.cfg.seed * 1_000_003 + step * eng.world_size() + eng.rank())
+    rows = torch.randperm(len(job.holdout_set), generator=generator)[: job.training.batch_size].tolist()
+    return {k: v.to(device) for k, v in data.collate([job.holdout_set[i] for i in rows], pad_id).items()}

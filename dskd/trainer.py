@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch import nn
 
-from dskd import adversarial, cache, checkpoint, data, engine as eng, glitter, metrics as metrics_mod, models, swa
+from dskd import cache, checkpoint, data, engine as eng, glitter, metrics as metrics_mod, models, swa
 from dskd.preemption import EXIT_PREEMPTED, StopRequest
 from dskd.capture import QKCapture, forward_with_layers
 from dskd.config import ExperimentConfig, PlateauConfig, TeacherConfig, TrainingConfig, dump_config, resolve_path, to_dict
@@ -367,8 +367,7 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     job.candidates = glitter.open_candidates(cfg, task, tokenizer, fingerprints)
     check_stage_layers(cfg, pairs, terms)
     check_stage_teachers(cfg, task, teacher.config)
-    check_meta_terms(job)
-    adversarial.bind_job(job)  # MATE-KD's generator: refusals, then built for the teacher's vocabulary
+    bind_job(job)
     if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
         job.teacher.capture = QKCapture(teacher, [t for _, t in pairs], "teacher")
@@ -477,7 +476,7 @@ def _prepare_cached(cfg, out, training, losses, ds_config, ds_file, task, resume
               student, store, layers, resume_tag, terms, pairs)
     job.holdout_set, job.noisy_labels = holdout_set, noisy
     job.candidates = candidates
-    check_meta_terms(job)
+    bind_job(job)
     if job.needs & CAPTURED:
         job.student_capture = QKCapture(student, [s for s, _ in pairs], "student")
     return job
@@ -676,41 +675,22 @@ def losses_on(engine, teacher: TeacherSide | None, batch: dict, weights: dict[st
     return engine(batch, teacher_out, weights, pairs, split)
 
 
-def meta_terms(terms, names) -> list:
-    """The terms among ``names`` that learn from held-out batches (RW-KD's meta-learner)."""
-    return [terms[name] for name in names if getattr(terms[name], "meta", False)]
+@dataclass
+class StepContext:
+    """What ``LossTerm.before_micro_step`` is told about the micro-step about to run."""
+
+    job: Job
+    engine: object
+    stage: Stage
+    step: int  # the optimizer step (0-based) this micro-step belongs to
+    micro: int  # its micro-step, 0 .. grad_accum - 1
+    pad_id: int
 
 
-def holdout_batch(job: "Job", step: int, pad_id: int, device) -> dict:
-    """This rank's meta batch for optimizer step ``step``: a function of (seed, step, rank)
-    only, so a resumed run draws the same ones."""
-    generator = torch.Generator().manual_seed(job.cfg.seed * 1_000_003 + step * eng.world_size() + eng.rank())
-    rows = torch.randperm(len(job.holdout_set), generator=generator)[: job.training.batch_size].tolist()
-    return {k: v.to(device) for k, v in data.collate([job.holdout_set[i] for i in rows], pad_id).items()}
-
-
-def meta_step(job: "Job", engine, batch: dict, stage: "Stage", step: int, pad_id: int) -> None:
-    """Before optimizer step ``step``: let meta-learned terms update from a held-out batch."""
-    due = [t for t in meta_terms(engine.module.terms, stage.weights) if step % t.meta_every == 0]
-    if not due:
-        return
-    meta_batch = holdout_batch(job, step, pad_id, batch["input_ids"].device)
-    teacher_logits = job.teacher.outputs(batch, frozenset({"logits"}), (), "train")["logits"]
-    for term in due:
-        term.meta_update(engine.module.model, batch, teacher_logits, meta_batch, engine.get_lr()[0])
-
-
-def check_meta_terms(job: "Job") -> None:
-    """Terms with a meta-learner need held-out examples and the student's full weights on every rank."""
+def bind_job(job: Job) -> None:
+    """Let every term check the prepared job and take what it needs (``LossTerm.bind_job``)."""
     for name, term in job.terms.items():
-        if not getattr(term, "meta", False):
-            continue
-        if job.holdout_set is None:
-            raise DskdError(f"`losses.{name}` learns its weights on held-out training examples; set `data.holdout` "
-                            "(e.g. 0.05 keeps 5% of the training set out of training for its meta batches)")
-        if eng.zero_stage(job.ds_config) == 3:
-            raise DskdError(f"`losses.{name}`: the meta-learner's look-ahead needs the student's full weights on "
-                            f"every rank, which ZeRO-3 partitions ({job.ds_file}); use ZeRO stage 0, 1 or 2")
+        term.bind_job(job, f"losses.{name}")
 
 
 def train_step(engine, teacher: TeacherSide | None, batch: dict, weights: dict[str, float], pairs=()):
@@ -934,11 +914,10 @@ def run(job: Job, argv: list[str]) -> dict:
                 monitor.scalars({f"teacher/stage/{k}": v for k, v in scores.items()}, state["step"])
             batch = {k: v.to(device) for k, v in batch.items()}
             engine.module.set_progress(stage.progress(state["step"]))
-            if state["batch_in_epoch"] % training.grad_accum == 0:
-                meta_step(job, engine, batch, stage, state["step"], pad_id)
-            batch = glitter.attach(job.candidates, engine.module.terms, batch, stage.weights, pad_id)
-            adversarial.before_micro_step(job, engine, batch, stage, state["step"],
-                                          state["batch_in_epoch"] % training.grad_accum)
+            context = StepContext(job, engine, stage, state["step"], state["batch_in_epoch"] % training.grad_accum,
+                                  pad_id)
+            for name in stage.weights:  # per-step work of terms beside their loss (RW-KD, Glitter, MATE-KD)
+                batch = engine.module.terms[name].before_micro_step(context, batch)
             total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
