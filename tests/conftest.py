@@ -72,6 +72,20 @@ def run_dskd(args: list, tmp_root: Path, nproc: int = 1, timeout: int = 300) -> 
     return subprocess.run(cmd, cwd=REPO, env=dskd_env(tmp_root), capture_output=True, text=True, timeout=timeout)
 
 
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two finished runs ended on bitwise the same exported model and the same metrics (the
+    check behind every "resumed run equals the uninterrupted one" test)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(run / "model" / "model.safetensors")) for run in (a, b))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])][:5]
+    assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """Content hash of every file under ``folder``: proves a run was left untouched."""
     return {

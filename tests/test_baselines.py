@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import run_dskd, write_config
+from conftest import assert_same_run, run_dskd, write_config
 from dskd.errors import DskdError
 from dskd.losses import LayerGeometry, build_loss_terms
 
@@ -79,11 +78,7 @@ def test_pkd_runs_on_two_ranks_and_resumes_exactly(session_tmp):
                     session_tmp).returncode == 0
     proc = run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(split / "model" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+    assert_same_run(full, split)
 
 
 # ------------------------------------------------------------------------- TinyBERT
@@ -382,11 +377,7 @@ def _two_ranks_and_exact_resume(tmp, name, overrides):
                     tmp).returncode == 0
     proc = run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(split / "model" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+    assert_same_run(full, split)
     return first.stderr
 
 

@@ -4,7 +4,6 @@ by hand, plus real runs that log the noise and resume exactly."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_dskd, write_config
+from conftest import assert_same_run, run_dskd, write_config
 from dskd.config import LabelNoiseConfig, load_config
 from dskd.data import apply_label_noise, get_task, label_noise, split_holdout
 from dskd.errors import DskdError
@@ -146,11 +145,7 @@ def test_noisy_labels_run_logs_the_noise_and_resumes_exactly_on_two_ranks(sessio
     assert run_dskd(["distill", "--config", cfg, "--output", split, "--set", "training.halt_after_steps=11"],
                     session_tmp).returncode == 0
     assert run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp).returncode == 0
-    from safetensors.torch import load_file
-
-    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (full, split))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+    assert_same_run(full, split)
     two = run_dskd(["distill", "--config", cfg, "--output", session_tmp / "noisy-2r", "--deepspeed",
                     "ds_configs/zero2_fp32.json"], session_tmp, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -4,14 +4,13 @@ refusals, and real runs (exact resume; 2 ranks under ZeRO-2)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import run_dskd, write_config
+from conftest import assert_same_run, run_dskd, write_config
 from dskd.losses import build_loss_terms
 
 
@@ -144,11 +143,7 @@ def test_rw_kd_resumes_exactly_and_runs_on_two_ranks_under_zero2(session_tmp):
                     session_tmp).returncode == 0
     proc = run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (full, split))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+    assert_same_run(full, split)
     two = run_dskd(["distill", "--config", cfg, "--output", session_tmp / "rw-2r", "--deepspeed",
                     "ds_configs/zero2_fp32.json"], session_tmp, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]

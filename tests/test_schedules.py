@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_dskd, write_config
+from conftest import assert_same_run, run_dskd, write_config
 from dskd.checkpoint import consolidated_state_dict, latest_tag
 from dskd.config import StageConfig, TrainingConfig, load_config
 from dskd.errors import DskdError
@@ -150,14 +150,6 @@ def _weights(run, tag=None, folder="checkpoints"):
     return consolidated_state_dict(ckpt, tag or latest_tag(ckpt), json.loads((run / "run.json").read_text())["zero_stage"])
 
 
-def _same_run(a, b):
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
-
-
 @pytest.mark.slow
 def test_keep_best_restores_the_best_phase_one_weights_and_resumes_exactly(session_tmp):
     # lr 0.2 makes the student get worse after its first evaluations, so the best is an early one.
@@ -176,12 +168,12 @@ def test_keep_best_restores_the_best_phase_one_weights_and_resumes_exactly(sessi
     assert end.keys() == best.keys() and all(torch.equal(end[k], best[k]) for k in end)
 
     _ok(run_dskd(["distill", "--config", cfg, "--output", at_end, "--resume"], session_tmp))
-    _same_run(full, at_end)
+    assert_same_run(full, at_end)
     # Halted inside phase 1 after a best checkpoint was written: the resumed run still
     # remembers it and restores the same weights.
     _ok(run_dskd(["distill", "--config", cfg, "--output", mid, "--set", "training.halt_after_steps=10"], session_tmp))
     _ok(run_dskd(["distill", "--config", cfg, "--output", mid, "--resume"], session_tmp))
-    _same_run(full, mid)
+    assert_same_run(full, mid)
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["step"] == 32
 
@@ -194,7 +186,7 @@ def test_continuation_resumes_mid_ramp_exactly_and_runs_on_two_ranks(session_tmp
     _ok(run_dskd(["distill", "--config", cfg, "--output", split, "--set", "training.halt_after_steps=11"],
                  session_tmp))
     _ok(run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp))
-    _same_run(full, split)
+    assert_same_run(full, split)
     two = _ok(run_dskd(["distill", "--config", cfg, "--output", session_tmp / "cont-2r", "--deepspeed",
                         "ds_configs/zero2_fp32.json"], session_tmp, nproc=2))
     assert "[stage] step 12: continuation -> labels" in two.stderr
@@ -295,7 +287,7 @@ def test_pro_kd_follows_the_teachers_trajectory_resumes_and_runs_on_two_ranks(se
     _ok(run_dskd(["distill", "--config", cfg, "--output", split, "--set", "training.halt_after_steps=11"],
                  session_tmp))
     _ok(run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp))
-    _same_run(full, split)
+    assert_same_run(full, split)
     # The early teachers matter: the same schedule with the final teacher throughout ends elsewhere.
     plain = write_config(session_tmp / "pro-plain.yaml",
                          dict(pro, schedule=[dict(s, teacher=None) for s in stages]))

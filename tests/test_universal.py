@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_dskd, write_config
+from conftest import assert_same_run, run_dskd, write_config
 from dskd.errors import DskdError
 from dskd.losses import LayerGeometry, build_loss_terms
 from dskd.universal import MANIFEST, PROBES_FORMAT, PROBES_VERSION, WEIGHTS, UniversalKD, fit_probes, probe_accuracy
@@ -379,9 +379,7 @@ def test_universal_kd_resumes_exactly(session_tmp, probes):
                     session_tmp).returncode == 0
     proc = run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(split / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((full / "metrics.json").read_text()) == json.loads((split / "metrics.json").read_text())
+    assert_same_run(full, split)
     from dskd.checkpoint import latest_tag
 
     states = []
