@@ -63,13 +63,13 @@ def run_grid(args) -> None:
                 if rate == 0:
                     raise SystemExit(f"{teacher} is missing: run bench/results.py first (the clean teacher)")
                 launch([*dskd, "finetune", "--config", "configs/noise/teacher.yaml", "--output", str(teacher),
-                        "--overwrite", *sets(noise_sets(task, rate, args.noise_seed))], args.threads)
+                        "--auto-resume", *sets(noise_sets(task, rate, args.noise_seed))], args.threads)
             for method in args.methods:
                 out = student_for(args, task, rate, method)
                 if completed(out):
                     continue
                 launch([*dskd, "distill", "--config", f"configs/noise/{method}.yaml", "--output", str(out),
-                        "--overwrite", *sets(noise_sets(task, rate, args.noise_seed)
+                        "--auto-resume", *sets(noise_sets(task, rate, args.noise_seed)
                                              + [f"teacher.path={teacher}", "seed=1"])], args.threads)
 
 

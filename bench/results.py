@@ -111,7 +111,7 @@ def run_grid(args) -> None:
                 teacher = teacher_dir(args.root, task)
                 if not completed(teacher):
                     launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output", str(teacher),
-                            "--overwrite", *sets(TASKS[task])], args.threads)
+                            "--auto-resume", *sets(TASKS[task])], args.threads)
                 for method in args.methods:
                     out = student_dir(args.root, task, layers, method, seed)
                     if completed(out):
@@ -140,7 +140,7 @@ def run_grid(args) -> None:
                                    args.threads)
                         extra = [f"data.augment={pool}", f"teacher.cache={store}"]
                     launch([*dskd, "distill", "--config", f"configs/results/{method}.yaml", "--output", str(out),
-                            "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}",
+                            "--auto-resume", *sets(TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}",
                                                                 f"seed={seed}"] + extra)], args.threads)
 
 
