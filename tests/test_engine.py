@@ -52,3 +52,44 @@ def test_no_weight_decay_on_bias_and_layernorm():
     decay, no_decay = engine.param_groups(layer, 0.1)
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([3, 3])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+SKIP_ALLREDUCE_SCRIPT = """
+import torch
+from dskd import engine as eng
+from dskd.config import TrainingConfig
+
+eng.init_distributed()
+training = TrainingConfig(batch_size=4, lr=1e-2)
+ds, _ = eng.load_ds_config("ds_configs/zero0_fp32.json", training)
+
+def build():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+    return eng.initialize(module, ds, training, lambda step: 1.0)
+
+skipping, reducing = build(), build()
+reducing.enable_backward_allreduce = True  # what DeepSpeed does by default
+assert skipping.enable_backward_allreduce is False
+g = torch.Generator().manual_seed(1)
+for _ in range(3):
+    x, y = torch.randn(4, 8, generator=g), torch.randint(0, 2, (4,), generator=g)
+    for e in (skipping, reducing):
+        e.backward(torch.nn.functional.cross_entropy(e(x), y))
+        e.step()
+for a, b in zip(skipping.module.parameters(), reducing.module.parameters(), strict=True):
+    assert torch.equal(a, b), (a - b).abs().max()
+print("same")
+"""
+
+
+def test_one_rank_zero0_skips_the_self_allreduce_without_changing_a_bit(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import dskd_env
+
+    proc = subprocess.run([sys.executable, "-c", SKIP_ALLREDUCE_SCRIPT], cwd=REPO, env=dskd_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("same")
