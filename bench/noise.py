@@ -2,9 +2,10 @@
 
 Per task and noise rate (symmetric, seeded), a teacher is fine-tuned on the noisy training
 labels (configs/noise/teacher.yaml; rate 0 reuses the clean results teacher of
-bench/results.py), then 3-layer students distil from it on the same noisy labels with:
-plain KD (0.5 CE + 0.5 KD), mitigation 1 (noise_adaptive_kd) and mitigation 2 (small-loss
-selection, dropping up to 20% of the CE: the mitigations are not told the true rate).
+bench/results.py), then 3-layer students initialised from it train on the same noisy labels
+with: no KD (the reference), plain KD (0.5 CE + 0.5 KD), mitigation 1 (noise_adaptive_kd)
+and mitigation 2 (small-loss selection, dropping up to 20% of the CE: the mitigations are
+not told the true rate). Rate 0 reuses the results table's no-teacher and soft-KD runs.
 Dev labels are clean. Completed runs are kept; every command is printed before it runs.
 
     python bench/noise.py --root runs/noise --results-root runs/results --tasks sst2
@@ -27,6 +28,7 @@ from results import TASKS, completed, launch, sets  # noqa: E402
 from dskd.data import get_task  # noqa: E402
 
 METHODS = {
+    "no_teacher": "no KD (CE on the noisy labels alone)",
     "soft_kd": "KD (0.5 CE + 0.5 KD)",
     "noise_adaptive_kd": "mitigation 1: teacher trust grows with the estimated noise",
     "small_loss": "mitigation 2: small-loss selection (drop <= 20%)",
@@ -45,8 +47,8 @@ def teacher_for(args, task: str, rate: float) -> Path:
 
 
 def student_for(args, task: str, rate: float, method: str) -> Path:
-    if rate == 0 and method == "soft_kd":  # the same run as the clean soft-label row
-        return args.results_root / task / "L3-soft_kd-s1"
+    if rate == 0 and method in ("no_teacher", "soft_kd"):  # the same runs as the clean table's rows
+        return args.results_root / task / f"L3-{method}-s1"
     return rate_dir(args.root, task, rate) / f"L3-{method}-s1"
 
 
