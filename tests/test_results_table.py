@@ -37,3 +37,27 @@ def test_table_reports_mean_and_spread_over_completed_seeds_only(tmp_path):
     assert "| 3 layers | soft-label KD | 57.0 ± 2.0 (n=3) |" in text
     assert "| 3 layers | internal KD, SID | 58.0 (n=1) |" in text
     assert "without a teacher" not in text  # rows without runs are left out
+
+
+def test_noise_table_reuses_the_clean_rows_at_rate_zero_and_leaves_missing_cells_empty(tmp_path):
+    spec = importlib.util.spec_from_file_location("noise_bench", REPO / "bench" / "noise.py")
+    noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noise)
+    clean, noisy = tmp_path / "results", tmp_path / "noise"
+    args = Namespace(root=noisy, results_root=clean, tasks=["sst2"], rates=[0.0, 0.2],
+                     methods=["no_teacher", "soft_kd", "small_loss"])
+    # Rate 0: the clean table's teacher, no-teacher and soft-KD runs; mitigations have their own.
+    _fake_run(clean / "sst2" / "teacher", {"accuracy": 0.85})
+    _fake_run(clean / "sst2" / "L3-no_teacher-s1", {"accuracy": 0.83})
+    _fake_run(clean / "sst2" / "L3-soft_kd-s1", {"accuracy": 0.836})
+    _fake_run(noisy / "sst2" / "r00" / "L3-small_loss-s1", {"accuracy": 0.837})
+    _fake_run(noisy / "sst2" / "r20" / "teacher", {"accuracy": 0.815})
+    _fake_run(noisy / "sst2" / "r20" / "L3-no_teacher-s1", {"accuracy": 0.778})
+    _fake_run(noisy / "sst2" / "r20" / "L3-soft_kd-s1", {"accuracy": 0.5}, status="halted")  # not counted
+    assert noise.student_for(args, "sst2", 0.0, "soft_kd") == clean / "sst2" / "L3-soft_kd-s1"
+    assert noise.student_for(args, "sst2", 0.2, "soft_kd") == noisy / "sst2" / "r20" / "L3-soft_kd-s1"
+    text = noise.markdown(noise.collect(args), args.rates)
+    assert "| teacher (fine-tuned on the noisy labels) | 85.0 | 81.5 |" in text
+    assert "| 3 layers, no KD (CE on the noisy labels alone) | 83.0 | 77.8 |" in text
+    assert "| 3 layers, KD (0.5 CE + 0.5 KD) | 83.6 | - |" in text
+    assert "| 3 layers, mitigation 2: small-loss selection (drop <= 20%) | 83.7 | - |" in text
