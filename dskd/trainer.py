@@ -862,6 +862,10 @@ def run(job: Job, argv: list[str]) -> dict:
         f"{steps_per_epoch} steps/epoch, {stages[-1].end} steps, stages: {describe}"
         + (f", layer map (student, teacher): {list(job.pairs)}" if job.pairs else "")
     )
+    if job.resume_tag is not None:
+        # Say so: a requeued job (--auto-resume) otherwise looks like a fresh start in its log.
+        monitor.line(f"[resume] continuing from checkpoint {job.resume_tag} at step {state['step']} "
+                     f"of {stages[-1].end} (epoch {state['epoch']})")
 
     attention_terms = [t for name, t in job.terms.items() if isinstance(t, AttentionKL)]
     snapshot_example = None

@@ -93,7 +93,8 @@ def test_resume_is_exact(session_tmp, nproc, ds, grad_accum):
                           session_tmp, nproc))
     assert "halted after step 5" in halted.stderr
     assert json.loads((split / "run.json").read_text())["status"] == "halted"
-    _ok(run_dskd(["distill", *common, "--output", split, "--resume"], session_tmp, nproc))
+    resumed = _ok(run_dskd(["distill", *common, "--output", split, "--resume"], session_tmp, nproc))
+    assert "[resume] continuing from checkpoint step00000005 at step 5 of 16 (epoch 0)" in resumed.stderr
     assert json.loads((full / "metrics.json").read_text())["step"] == 16
     assert [s for s, _ in _scalars(full / "tensorboard")["eval/accuracy"]] == [8, 16]
     a, b = _weights(full / "model"), _weights(split / "model")
