@@ -22,10 +22,13 @@ from common import add_shape_args, emit, timed  # sets the single-process CPU en
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dskd import engine as eng, models  # noqa: E402
+from dskd import models
+from dskd.training import engine as eng  # noqa: E402
 from dskd.config import ArchConfig, StudentConfig, TrainingConfig  # noqa: E402
 from dskd.losses import build_loss_terms  # noqa: E402
-from dskd.trainer import DistillationModule, Stage, TeacherSide, lr_factor, train_step  # noqa: E402
+from dskd.training.module import DistillationModule, train_step
+from dskd.training.stages import Stage, lr_factor
+from dskd.teacher.online import TeacherSide  # noqa: E402
 
 LOSSES = {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}}
 WEIGHTS = {"hard_ce": 0.5, "soft_kd": 0.5}

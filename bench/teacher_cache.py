@@ -34,12 +34,19 @@ from common import emit  # sets the single-process CPU environment
 
 import torch  # noqa: E402
 
-from dskd import cache, data, engine as eng, models, trainer  # noqa: E402
-from dskd.capture import QKCapture  # noqa: E402
-from dskd.config import ExperimentConfig, load_config  # noqa: E402
+from dskd import data, models
+from dskd.commands import cache_teacher as cache_command
+from dskd.teacher import cache, cache_reader
+from dskd.training import engine as eng
+from dskd.teacher import online  # noqa: E402
+from dskd.models.capture import QKCapture  # noqa: E402
+from dskd.config import ExperimentConfig  # noqa: E402
+from dskd.methods import load_experiment
 from dskd.losses import LayerGeometry, build_loss_terms  # noqa: E402
-from dskd.plan import make_plan  # noqa: E402
-from dskd.trainer import DistillationModule, Stage, TeacherSide, lr_factor, train_step  # noqa: E402
+from dskd.commands.plan import make_plan  # noqa: E402
+from dskd.training.module import DistillationModule, train_step
+from dskd.training.stages import Stage, lr_factor
+from dskd.teacher.online import TeacherSide  # noqa: E402
 
 LOGITS = {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}}
 INTERNAL = {**LOGITS, "cls_cosine": {"weight": 1.0}, "attention_kl": {"weight": 1.0}}
@@ -68,7 +75,7 @@ losses:
   attention_kl: {{weight: 1.0}}
 training: {{batch_size: {args.batch}, lr: 1.0e-4, deepspeed: ds_configs/zero0_fp32.json}}
 """)
-    return load_config(config)
+    return load_experiment(config)
 
 
 def make_engine(student, losses, pairs, t_cfg, training):
@@ -108,21 +115,21 @@ def main() -> None:
         cfg = experiment(args, root)
         store_dir = root / "cache"
         start = time.perf_counter()
-        cache.cache_teacher(cfg, store_dir, None, args.dtype, args.batch, False, ["bench"])
+        cache_command.cache_teacher(cfg, store_dir, None, args.dtype, args.batch, False, ["bench"])
         write_s = time.perf_counter() - start
         plan = make_plan(cfg, dtype=args.dtype)
-        store = cache.TeacherCache(store_dir)
+        store = cache_reader.TeacherCache(store_dir)
 
         task = data.get_task(args.task)
         tokenizer = models.load_tokenizer(cfg.teacher)
-        train_set, _ = trainer.load_data(cfg, task, tokenizer)
-        teacher = trainer.load_teacher(cfg, task, tokenizer)
+        train_set, _ = data.load_data(cfg, task, tokenizer)
+        teacher = online.load_teacher(cfg, task, tokenizer)
         student0, init_layers = models.build_student(cfg.student, teacher, 2, tokenizer.pad_token_id, 0)
         n_student = student0.config.num_hidden_layers
         teacher = models.freeze(teacher, torch.float32, torch.device("cpu"))
         pairs = tuple(models.resolve_layer_map(None, init_layers, n_student, teacher.config.num_hidden_layers))
         side = TeacherSide(teacher, QKCapture(teacher, [t for _, t in pairs], "teacher"))
-        batches = trainer.epoch_batches(len(train_set), 0, 0, 0, 1, args.batch, 1)
+        batches = data.epoch_batches(len(train_set), 0, 0, 0, 1, args.batch, 1)
         collated = [data.collate([train_set[i] for i in b], tokenizer.pad_token_id) for b in batches]
         training = cfg.training
 

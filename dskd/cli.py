@@ -170,31 +170,35 @@ def _quiet_libraries() -> None:
 
 
 def _evaluate(args) -> dict:
-    from dskd import data, models, trainer
-    from dskd.config import TeacherConfig, load_config
+    from dskd import data, models
+    from dskd.config import TeacherConfig
+    from dskd.methods import load_experiment
+    from dskd.training.evaluation import evaluate
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_experiment(args.config, args.overrides)
     task = data.get_task(cfg.data.task)
     source = TeacherConfig(path=args.model)
     tokenizer = models.load_tokenizer(source, key="--model")
     model = models.load_pretrained(args.model, task.num_labels, for_finetune=False, key="--model").eval()
     raw = data.load_split(task, cfg.data.path, "dev", cfg.data.dev_limit)
     dev = data.tokenize_split(raw, tokenizer, cfg.data.max_length)
-    result = trainer.evaluate(
-        lambda b: model(**models.model_inputs(b)).logits, dev, task, tokenizer.pad_token_id, args.batch_size, "cpu"
+    result = evaluate(
+        lambda b: getattr(model(**models.model_inputs(b)), task.prediction), dev, task, tokenizer.pad_token_id, args.batch_size, "cpu"
     )
     return {"task": task.name, **result}
 
 
 def _train(args, role: str) -> int:
-    from dskd import engine, trainer
-    from dskd.config import load_config
+    from dskd.methods import load_experiment
+    from dskd.training import engine
+    from dskd.training.job import prepare
+    from dskd.training.loop import run
 
-    cfg = load_config(args.config, args.overrides)
-    job = trainer.prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
-    result = trainer.run(job, sys.argv)
+    cfg = load_experiment(args.config, args.overrides)
+    job = prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
+    result = run(job, sys.argv)
     if result.get("preempted"):
-        from dskd.preemption import EXIT_PREEMPTED
+        from dskd.training.preemption import EXIT_PREEMPTED
 
         return EXIT_PREEMPTED
     if engine.rank() == 0 and not result.get("halted"):
@@ -209,10 +213,10 @@ def _train(args, role: str) -> int:
 
 
 def _plan(args) -> int:
-    from dskd.config import load_config
-    from dskd.plan import format_plan, make_plan
+    from dskd.commands.plan import format_plan, make_plan
+    from dskd.methods import load_experiment
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_experiment(args.config, args.overrides)
     world = getattr(args, "world_size", None)
     if world is not None and world < 1:
         raise DskdError(f"--world-size must be at least 1, got {world}")
@@ -222,11 +226,13 @@ def _plan(args) -> int:
 
 
 def _cache_teacher(args) -> int:
-    from dskd import cache, engine
-    from dskd.config import load_config
+    from dskd.commands.cache_teacher import cache_teacher
+    from dskd.methods import load_experiment
+    from dskd.teacher import cache
+    from dskd.training import engine
 
-    cfg = load_config(args.config, args.overrides)
-    manifest = cache.cache_teacher(cfg, args.output, args.deepspeed, args.dtype, args.batch_size, args.overwrite,
+    cfg = load_experiment(args.config, args.overrides)
+    manifest = cache_teacher(cfg, args.output, args.deepspeed, args.dtype, args.batch_size, args.overwrite,
                                    sys.argv)
     if engine.rank() == 0:
         examples = {split: sum(s["examples"] for s in shards) for split, shards in manifest["shards"].items()}
@@ -240,10 +246,10 @@ def _cache_teacher(args) -> int:
 
 
 def _augment(args) -> int:
-    from dskd.config import load_config
-    from dskd.glitter import augment
+    from dskd.methods import load_experiment
+    from dskd.methods.glitter_pool import augment
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_experiment(args.config, args.overrides)
     manifest = augment(cfg, args.output, args.candidates, args.seed, args.method, args.alpha, args.ops,
                        args.mask_rate, args.top_k, args.overwrite, sys.argv)
     print(f"candidate pool: {args.output} ({manifest['source']['examples']} examples x {manifest['candidates']} "
@@ -254,10 +260,10 @@ def _augment(args) -> int:
 
 
 def _train_probes(args) -> int:
-    from dskd.config import load_config
-    from dskd.universal import train_probes
+    from dskd.methods import load_experiment
+    from dskd.methods.universal_probes import train_probes
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_experiment(args.config, args.overrides)
     manifest = train_probes(cfg, args.output, args.batch_size, args.epochs, args.lr, args.fit_batch_size,
                             args.layers, args.overwrite, sys.argv)
     for layer, accuracy in manifest["dev_accuracy"].items():
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "augment":
             code = _augment(args)
         elif args.command == "report":
-            from dskd.report import collect, format_table
+            from dskd.training.report import collect, format_table
 
             report = collect(args.roots)
             print(json.dumps(report, indent=2) if args.json else format_table(report))
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(_evaluate(args)))
             code = 0
         else:
-            from dskd.export import export_run
+            from dskd.training.export import export_run
 
             print(export_run(args.run, args.out, args.tag))
             code = 0

@@ -1,4 +1,4 @@
-"""Combined-KD / MATE-KD (`mate_kd`, dskd/adversarial.py): the perturbed embeddings, the
+"""Combined-KD / MATE-KD (`mate_kd`, dskd/methods/mate_kd.py): the perturbed embeddings, the
 masking, the generator's ascent on the divergence it maximises, that generator steps leave
 the student alone, the cycle schedule, the term by hand, the generator's state in the state
 dict, config refusals, and real runs (exact resume mid-cycle; 2 ranks under ZeRO-2)."""
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_same_run, run_dskd, write_config
-from dskd import adversarial
-from dskd.adversarial import MateKD, perturbed_embeddings
-from dskd.config import load_config
+from dskd.methods import mate_kd as adversarial
+from dskd.methods.mate_kd import MateKD, perturbed_embeddings
+from dskd.methods import load_experiment
 from dskd.errors import DskdError
 from dskd.losses import build_loss_terms
 
@@ -88,7 +88,7 @@ def test_perturbed_embeddings_are_token_rows_outside_the_mask_and_convex_mixes_i
 def test_models_read_inputs_embeds_as_they_read_input_ids():
     """Nothing masked: student and teacher give the same logits from the perturbed embeddings.
     dskd's Q/K capture hooks, installed as in a run, store nothing in these extra forwards."""
-    from dskd.capture import QKCapture
+    from dskd.models.capture import QKCapture
 
     batch = _batch()
     nothing = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
@@ -160,7 +160,7 @@ def test_the_cycle_schedule_by_hand():
     # Through the trainer's hook: a stage starting at step 4, 2 micro-batches per optimizer step.
     from types import SimpleNamespace
 
-    from dskd.trainer import StepContext
+    from dskd.training.loop import StepContext
 
     calls = []
     term.generator_cycle = lambda student, teacher, batches, step: calls.append(("generator", step))
@@ -228,10 +228,10 @@ def test_bad_settings_are_refused_by_key(tmp_path):
                                                  r"student_steps")):
         cfg = write_config(tmp_path / "c.yaml", {"losses": {"mate_kd": {"weight": 1.0, **spec}}})
         with pytest.raises(DskdError, match=message):
-            load_config(cfg)
+            load_experiment(cfg)
 
     def bound(overrides):
-        cfg = load_config(write_config(tmp_path / "b.yaml", overrides))
+        cfg = load_experiment(write_config(tmp_path / "b.yaml", overrides))
         build_loss_terms(cfg.losses)["mate_kd"].bind_run(cfg, "losses.mate_kd")
 
     with pytest.raises(DskdError, match=r"`losses.mate_kd.max_temperature` is 1 but "

@@ -35,7 +35,7 @@ def test_pkd_term_against_a_hand_computation():
 def test_pkd_logs_only_the_layers_it_compares():
     from test_internal import _tiny_bert
 
-    from dskd.trainer import DistillationModule
+    from dskd.training.module import DistillationModule
 
     teacher, student = _tiny_bert(4, 16, 4, 0), _tiny_bert(2, 16, 4, 1)
     pairs = ((1, 2), (2, 4))
@@ -145,7 +145,7 @@ def _hand_state_mse(hs, ht, mask, w, b, mask_padding):
 
 @pytest.mark.parametrize("mask_padding", [True, False])
 def test_tinybert_hidden_projects_every_token_and_adds_the_embeddings_to_the_bottom_layer(mask_padding):
-    from dskd.trainer import DistillationModule
+    from dskd.training.module import DistillationModule
 
     geometry = LayerGeometry(((1, 2), (2, 4)), 3, 5, 1, 1)
     spec = {"weight": 1.0, "mask_padding": mask_padding}
@@ -279,7 +279,7 @@ def test_value_relation_through_the_triton_kernel_matches_the_torch_path():
 def test_capture_hooks_values_only_when_a_term_needs_them():
     from test_internal import _tiny_bert
 
-    from dskd.capture import QKCapture, forward_with_layers
+    from dskd.models.capture import QKCapture, forward_with_layers
 
     model = _tiny_bert(3, 16, 4, 0).eval()
     capture = QKCapture(model, [1, 3], "student")
@@ -303,9 +303,9 @@ def test_capture_hooks_values_only_when_a_term_needs_them():
 def test_minilm_logs_only_the_top_layer_through_the_distillation_module():
     from test_internal import _tiny_bert
 
-    from dskd.capture import QKCapture
+    from dskd.models.capture import QKCapture
     from dskd.models import teacher_outputs
-    from dskd.trainer import DistillationModule
+    from dskd.training.module import DistillationModule
 
     teacher, student = _tiny_bert(4, 16, 4, 0).eval(), _tiny_bert(2, 16, 4, 1)
     pairs = ((1, 2), (2, 4))
@@ -329,7 +329,7 @@ def test_minilm_logs_only_the_top_layer_through_the_distillation_module():
 
 
 def test_the_teacher_cache_refuses_terms_that_need_what_it_does_not_store():
-    from dskd.cache import spec_for
+    from dskd.losses import spec_for
 
     pairs = ((1, 2), (2, 4))
     for name, missing in (("tinybert_hidden", "embeddings, hidden"), ("minilm", "attention_v")):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import BERT_VOCAB, SHARED_GLUE, run_dskd, write_config
-from dskd import cache
+from dskd.teacher import cache, cache_reader
 
 pytestmark = pytest.mark.slow
 
@@ -178,38 +178,39 @@ def test_a_cache_of_another_teacher_is_refused(setup, tmp_path):
 def test_damaged_or_unfinished_caches_are_refused(setup, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(setup["store"], copy)
-    cache.TeacherCache(copy).verify("full")  # intact
+    cache_reader.TeacherCache(copy).verify("full")  # intact
 
     qk = copy / "train" / "shard-0" / "qk_L2.npy"
     data = bytearray(qk.read_bytes())
     data[-5] ^= 0xFF
     qk.write_bytes(bytes(data))
-    cache.TeacherCache(copy).verify("sizes")  # a flipped bit keeps the size ...
+    cache_reader.TeacherCache(copy).verify("sizes")  # a flipped bit keeps the size ...
     with pytest.raises(Exception, match="qk_L2.npy fails its checksum"):
-        cache.TeacherCache(copy).verify("full")  # ... but not the checksum
+        cache_reader.TeacherCache(copy).verify("full")  # ... but not the checksum
 
     with qk.open("r+b") as f:
         f.truncate(len(data) - 100)
     with pytest.raises(Exception, match="manifest says .* \\(truncated\\?\\)"):
-        cache.TeacherCache(copy).verify("sizes")
+        cache_reader.TeacherCache(copy).verify("sizes")
 
     (copy / "manifest.json").unlink()
     with pytest.raises(Exception, match="unfinished cache .* resumes where it stopped"):
-        cache.TeacherCache(copy)
+        cache_reader.TeacherCache(copy)
 
 
 def _splits_and_teacher(setup):
-    from dskd import data, models, trainer
-    from dskd.capture import QKCapture
-    from dskd.config import load_config
+    from dskd import data, models
+    from dskd.teacher import online
+    from dskd.models.capture import QKCapture
+    from dskd.methods import load_experiment
 
-    cfg = load_config(setup["cfg"])
+    cfg = load_experiment(setup["cfg"])
     task = data.get_task(cfg.data.task)
     tokenizer = models.load_tokenizer(cfg.teacher)
     prints = {}
-    train, dev = trainer.load_data(cfg, task, tokenizer, prints)
-    model = models.freeze(trainer.load_teacher(cfg, task, tokenizer), torch.float32, torch.device("cpu"))
-    teacher = trainer.TeacherSide(model, QKCapture(model, [2, 4], "teacher"))
+    train, dev = data.load_data(cfg, task, tokenizer, prints)
+    model = models.freeze(online.load_teacher(cfg, task, tokenizer), torch.float32, torch.device("cpu"))
+    teacher = online.TeacherSide(model, QKCapture(model, [2, 4], "teacher"))
     return cfg, tokenizer, {"train": train, "dev": dev}, teacher, prints
 
 
@@ -245,7 +246,7 @@ def test_interrupted_writing_resumes_and_gives_the_same_files(parts, tmp_path):
         _write(parts, tmp_path / "killed", teacher, flush_every=3)
     handle.remove()
     with pytest.raises(Exception, match="unfinished cache"):
-        cache.TeacherCache(tmp_path / "killed")
+        cache_reader.TeacherCache(tmp_path / "killed")
     assert json.loads((tmp_path / "killed" / "train" / "shard-0" / "progress.json").read_text()) == {"batches": 3}
     parts["log"].clear()
     _write(parts, tmp_path / "killed", teacher)
@@ -263,7 +264,7 @@ def test_read_outputs_match_the_online_teacher_in_any_order(parts, tmp_path, dty
 
     _, tokenizer, splits, teacher, _ = parts["parts"]
     _write(parts, tmp_path / dtype, teacher, dtype=dtype)
-    store = cache.TeacherCache(tmp_path / dtype)
+    store = cache_reader.TeacherCache(tmp_path / dtype)
     store.verify("full")
     pairs = ((1, 2), (2, 4))
     needs = frozenset({"cls", "attention_qk"})
@@ -289,10 +290,10 @@ def test_read_outputs_match_the_online_teacher_in_any_order(parts, tmp_path, dty
 
 
 def test_plan_estimates_the_written_bytes_exactly(setup):
-    from dskd.config import load_config
-    from dskd.plan import make_plan
+    from dskd.methods import load_experiment
+    from dskd.commands.plan import make_plan
 
-    plan = make_plan(load_config(setup["cfg"]))
+    plan = make_plan(load_experiment(setup["cfg"]))
     for split in ("train", "dev"):
         written = 0
         for shard in (setup["store"] / split).iterdir():

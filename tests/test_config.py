@@ -1,13 +1,14 @@
 import pytest
 
-from dskd.config import ArchConfig, ExperimentConfig, load_config
+from dskd.config import ArchConfig, ExperimentConfig
+from dskd.methods import load_experiment
 from dskd.errors import DskdError
 
 from conftest import write_config
 
 
 def test_loads_tiny_yaml_into_typed_schema(tmp_path):
-    cfg = load_config(write_config(tmp_path / "c.yaml"))
+    cfg = load_experiment(write_config(tmp_path / "c.yaml"))
     assert isinstance(cfg, ExperimentConfig)
     assert isinstance(cfg.teacher.arch, ArchConfig) and cfg.teacher.arch.hidden == 32
     assert cfg.training.lr == 1e-3 and isinstance(cfg.training.epochs, float)
@@ -16,12 +17,12 @@ def test_loads_tiny_yaml_into_typed_schema(tmp_path):
 
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = write_config(tmp_path / "c.yaml")
-    cfg = load_config(path, ["training.lr=3e-5", "data.path=/x/glue", "student.teacher_layers=[2]"])
+    cfg = load_experiment(path, ["training.lr=3e-5", "data.path=/x/glue", "student.teacher_layers=[2]"])
     assert cfg.training.lr == 3e-5 and cfg.data.path == "/x/glue" and cfg.student.teacher_layers == [2]
     with pytest.raises(DskdError, match=r"`training.batch_size` must be an integer, got 'big'"):
-        load_config(path, ["training.batch_size=big"])
+        load_experiment(path, ["training.batch_size=big"])
     with pytest.raises(DskdError, match=r"expected key.sub=value"):
-        load_config(path, ["training.lr"])
+        load_experiment(path, ["training.lr"])
 
 
 @pytest.mark.parametrize(
@@ -62,19 +63,19 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
 )
 def test_bad_config_names_the_key(tmp_path, overrides, message):
     with pytest.raises(DskdError, match=message):
-        load_config(write_config(tmp_path / "c.yaml", overrides))
+        load_experiment(write_config(tmp_path / "c.yaml", overrides))
 
 
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(DskdError, match=r"config file .*nope.yaml does not exist"):
-        load_config(tmp_path / "nope.yaml")
+        load_experiment(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("training: [1, 2\n")
     with pytest.raises(DskdError, match=r"bad.yaml: not valid YAML"):
-        load_config(bad)
+        load_experiment(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(DskdError, match=r"top level must be a mapping"):
-        load_config(bad)
+        load_experiment(bad)
 
 
 def test_shipped_configs_validate():
@@ -83,7 +84,7 @@ def test_shipped_configs_validate():
     paths = sorted((REPO / "configs").rglob("*.yaml"))  # the recipes under results/ and noise/ too
     assert len(paths) > 20
     for path in paths:
-        load_config(path)
+        load_experiment(path)
 
 
 def test_pypkg_paths_resolve_inside_installed_packages():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_dskd, write_config
-from dskd.contrastive import CoDIR, sample_label_negatives, sample_random_negatives
+from dskd.methods.codir import CoDIR, sample_label_negatives, sample_random_negatives
 from dskd.errors import DskdError
 from dskd.losses import LayerGeometry
 
@@ -211,7 +211,7 @@ def test_codir_resumes_exactly_bank_included(session_tmp):
                     session_tmp).returncode == 0
     proc = run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from dskd.checkpoint import latest_tag
+    from dskd.training.checkpoint import latest_tag
 
     states = []
     for run in (full, split):
@@ -236,8 +236,8 @@ def test_codir_runs_on_two_ranks_and_refuses_partial_layer_stages(session_tmp):
 
 
 def test_the_cache_and_the_plan_know_what_codir_reads():
-    from dskd.cache import spec_for
-    from dskd.plan import memory_bank_bytes
+    from dskd.losses import spec_for
+    from dskd.commands.plan import memory_bank_bytes
 
     spec = spec_for({"codir": {"weight": 1.0, "pool": "mean"}, "soft_kd": {"weight": 1.0}}, ((1, 2), (2, 4)))
     assert spec.fields == ("logits", "mean") and spec.layers == (2, 4)

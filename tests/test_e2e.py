@@ -297,7 +297,7 @@ def test_internal_kd_across_widths_and_heads_on_two_ranks_zero3(session_tmp):
     out = session_tmp / "widths"
     _ok(run_dskd(["distill", "--config", cfg, "--output", out, "--deepspeed", "ds_configs/zero3_fp32.json"],
                  session_tmp, nproc=2))
-    from dskd.checkpoint import consolidated_state_dict, latest_tag
+    from dskd.training.checkpoint import consolidated_state_dict, latest_tag
 
     state = consolidated_state_dict(out / "checkpoints", latest_tag(out / "checkpoints"), 3)
     assert state["terms.cls_cosine.projections.L1.weight"].shape == (32, 24)
@@ -319,10 +319,11 @@ def test_internal_kd_across_widths_and_heads_on_two_ranks_zero3(session_tmp):
 def test_a_run_started_before_new_config_keys_existed_still_resumes(tmp_path):
     import yaml
 
-    from dskd.config import load_config, to_dict
-    from dskd.trainer import CONFIG_FILE, _diff_configs, saved_config
+    from dskd.config import to_dict
+    from dskd.methods import load_experiment
+    from dskd.training.run_dir import CONFIG_FILE, _diff_configs, saved_config
 
-    cfg = load_config(write_config(tmp_path / "c.yaml"))
+    cfg = load_experiment(write_config(tmp_path / "c.yaml"))
     old = to_dict(cfg)
     for section, key in (("data", "holdout"), ("data", "label_noise"), ("training", "trajectory"),
                          ("training", "swa")):

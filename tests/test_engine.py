@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dskd import engine
+from dskd.training import engine
 from dskd.config import TrainingConfig
 from dskd.errors import DskdError
 
@@ -56,7 +56,7 @@ def test_no_weight_decay_on_bias_and_layernorm():
 
 SKIP_ALLREDUCE_SCRIPT = """
 import torch
-from dskd import engine as eng
+from dskd.training import engine as eng
 from dskd.config import TrainingConfig
 
 eng.init_distributed()

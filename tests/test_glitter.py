@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import BERT_VOCAB, run_dskd, write_config
-from dskd import cache, glitter
+from dskd.teacher import cache, cache_reader
+from dskd.methods import glitter, glitter_pool
 from dskd.errors import DskdError
 from dskd.losses import build_loss_terms
 
@@ -33,11 +34,11 @@ def _tokenizer():
 # ------------------------------------------------------------------------ EDA
 
 
-@pytest.mark.parametrize("op", glitter.EDA_OPS)
+@pytest.mark.parametrize("op", glitter_pool.EDA_OPS)
 def test_eda_operations_are_deterministic_and_valid(op):
     words = SENTENCE.split()
-    made = [glitter.eda(SENTENCE, op, np.random.default_rng([3, k]), 0.2) for k in range(20)]
-    again = [glitter.eda(SENTENCE, op, np.random.default_rng([3, k]), 0.2) for k in range(20)]
+    made = [glitter_pool.eda(SENTENCE, op, np.random.default_rng([3, k]), 0.2) for k in range(20)]
+    again = [glitter_pool.eda(SENTENCE, op, np.random.default_rng([3, k]), 0.2) for k in range(20)]
     assert made == again  # the same stream gives the same variant
     assert len(set(made)) > 5  # and different streams different ones
     for text in made:
@@ -55,25 +56,25 @@ def test_eda_operations_are_deterministic_and_valid(op):
 
 def test_eda_edge_cases_keep_a_valid_sentence():
     rng = np.random.default_rng(0)
-    for op in glitter.EDA_OPS:
-        assert glitter.eda("", op, rng, 0.1) == ""
-    assert glitter.eda("word", "delete", rng, 0.9) == "word"  # never empties a sentence
-    assert glitter.eda("word", "swap", rng, 0.1) == "word"
-    assert glitter.eda("word", "insert", rng, 0.1) == "word word"
-    assert len(glitter.eda("a b", "delete", rng, 0.99).split()) == 1
+    for op in glitter_pool.EDA_OPS:
+        assert glitter_pool.eda("", op, rng, 0.1) == ""
+    assert glitter_pool.eda("word", "delete", rng, 0.9) == "word"  # never empties a sentence
+    assert glitter_pool.eda("word", "swap", rng, 0.1) == "word"
+    assert glitter_pool.eda("word", "insert", rng, 0.1) == "word word"
+    assert len(glitter_pool.eda("a b", "delete", rng, 0.99).split()) == 1
     with pytest.raises(ValueError, match="unknown EDA operation 'synonym'"):
-        glitter.eda("a b", "synonym", rng, 0.1)
+        glitter_pool.eda("a b", "synonym", rng, 0.1)
 
 
 def test_candidates_cycle_the_operations_with_their_own_stream_per_column():
     texts = {"text_a": SENTENCE, "text_b": "a second sentence of the pair here"}
-    made = glitter.eda_candidates(texts, idx=5, n=7, seed=1, ops=glitter.EDA_OPS, alpha=0.2)
+    made = glitter_pool.eda_candidates(texts, idx=5, n=7, seed=1, ops=glitter_pool.EDA_OPS, alpha=0.2)
     assert [op for op, _ in made] == ["delete", "swap", "insert", "delete", "swap", "insert", "delete"]
-    assert made == glitter.eda_candidates(texts, idx=5, n=7, seed=1, ops=glitter.EDA_OPS, alpha=0.2)
-    assert made != glitter.eda_candidates(texts, idx=5, n=7, seed=2, ops=glitter.EDA_OPS, alpha=0.2)
-    assert made != glitter.eda_candidates(texts, idx=6, n=7, seed=1, ops=glitter.EDA_OPS, alpha=0.2)
+    assert made == glitter_pool.eda_candidates(texts, idx=5, n=7, seed=1, ops=glitter_pool.EDA_OPS, alpha=0.2)
+    assert made != glitter_pool.eda_candidates(texts, idx=5, n=7, seed=2, ops=glitter_pool.EDA_OPS, alpha=0.2)
+    assert made != glitter_pool.eda_candidates(texts, idx=6, n=7, seed=1, ops=glitter_pool.EDA_OPS, alpha=0.2)
     # Candidate j does not depend on how many are generated.
-    assert made[:3] == glitter.eda_candidates(texts, idx=5, n=3, seed=1, ops=glitter.EDA_OPS, alpha=0.2)
+    assert made[:3] == glitter_pool.eda_candidates(texts, idx=5, n=3, seed=1, ops=glitter_pool.EDA_OPS, alpha=0.2)
 
 
 # ------------------------------------------------------------------ the pool
@@ -90,16 +91,16 @@ def _raw(order=None):
 
 
 def _pool(raw, n=4, seed=0):
-    return glitter.build_pool(raw, n, lambda texts, idx: glitter.eda_candidates(texts, idx, n, seed,
-                                                                                glitter.EDA_OPS, 0.2))
+    return glitter_pool.build_pool(raw, n, lambda texts, idx: glitter_pool.eda_candidates(texts, idx, n, seed,
+                                                                                glitter_pool.EDA_OPS, 0.2))
 
 
 def _save(folder, pool, raw, n=4, task="sst2"):
-    manifest = {"format": glitter.POOL_FORMAT, "version": glitter.POOL_VERSION, "task": task, "candidates": n,
+    manifest = {"format": glitter_pool.POOL_FORMAT, "version": glitter_pool.POOL_VERSION, "task": task, "candidates": n,
                 "seed": 0, "method": "eda", "rows": len(pool), "fingerprint": cache.data_fingerprint(pool),
                 "source": {"examples": len(raw), "hash": cache.data_fingerprint(raw)}}
-    glitter.save_pool(folder, pool, manifest)
-    return glitter.CandidatePool(folder)
+    glitter_pool.save_pool(folder, pool, manifest)
+    return glitter_pool.CandidatePool(folder)
 
 
 def test_pool_rows_carry_stable_ids_and_do_not_depend_on_the_data_order(tmp_path):
@@ -126,17 +127,17 @@ def test_pool_is_stored_and_reloads_and_an_altered_one_is_refused(tmp_path):
         stored.check_source("mrpc", {"examples": 4, "hash": cache.data_fingerprint(raw)})
     # Another pool's rows under this manifest: refused by the content hash.
     _pool(raw, seed=9).save_to_disk(str(tmp_path / "other"))
-    (tmp_path / "pool" / glitter.CANDIDATES_DIR).rename(tmp_path / "old")
-    (tmp_path / "other").rename(tmp_path / "pool" / glitter.CANDIDATES_DIR)
+    (tmp_path / "pool" / glitter_pool.CANDIDATES_DIR).rename(tmp_path / "old")
+    (tmp_path / "other").rename(tmp_path / "pool" / glitter_pool.CANDIDATES_DIR)
     with pytest.raises(DskdError, match="differs from what its manifest records"):
-        glitter.CandidatePool(tmp_path / "pool").dataset()
+        glitter_pool.CandidatePool(tmp_path / "pool").dataset()
     with pytest.raises(DskdError, match=r"`data.augment`: .* does not exist; write one with `dskd augment"):
-        glitter.CandidatePool(tmp_path / "missing")
+        glitter_pool.CandidatePool(tmp_path / "missing")
 
 
 def test_candidates_of_a_batch_are_gathered_original_by_original(tmp_path):
     raw = _raw()
-    candidates = glitter.Candidates(_save(tmp_path / "pool", _pool(raw), raw), _tokenizer(), 16)
+    candidates = glitter_pool.Candidates(_save(tmp_path / "pool", _pool(raw), raw), _tokenizer(), 16)
     batch = candidates.batch(torch.tensor([3, 0]), 0, "cpu")
     assert batch["idx"].tolist() == [12, 13, 14, 15, 0, 1, 2, 3]  # candidate ids
     assert batch["labels"].tolist() == [1, 1, 1, 1, 1, 1, 1, 1]
@@ -155,7 +156,7 @@ def test_pair_tasks_get_both_texts_changed_and_collated_as_pairs(tmp_path):
     assert pool.column_names == ["cid", "idx", "candidate", "op", "text_a", "text_b", "label"]
     assert pool["label"] == [0.5] * 3 + [3.0] * 3  # regression labels are kept as they are
     assert all(text != raw[i]["text_a"] for text, i in zip(pool["text_a"], pool["idx"]))
-    candidates = glitter.Candidates(_save(tmp_path / "pool", pool, raw, n=3, task="stsb"), _tokenizer(), 32)
+    candidates = glitter_pool.Candidates(_save(tmp_path / "pool", pool, raw, n=3, task="stsb"), _tokenizer(), 32)
     batch = candidates.batch(torch.tensor([1]), 0, "cpu")
     assert batch["token_type_ids"].max() == 1 and batch["labels"].dtype == torch.float32
 
@@ -177,7 +178,7 @@ class IdSum(nn.Module):
 
 
 def _write_cache(out, view, batch_size, tokenizer):
-    from dskd.trainer import TeacherSide
+    from dskd.teacher.online import TeacherSide
 
     spec = cache.CacheSpec(("logits",), ())
     return cache.write(out, {"teacher": "t", "data": {}}, {"fields": ["logits"], "layers": [], "dtype": "float32",
@@ -188,17 +189,17 @@ def _write_cache(out, view, batch_size, tokenizer):
 
 def _read(folder, cids):
     batch = {"idx": torch.tensor(cids), "attention_mask": torch.ones(len(cids), 1)}
-    return cache.TeacherCache(folder).outputs(batch, frozenset({"logits"}), (), glitter.SPLIT)["logits"]
+    return cache_reader.TeacherCache(folder).outputs(batch, frozenset({"logits"}), (), glitter.SPLIT)["logits"]
 
 
 def _write_two_ranks(out, view, batch_size, tokenizer, monkeypatch):
     """`cache.write` as two ranks would run it: rank 0 writes the pending file and its shard;
     inside its gather, rank 1 writes its shard; then rank 0 the manifest."""
-    from dskd import engine as eng
+    from dskd.runtime import dist
 
     who = {"rank": 0}
-    monkeypatch.setattr(eng, "rank", lambda: who["rank"])
-    monkeypatch.setattr(eng, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: who["rank"])
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
 
     def gather(out_list, obj):
         if who["rank"] == 0:
@@ -218,7 +219,7 @@ def _write_two_ranks(out, view, batch_size, tokenizer, monkeypatch):
 def test_candidate_cache_keys_do_not_depend_on_order_batch_size_or_world_size(tmp_path, monkeypatch):
     raw = _raw()
     tokenizer = _tokenizer()
-    view = glitter.Candidates(_save(tmp_path / "pool", _pool(raw), raw), tokenizer, 16).view
+    view = glitter_pool.Candidates(_save(tmp_path / "pool", _pool(raw), raw), tokenizer, 16).view
     shuffled = view.select(np.random.default_rng(0).permutation(len(view))).flatten_indices()
     _write_cache(tmp_path / "c1", view, 3, tokenizer)
     _write_cache(tmp_path / "c2", shuffled, 7, tokenizer)
@@ -283,7 +284,7 @@ def test_regression_uses_the_squared_error_and_no_candidates_give_zero():
 def test_the_module_runs_the_student_on_the_candidates_in_its_forward():
     from dskd.config import ArchConfig
     from dskd.models import build_from_arch
-    from dskd.trainer import DistillationModule
+    from dskd.training.module import DistillationModule
 
     tokenizer = _tokenizer()
     model = build_from_arch(ArchConfig(layers=1, hidden=16, heads=2, intermediate=32, dropout=0.0), len(tokenizer),
@@ -310,32 +311,32 @@ def test_the_module_runs_the_student_on_the_candidates_in_its_forward():
 
 
 def test_config_ties_data_augment_to_a_term_that_reads_it(tmp_path):
-    from dskd.config import load_config
+    from dskd.methods import load_experiment
 
     glitter_losses = {"soft_kd": {"weight": 0.5}, "glitter": {"weight": 0.5}}
     cfg = write_config(tmp_path / "a.yaml", {"losses": glitter_losses})
     with pytest.raises(DskdError, match=r"`losses.glitter` distils on augmented candidates; set `data.augment`"):
-        load_config(cfg)
+        load_experiment(cfg)
     cfg = write_config(tmp_path / "b.yaml", {"data.augment": "pool"})
     with pytest.raises(DskdError, match=r"`data.augment` is set but no loss term reads augmented candidates"):
-        load_config(cfg)
+        load_experiment(cfg)
     cfg = write_config(tmp_path / "c.yaml", {"data.augment": "pool",
                                              "losses": {"glitter": {"weight": 1.0, "select": "two"}}})
     with pytest.raises(DskdError, match=r"`losses.glitter.select` must be an integer"):
-        load_config(cfg)
+        load_experiment(cfg)
     cfg = write_config(tmp_path / "d.yaml", {"data.augment": "pool", "losses": {"glitter": {"weight": 1.0,
                                                                                             "select": 0}}})
     with pytest.raises(DskdError, match=r"`losses.glitter`: select .* must be at least 1"):
-        load_config(cfg)
-    assert load_config(write_config(tmp_path / "e.yaml", {"data.augment": "pool", "losses": glitter_losses}))
+        load_experiment(cfg)
+    assert load_experiment(write_config(tmp_path / "e.yaml", {"data.augment": "pool", "losses": glitter_losses}))
 
 
 def test_select_may_not_exceed_the_pool_candidates(tmp_path):
-    from dskd.config import load_config
+    from dskd.methods import load_experiment
 
     raw = _raw()
     _save(tmp_path / "pool", _pool(raw), raw)
-    cfg = load_config(write_config(tmp_path / "a.yaml", {"data.augment": str(tmp_path / "pool"),
+    cfg = load_experiment(write_config(tmp_path / "a.yaml", {"data.augment": str(tmp_path / "pool"),
                                                          "losses": {"glitter": {"weight": 1.0, "select": 5}}}))
     term = _term(select=5)
     with pytest.raises(DskdError, match=r"`losses.glitter.select` is 5, but the pool `data.augment` has 4 candidates"):
@@ -360,12 +361,12 @@ def _masked_lm(folder, seed=0):
 def test_masked_lm_fill_in_is_deterministic_and_needs_a_masked_lm_head(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
-    (model, tokenizer), why = glitter.load_mlm(str(_masked_lm(tmp_path / "mlm")))
+    (model, tokenizer), why = glitter_pool.load_mlm(str(_masked_lm(tmp_path / "mlm")))
     assert why is None
     texts = {"text_a": SENTENCE, "text_b": "short one"}
-    made = glitter.mlm_candidates(model, tokenizer, texts, 3, 4, 0, 0.3, 10)
-    assert made == glitter.mlm_candidates(model, tokenizer, texts, 3, 4, 0, 0.3, 10)
-    assert made != glitter.mlm_candidates(model, tokenizer, texts, 4, 4, 0, 0.3, 10)
+    made = glitter_pool.mlm_candidates(model, tokenizer, texts, 3, 4, 0, 0.3, 10)
+    assert made == glitter_pool.mlm_candidates(model, tokenizer, texts, 3, 4, 0, 0.3, 10)
+    assert made != glitter_pool.mlm_candidates(model, tokenizer, texts, 4, 4, 0, 0.3, 10)
     assert len(made) == 4 and all(op == "mlm" and set(v) == {"text_a", "text_b"} for op, v in made)
     for _, v in made:  # round(0.3 * 10 word pieces) = 3 replaced, the rest kept
         kept = Counter(v["text_a"].split()) & Counter(SENTENCE.split())
@@ -373,9 +374,9 @@ def test_masked_lm_fill_in_is_deterministic_and_needs_a_masked_lm_head(tmp_path)
     BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
                                              num_attention_heads=2, intermediate_size=32)).save_pretrained(
         tmp_path / "classifier")
-    found, why = glitter.load_mlm(str(tmp_path / "classifier"))
+    found, why = glitter_pool.load_mlm(str(tmp_path / "classifier"))
     assert found is None and "has no masked-LM head weights" in why
-    assert glitter.load_mlm(None)[0] is None
+    assert glitter_pool.load_mlm(None)[0] is None
 
 
 def test_augment_refuses_mlm_without_a_head_and_falls_back_to_eda_on_auto(session_tmp):
@@ -453,7 +454,7 @@ def test_augment_cache_distill_and_resume_exactly(real):
     root, cfg = real["root"], real["cfg"]
     manifest = json.loads((real["cache"] / "manifest.json").read_text())
     assert manifest["shards"]["augment"][0]["examples"] == 256 * 4
-    assert manifest["identity"]["data"]["augment"] == glitter.CandidatePool(real["pool"]).fingerprint
+    assert manifest["identity"]["data"]["augment"] == glitter_pool.CandidatePool(real["pool"]).fingerprint
     cached = ["--set", f"teacher.cache={real['cache']}"]
     full, split = root / "full", root / "split"
     proc = _ok(run_dskd(["distill", "--config", cfg, "--output", full, *cached], root))
@@ -482,7 +483,7 @@ def test_candidate_rows_of_a_two_rank_cache_match_the_one_rank_cache(real):
     from transformers import AutoModelForSequenceClassification
 
     teacher = AutoModelForSequenceClassification.from_pretrained(root / "teacher").eval()
-    candidates = glitter.Candidates(glitter.CandidatePool(real["pool"]), _tokenizer(), 32)
+    candidates = glitter_pool.Candidates(glitter_pool.CandidatePool(real["pool"]), _tokenizer(), 32)
     for c in cids[:16]:
         row = candidates.view[c]
         with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dskd.capture import QKCapture
+from dskd.models.capture import QKCapture
 from dskd.config import PlateauConfig, StageConfig, TrainingConfig
 from dskd.errors import DskdError
 from dskd.losses import (
@@ -20,7 +20,8 @@ from dskd.losses import (
     head_groups,
 )
 from dskd.models import resolve_layer_map
-from dskd.trainer import DistillationModule, Stage, lr_factor, plan_stages, shorten_stage, stage_pairs
+from dskd.training.module import DistillationModule
+from dskd.training.stages import Stage, lr_factor, plan_stages, shorten_stage, stage_pairs
 
 
 def _qk(b, h, s, d, seed):
@@ -279,7 +280,7 @@ def test_attention_kl_rejects_unknown_head_rule():
 def test_refresh_lr_applies_the_shortened_stage_table_to_the_next_step():
     from types import SimpleNamespace
 
-    from dskd.trainer import refresh_lr
+    from dskd.training.stages import refresh_lr
 
     training = TrainingConfig(warmup_ratio=0.0, lr_schedule="per_stage", lr=1.0)
     stages = [Stage("a", 0, 10, {}), Stage("b", 10, 20, {})]
@@ -296,7 +297,7 @@ def test_refresh_lr_applies_the_shortened_stage_table_to_the_next_step():
 
 def test_attention_grid_draws_teacher_left_student_right_over_real_tokens():
     from dskd.losses import attention_log_probs
-    from dskd.monitor import MAP_PIXELS, attention_grid
+    from dskd.training.monitor import MAP_PIXELS, attention_grid
 
     mask = torch.tensor([[1, 1, 1, 0]])
     s_qk, t_qk = _qk(1, 2, 4, 4, 9), _qk(1, 2, 4, 4, 10)
@@ -315,7 +316,8 @@ def test_attention_grid_draws_teacher_left_student_right_over_real_tokens():
 
 def test_layer_options_without_a_layer_wise_term_are_refused_by_name():
     from dskd.config import ExperimentConfig
-    from dskd.trainer import build_terms, check_stage_layers
+    from dskd.training.job import build_terms
+    from dskd.training.stages import check_stage_layers
 
     teacher, student = _tiny_bert(4, 16, 4, 0), _tiny_bert(2, 16, 4, 1)
     cfg = ExperimentConfig(layer_map=[2, 4])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import run_dskd, write_config
-from dskd.config import load_config
+from dskd.methods import load_experiment
 from dskd.errors import DskdError
-from dskd.kronecker import (
+from dskd.models.kronecker import (
     KroneckerEmbedding,
     KroneckerLinear,
     kronecker_config,
@@ -189,7 +189,7 @@ def test_kroneckerize_replaces_the_layer_maps_and_counts_parameters():
 
 
 def test_a_kronecker_teacher_is_reproduced_exactly_and_qk_capture_still_works():
-    from dskd.capture import QKCapture
+    from dskd.models.capture import QKCapture
 
     dense = _tiny_bert(seed=1, kron_weights=True)
     student = kroneckerize(dense, SPEC).eval()
@@ -253,16 +253,16 @@ def test_a_roberta_student_and_a_random_init():
 ])
 def test_config_errors_name_the_key(tmp_path, kronecker, message):
     with pytest.raises(DskdError, match=message):
-        load_config(write_config(tmp_path / "c.yaml", {"student.kronecker": kronecker}))
+        load_experiment(write_config(tmp_path / "c.yaml", {"student.kronecker": kronecker}))
 
 
 def test_shapes_that_do_not_divide_the_model_are_refused_naming_the_key(tmp_path):
     arch = {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}
     with pytest.raises(DskdError, match=r"`student\.kronecker\.intermediate` is \[3, 2\], which does not divide "
                                         r"the \[64, 32\] weights"):
-        load_config(write_config(tmp_path / "c.yaml", {"student": {"init_from_teacher": False, "arch": arch,
+        load_experiment(write_config(tmp_path / "c.yaml", {"student": {"init_from_teacher": False, "arch": arch,
                                                                    "kronecker": {"intermediate": [3, 2]}}}))
-    cfg = load_config(write_config(tmp_path / "ok.yaml", {"student.kronecker": {"attention": [5, 2]}}))
+    cfg = load_experiment(write_config(tmp_path / "ok.yaml", {"student.kronecker": {"attention": [5, 2]}}))
     with pytest.raises(DskdError, match=r"`student\.kronecker\.attention` is \[5, 2\], which does not divide the "
                                         r"\[32, 32\]"):
         kroneckerize(_tiny_bert(), cfg.student.kronecker)
@@ -271,12 +271,17 @@ def test_shapes_that_do_not_divide_the_model_are_refused_naming_the_key(tmp_path
 
 
 def test_build_student_factors_a_copy_and_leaves_the_teacher_alone(tmp_path):
+    from dskd.methods import enabled_methods
+    from dskd.methods.kronecker import KroneckerStudent
     from dskd.models import build_student
 
-    cfg = load_config(write_config(tmp_path / "c.yaml", {"student.kronecker": SPEC}))
+    cfg = load_experiment(write_config(tmp_path / "c.yaml", {"student.kronecker": SPEC}))
+    methods = enabled_methods(cfg, "distill")
+    assert [type(m) for m in methods] == [KroneckerStudent]  # the plugin builds the student, through its hook
     teacher = _tiny_bert(seed=4, kron_weights=True)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student, layers = build_student(cfg.student, teacher, 2, 0, cfg.seed)
+    student = methods[0].build_student(student, cfg)
     assert layers == [2] and student.config.num_hidden_layers == 1
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     # Teacher layer 2 is exactly Kronecker, so its factors reproduce it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dskd.errors import DskdError
-from dskd.launch import detect, first_host
+from dskd.runtime.launch import detect, first_host
 
 
 def test_single_process():

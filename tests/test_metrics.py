@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dskd.data import get_task
-from dskd.metrics import accuracy, compute_metrics, f1, matthews_corrcoef, pearson, spearman
+from dskd.data.metrics import accuracy, compute_metrics, f1, matthews_corrcoef, pearson, spearman
 
 # Binary confusion matrix used below: tp=6, tn=3, fp=1, fn=2 (12 examples).
 LABELS = np.array([1] * 6 + [0] * 3 + [0] * 1 + [1] * 2)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_same_run, run_dskd, write_config
-from dskd.config import LabelNoiseConfig, load_config
+from dskd.config import LabelNoiseConfig
+from dskd.methods import load_experiment
 from dskd.data import apply_label_noise, get_task, label_noise, split_holdout
 from dskd.errors import DskdError
 from dskd.losses import build_loss_terms
@@ -63,9 +64,9 @@ def test_noise_settings_are_checked_at_load(tmp_path):
                            ({"rate": 0.2, "flip": {"0": 1}}, r"`data.label_noise.flip` maps classes for `kind: asym"),
                            ({"kind": "symmetric"}, r"missing required key\(s\) `data.label_noise.rate`")):
         with pytest.raises(DskdError, match=message):
-            load_config(write_config(tmp_path / "n.yaml", {"data.label_noise": noise}))
+            load_experiment(write_config(tmp_path / "n.yaml", {"data.label_noise": noise}))
     with pytest.raises(DskdError, match=r"`data.holdout` .* must be in \[0, 1\)"):
-        load_config(write_config(tmp_path / "h.yaml", {"data.holdout": 1.0}))
+        load_experiment(write_config(tmp_path / "h.yaml", {"data.holdout": 1.0}))
 
 
 def test_holdout_is_a_seeded_disjoint_split_that_keeps_indices():

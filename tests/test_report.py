@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dskd.errors import DskdError
-from dskd.report import collect, flatten, format_table
+from dskd.training.report import collect, flatten, format_table
 
 
 def _run(folder, lr, seed, accuracy, status="completed"):

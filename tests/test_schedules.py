@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from conftest import assert_same_run, run_dskd, write_config
-from dskd.checkpoint import consolidated_state_dict, latest_tag
-from dskd.config import StageConfig, TrainingConfig, load_config
+from dskd.training.checkpoint import consolidated_state_dict, latest_tag
+from dskd.config import StageConfig, TrainingConfig
+from dskd.methods import load_experiment
 from dskd.errors import DskdError
 from dskd.losses import build_loss_terms
-from dskd.trainer import DistillationModule, plan_stages
+from dskd.training.module import DistillationModule
+from dskd.training.stages import plan_stages
 
 
 def _term(name: str, **spec):
@@ -99,7 +101,7 @@ def test_continuation_regression_has_a_shrinking_dead_zone():
 def test_continuation_rejects_bad_settings_by_key(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", {"losses": {"continuation_kd": {"weight": 1.0, "ramp": 0.0}}})
     with pytest.raises(DskdError, match=r"`losses.continuation_kd`: ramp"):
-        load_config(cfg)
+        load_experiment(cfg)
 
 
 def test_the_trainer_hands_every_term_its_stage_progress():
@@ -117,7 +119,7 @@ def test_keep_best_cannot_be_combined_with_per_layer(tmp_path):
         "losses": {"attention_kl": {"weight": 1.0}},
         "schedule": [{"name": "pid", "epochs": 1, "per_layer": "progressive", "keep_best": True}]})
     with pytest.raises(DskdError, match=r"`schedule\[0\]` \(pid\) sets both `keep_best` and `per_layer`"):
-        load_config(cfg)
+        load_experiment(cfg)
 
 
 # --------------------------------------------------------- runs: restore, resume, 2 ranks
@@ -212,8 +214,8 @@ def test_keep_best_restores_under_zero3_on_two_ranks(session_tmp):
 def test_teacher_side_switches_teachers_and_moves_its_hooks():
     from test_internal import _tiny_bert
 
-    from dskd.capture import QKCapture
-    from dskd.trainer import TeacherSide
+    from dskd.models.capture import QKCapture
+    from dskd.teacher.online import TeacherSide
 
     first, second = _tiny_bert(2, 16, 4, 0), _tiny_bert(2, 16, 4, 1)
     side = TeacherSide(first, QKCapture(first, [2], "teacher"))
@@ -235,12 +237,12 @@ def test_stage_teachers_are_refused_with_a_cache_and_when_shapes_differ(tmp_path
     cfg = write_config(tmp_path / "c.yaml", {"teacher.cache": str(tmp_path / "cache"),
                                               "schedule": [{"name": "early", "epochs": 1, "teacher": "x"}]})
     with pytest.raises(DskdError, match=r"`schedule\[0\].teacher` \(early\) switches teachers, but `teacher.cache`"):
-        load_config(cfg)
+        load_experiment(cfg)
 
     from types import SimpleNamespace
 
     from dskd.data import get_task
-    from dskd.trainer import check_stage_teachers
+    from dskd.methods.pro_kd import check_stage_teachers
 
     other = tmp_path / "other"
     from transformers import BertConfig
@@ -249,7 +251,7 @@ def test_stage_teachers_are_refused_with_a_cache_and_when_shapes_differ(tmp_path
                num_labels=2).save_pretrained(other)
     main = SimpleNamespace(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=100,
                            model_type="bert")
-    cfg = load_config(write_config(tmp_path / "d.yaml", {"schedule": [{"name": "s", "epochs": 1},
+    cfg = load_experiment(write_config(tmp_path / "d.yaml", {"schedule": [{"name": "s", "epochs": 1},
                                                                       {"name": "early", "epochs": 1,
                                                                        "teacher": str(other)}]}))
     with pytest.raises(DskdError, match=r"`schedule\[1\].teacher` \(early: .*\) differs in shape from the main "
@@ -301,12 +303,12 @@ def test_pro_kd_follows_the_teachers_trajectory_resumes_and_runs_on_two_ranks(se
 
 
 def test_trajectory_references_pick_the_exports_by_step(tmp_path):
-    from dskd.trainer import resolve_stage_teacher
+    from dskd.methods.pro_kd import resolve_stage_teacher
 
     for tag in ("step00000032", "step00000016", "step00000048"):
         (tmp_path / "t" / "trajectory" / tag).mkdir(parents=True)
         (tmp_path / "t" / "trajectory" / tag / "config.json").write_text("{}")
-    cfg = load_config(write_config(tmp_path / "c.yaml", {"teacher": {"path": str(tmp_path / "t")}}))
+    cfg = load_experiment(write_config(tmp_path / "c.yaml", {"teacher": {"path": str(tmp_path / "t")}}))
     folder = tmp_path / "t" / "trajectory"
     assert resolve_stage_teacher(cfg, "trajectory:1", "k") == str(folder / "step00000016")
     assert resolve_stage_teacher(cfg, "trajectory:-1", "k") == str(folder / "step00000048")

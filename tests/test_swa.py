@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import run_dskd, write_config
-from dskd.config import SwaConfig, load_config
+from dskd.config import SwaConfig
+from dskd.methods import load_experiment
 from dskd.errors import DskdError
-from dskd.swa import WeightAverage, averages_at, start_step, swa_lr_factor
+from dskd.methods.swa import WeightAverage, averages_at, start_step, swa_lr_factor
 
 
 def test_averaging_steps_start_at_the_configured_share_and_include_the_last_step():
@@ -31,13 +32,16 @@ def test_constant_and_cyclic_swa_learning_rates():
 
 
 def test_the_trainer_uses_the_swa_learning_rate_in_the_swa_phase():
-    from dskd.config import TrainingConfig
-    from dskd.trainer import Stage, lr_factor
+    from dskd.config import ExperimentConfig, TrainingConfig
+    from dskd.methods import enabled_methods
+    from dskd.training.stages import Stage, lr_factor
 
     training = TrainingConfig(warmup_ratio=0.0, swa=SwaConfig(start=0.5, lr_high=0.3))
+    methods = enabled_methods(ExperimentConfig(training=training), "distill")  # the SWA plugin, through its hook
     stages = [Stage("train", 0, 10, {"hard_ce": 1.0})]
-    assert [round(lr_factor(s, stages, training), 6) for s in range(10)] == [1.0, 0.9, 0.8, 0.7, 0.3, 0.3, 0.3,
-                                                                              0.3, 0.3, 0.3]
+    assert [round(lr_factor(s, stages, training, methods), 6) for s in range(10)] == [1.0, 0.9, 0.8, 0.7, 0.3, 0.3,
+                                                                                       0.3, 0.3, 0.3, 0.3]
+    assert [round(lr_factor(s, stages, training), 6) for s in range(10)][4:6] == [0.6, 0.5]  # no plugin: linear
 
 
 def test_running_mean_and_the_swap_in_and_out():
@@ -66,9 +70,9 @@ def test_swa_settings_are_checked_by_key(tmp_path):
                          ({"lr": "cyclic", "lr_high": 0.1, "lr_low": 0.5}, r"`training.swa.lr_low` must be in"),
                          ({"lr": "step"}, r"`training.swa.lr` must be 'constant' or 'cyclic'")):
         with pytest.raises(DskdError, match=message):
-            load_config(write_config(tmp_path / "s.yaml", {"training.swa": swa}))
+            load_experiment(write_config(tmp_path / "s.yaml", {"training.swa": swa}))
     with pytest.raises(DskdError, match=r"`schedule\[0\].keep_best` \(a\) rewinds the student .* use one of them"):
-        load_config(write_config(tmp_path / "k.yaml", {"training.swa": {}, "schedule": [
+        load_experiment(write_config(tmp_path / "k.yaml", {"training.swa": {}, "schedule": [
             {"name": "a", "epochs": 1, "keep_best": True}]}))
 
 
@@ -81,7 +85,7 @@ SWA = {
 
 
 def _raw_mean(run: Path, steps: list[int], zero_stage: int) -> dict[str, torch.Tensor]:
-    from dskd.checkpoint import consolidated_state_dict
+    from dskd.training.checkpoint import consolidated_state_dict
 
     raw = [consolidated_state_dict(run / "checkpoints", f"step{s:08d}", zero_stage) for s in steps]
     return {k[len("model."):]: sum(r[k] for r in raw) / len(raw) for k in raw[0] if k.startswith("model.")}

@@ -1,5 +1,6 @@
 from dskd.config import StageConfig, TrainingConfig
-from dskd.trainer import epoch_batches, plan_stages
+from dskd.data import epoch_batches
+from dskd.training.stages import plan_stages
 
 LOSSES = {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}, "off": {"type": "soft_kd", "weight": 0}}
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from conftest import assert_same_run, run_dskd, write_config
 from dskd.errors import DskdError
 from dskd.losses import LayerGeometry, build_loss_terms
-from dskd.universal import MANIFEST, PROBES_FORMAT, PROBES_VERSION, WEIGHTS, UniversalKD, fit_probes, probe_accuracy
+from dskd.methods.universal_kd import MANIFEST, PROBES_FORMAT, PROBES_VERSION, WEIGHTS, UniversalKD
+from dskd.methods.universal_probes import fit_probes, probe_accuracy
 
 
 def _randn(*shape, seed, dtype=torch.float32):
@@ -147,9 +148,9 @@ def test_gradients_gradcheck_in_float64_and_detach_changes_only_the_path_through
 def test_teacher_and_student_of_different_depth_width_and_heads(tmp_path):
     from test_internal import _tiny_bert
 
-    from dskd.capture import forward_with_layers
+    from dskd.models.capture import forward_with_layers
     from dskd.models import resolve_layer_map, teacher_outputs
-    from dskd.trainer import DistillationModule
+    from dskd.training.module import DistillationModule
 
     teacher, student = _tiny_bert(4, 32, 4, 0).eval(), _tiny_bert(2, 16, 2, 1)
     pairs = tuple(resolve_layer_map(None, [], 2, 4))
@@ -217,7 +218,7 @@ def test_bad_probe_folders_are_refused_naming_the_key(tmp_path):
 
 
 def test_config_validation_names_the_option(tmp_path):
-    from dskd.config import load_config
+    from dskd.methods import load_experiment
 
     for spec, message in (({"distance": "l1"}, "distance must be 'kl' or 'mse'"),
                           ({"attention_temperature": 0}, "attention_temperature must be positive"),
@@ -226,25 +227,26 @@ def test_config_validation_names_the_option(tmp_path):
                           ({"detach_attention": "yes"}, "must be true or false")):
         cfg = write_config(tmp_path / "c.yaml", {"losses": {"universal_kd": {"weight": 1.0, **spec}}})
         with pytest.raises(DskdError, match=r"losses.universal_kd.*" + message):
-            load_config(cfg)
+            load_experiment(cfg)
 
 
 def test_probes_of_another_task_or_teacher_and_cached_or_pro_kd_runs_are_refused(tmp_path):
-    from dskd.cache import spec_for, teacher_fingerprint
-    from dskd.config import load_config
+    from dskd.losses import spec_for
+    from dskd.teacher.cache import teacher_fingerprint
+    from dskd.methods import load_experiment
 
     arch = {"layers": 3, "hidden": 2, "heads": 1, "intermediate": 4}
-    cfg = load_config(write_config(tmp_path / "c.yaml", {"teacher.arch": arch}))
+    cfg = load_experiment(write_config(tmp_path / "c.yaml", {"teacher.arch": arch}))
     right = teacher_fingerprint(cfg.teacher, cfg.seed)
     _random_probes(tmp_path / "ok", hidden=2, depth=3, teacher=right)
     _term(tmp_path / "ok", GEOMETRY).bind_run(cfg, "losses.universal_kd")  # the right teacher and task
     _random_probes(tmp_path / "rte", hidden=2, depth=3, task="rte", teacher=right)
     with pytest.raises(DskdError, match=r"holds probes for task rte \(2 labels\); this run is sst2"):
         _term(tmp_path / "rte", GEOMETRY).bind_run(cfg, "losses.universal_kd")
-    other = load_config(write_config(tmp_path / "c2.yaml", {"teacher.arch": arch, "seed": 8}))  # another init
+    other = load_experiment(write_config(tmp_path / "c2.yaml", {"teacher.arch": arch, "seed": 8}))  # another init
     with pytest.raises(DskdError, match=r"were trained on another teacher .* rerun `dskd train-probes`"):
         _term(tmp_path / "ok", GEOMETRY).bind_run(other, "losses.universal_kd")
-    cached = load_config(write_config(tmp_path / "c3.yaml", {"teacher.arch": arch, "teacher.cache": str(tmp_path)}))
+    cached = load_experiment(write_config(tmp_path / "c3.yaml", {"teacher.arch": arch, "teacher.cache": str(tmp_path)}))
     with pytest.raises(DskdError, match=r"`losses.universal_kd` needs the \[CLS\] vector of every teacher layer "
                                         r"\(cls_all\), which the teacher cache does not store"):
         _term(tmp_path / "ok", GEOMETRY).bind_run(cached, "losses.universal_kd")
@@ -252,7 +254,7 @@ def test_probes_of_another_task_or_teacher_and_cached_or_pro_kd_runs_are_refused
                                         r"the teacher cache does not store"):
         spec_for({"universal_kd": {"weight": 1.0}}, ((1, 2),))
     assert spec_for({"universal_kd": {"weight": 1.0}}, ((1, 2),), strict=False).fields == ("logits",)  # dskd plan
-    pro = load_config(write_config(tmp_path / "c4.yaml", {
+    pro = load_experiment(write_config(tmp_path / "c4.yaml", {
         "teacher.arch": arch, "losses": {"hard_ce": {"weight": 1.0}, "universal_kd": {"weight": 1.0}},
         "schedule": [{"name": "a", "epochs": 1, "teacher": str(tmp_path)}]}))
     with pytest.raises(DskdError, match=r"`schedule\[0\].teacher` \(a\) replaces the teacher"):
@@ -285,14 +287,15 @@ def test_fit_probes_separates_separable_data_whatever_the_feature_scale(one_thre
 
 
 def test_train_probes_reports_dev_accuracy_saves_probes_that_load_back_and_refuses_other_folders(tmp_path, one_thread):
-    from dskd import data, models, trainer
-    from dskd.config import load_config
-    from dskd.universal import collect_cls, train_probes
+    from dskd import data, models
+    from dskd.teacher import online
+    from dskd.methods import load_experiment
+    from dskd.methods.universal_probes import collect_cls, train_probes
 
     arch = {"layers": 3, "hidden": 16, "heads": 2, "intermediate": 32}
     cfg_path = write_config(tmp_path / "c.yaml", {"teacher.arch": arch, "data.train_limit": 64, "data.dev_limit": 32,
                                                   "losses.universal_kd": {"weight": 1.0, "teacher_layers": [2, 3]}})
-    cfg = load_config(cfg_path)
+    cfg = load_experiment(cfg_path)
     out = tmp_path / "probes"
     manifest = train_probes(cfg, out, epochs=5)
     assert manifest["layers"] == [2, 3]  # the config's universal_kd.teacher_layers
@@ -302,8 +305,8 @@ def test_train_probes_reports_dev_accuracy_saves_probes_that_load_back_and_refus
     assert manifest["examples"] == {"train": 64, "dev": 32}
     # The reported dev accuracy is that of the saved probes on the teacher's dev [CLS] vectors.
     task, tokenizer = data.get_task("sst2"), models.load_tokenizer(cfg.teacher)
-    _, dev = trainer.load_data(cfg, task, tokenizer)
-    teacher = models.freeze(trainer.load_teacher(cfg, task, tokenizer), torch.float32, torch.device("cpu"))
+    _, dev = data.load_data(cfg, task, tokenizer)
+    teacher = models.freeze(online.load_teacher(cfg, task, tokenizer), torch.float32, torch.device("cpu"))
     x, y = collect_cls(teacher, dev, tokenizer.pad_token_id, 8, [2, 3], "cpu")
     saved = load_file(str(out / WEIGHTS))
     w = torch.stack([saved["L2.weight"], saved["L3.weight"]])
@@ -326,18 +329,18 @@ def test_train_probes_reports_dev_accuracy_saves_probes_that_load_back_and_refus
         train_probes(cfg, tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     with pytest.raises(DskdError, match=r"stsb, a regression task"):
-        train_probes(load_config(cfg_path, ["data.task=stsb"]), tmp_path / "p2")
+        train_probes(load_experiment(cfg_path, ["data.task=stsb"]), tmp_path / "p2")
     with pytest.raises(DskdError, match=r"--layers \[9\]: the teacher has layers 1 to 3"):
         train_probes(cfg, tmp_path / "p3", layers=[9])
 
 
 def test_train_probes_refuses_several_ranks(tmp_path, monkeypatch):
-    from dskd.config import load_config
-    from dskd.universal import train_probes
+    from dskd.methods import load_experiment
+    from dskd.methods.universal_probes import train_probes
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DskdError, match="runs in one process"):
-        train_probes(load_config(write_config(tmp_path / "c.yaml")), tmp_path / "p")
+        train_probes(load_experiment(write_config(tmp_path / "c.yaml")), tmp_path / "p")
 
 
 # ------------------------------------------------------------------ end to end
@@ -380,7 +383,7 @@ def test_universal_kd_resumes_exactly(session_tmp, probes):
     proc = run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(full, split)
-    from dskd.checkpoint import latest_tag
+    from dskd.training.checkpoint import latest_tag
 
     states = []
     for run in (full, split):

@@ -16,26 +16,10 @@ when triton is installed and the case is covered, everything else the chunked pa
 
 from __future__ import annotations
 
-import functools
-import os
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """Triton is installed and can launch: a CUDA device, or the interpreter (TRITON_INTERPRET=1,
-    which must be set before triton is first imported)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    import torch
-
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-from dskd.kernels.attention import attention_kl_rows, attention_log_probs, average_heads, reduce_rows  # noqa: E402
-from dskd.kernels.hidden import hidden_rows  # noqa: E402
-from dskd.kernels.logits import soft_kl_rows  # noqa: E402
+from dskd.kernels.dispatch import EPS, triton_available  # noqa: F401
+from dskd.kernels.attention import attention_kl_rows, attention_log_probs, average_heads, reduce_rows
+from dskd.kernels.hidden import hidden_rows
+from dskd.kernels.logits import soft_kl_rows
 
 __all__ = ["attention_kl_rows", "attention_log_probs", "average_heads", "hidden_rows", "reduce_rows",
            "soft_kl_rows", "triton_available"]

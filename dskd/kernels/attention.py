@@ -154,7 +154,7 @@ def triton_supported(student_qk, teacher, groups) -> bool:
     """The Triton kernel covers Q/K teachers with head-by-head comparison on CUDA tensors."""
     if not isinstance(teacher, tuple) or groups != (1, 1) or not student_qk[0].is_cuda:
         return False
-    from dskd.kernels import triton_available
+    from dskd.kernels.dispatch import triton_available
 
     return triton_available()
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from dskd.kernels.dispatch import EPS
+
 DEFAULT_CHUNK_ROWS = 4096
 KINDS = ("cosine", "mse")
-EPS = 1e-8  # as torch.nn.functional.cosine_similarity
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,7 +87,7 @@ def hidden_rows(hs: torch.Tensor, ht: torch.Tensor, kind: str = "cosine", weight
     given) and teacher states [N, d_t]."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    from dskd.kernels import triton_available
+    from dskd.kernels.dispatch import triton_available
 
     row_fn = row_loss_and_grad
     if hs.is_cuda and triton_available():

@@ -59,7 +59,7 @@ def soft_kl_rows_torch(zs: torch.Tensor, zt: torch.Tensor, temperature: float, c
 
 def soft_kl_rows(zs: torch.Tensor, zt: torch.Tensor, temperature: float, chunk: int | None = None):
     """Per-row soft-label KL: the Triton kernel on CUDA, else the chunked PyTorch path."""
-    from dskd.kernels import triton_available
+    from dskd.kernels.dispatch import triton_available
 
     if zs.is_cuda and triton_available():
         from dskd.kernels.triton_kernels import soft_kl_rows_triton

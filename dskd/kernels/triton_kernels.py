@@ -351,7 +351,7 @@ def _hidden_rows(X, Y, LOSS, DX, n_rows, dim, stride_x, stride_y, stride_d, eps,
 
 def hidden_row_loss_and_grad(x: torch.Tensor, y: torch.Tensor, kind: str, want_grad: bool):
     """Triton twin of ``hidden.row_loss_and_grad`` (fp32 out)."""
-    from dskd.kernels.hidden import EPS
+    from dskd.kernels.dispatch import EPS
 
     x, y = _inner_contiguous(x), _inner_contiguous(y)
     n, dim = x.shape

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from dskd import cache
+from dskd.teacher import cache
 from dskd.config import ExperimentConfig
 from dskd.errors import DskdError
 
@@ -47,7 +47,7 @@ def student_bytes(params: int, dtype: torch.dtype, zero_stage: int, world: int) 
 
 def memory_bank_bytes(losses: dict, n_train: int) -> int:
     """CoDIR's two [N_train, dim] banks (student and teacher side), on every rank."""
-    from dskd.contrastive import BANK_DTYPES
+    from dskd.methods.codir import BANK_DTYPES
     from dskd.losses import term_type
 
     total = 0
@@ -68,7 +68,9 @@ def teacher_name(config, path: str | None) -> str:
 def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: str | None = None,
               world: int | None = None) -> dict:
     """The cache size (per split and field) and per-rank model memory of ``cfg``'s distillation."""
-    from dskd import data, engine as eng, models, trainer
+    from dskd import data, models
+    from dskd.losses import mapped_pairs, spec_for
+    from dskd.training import engine as eng
 
     training = cfg.training
     ds_config, _ = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
@@ -92,17 +94,17 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
         s_config = models.arch_config(cfg.student.arch, t_config.vocab_size, task.num_labels,
                                       tokenizer.pad_token_id, "student.arch")
     if cfg.student.kronecker is not None:  # KroneckerBERT: count the factored student
-        from dskd.kronecker import kronecker_config
+        from dskd.models.kronecker import kronecker_config
 
         s_config = kronecker_config(s_config, cfg.student.kronecker)
-    pairs = trainer.mapped_pairs(cfg, cfg.losses, init_layers, n_student, t_config.num_hidden_layers)
+    pairs = mapped_pairs(cfg, cfg.losses, init_layers, n_student, t_config.num_hidden_layers)
     try:
-        cache.spec_for(cfg.losses, pairs)
+        spec_for(cfg.losses, pairs)
         refused = None
     except DskdError as exc:  # a term the cache cannot serve: the memory estimate still holds online
         refused = str(exc)
-    spec = cache.spec_for(cfg.losses, pairs, strict=False)
-    train_set, dev_set = trainer.load_data(cfg, task, tokenizer)
+    spec = spec_for(cfg.losses, pairs, strict=False)
+    train_set, dev_set = data.load_data(cfg, task, tokenizer)
     hidden, heads, labels = t_config.hidden_size, t_config.num_attention_heads, task.num_labels
     splits = {}
     for split, dataset in (("train", train_set), ("dev", dev_set)):

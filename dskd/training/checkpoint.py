@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dskd import engine as eng
+from dskd.runtime import dist as eng
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -79,7 +79,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, write_extra=None) -> str:
     """Collective: every rank must call it. ``write_extra(tag_dir)``, called on every rank
-    before the checkpoint is marked complete, adds files of our own (the SWA average)."""
+    before the checkpoint is marked complete, adds files of our own (a method's state, `Method.save_state`)."""
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{eng.rank()}.pt")

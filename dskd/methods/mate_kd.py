@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dskd import engine as eng
+from dskd.runtime import dist
 from dskd.errors import DskdError
 from dskd.losses import LossTerm, register_loss
 
@@ -248,7 +248,7 @@ class MateKD(LossTerm):
     def rng(self, device, step: int, index: int, kind: int) -> torch.Generator:
         """The masks' and Gumbel noise's generator for one draw: a function of (seed, step, index, rank)."""
         generator = torch.Generator(device=device)
-        generator.manual_seed(_seed(self.seed, step, index, kind, eng.rank()))
+        generator.manual_seed(_seed(self.seed, step, index, kind, dist.rank()))
         return generator
 
     # --------------------------------------------------------------- generator
@@ -283,10 +283,10 @@ class MateKD(LossTerm):
         value = self.divergence(student, teacher, batch, rng)
         grads = torch.autograd.grad(-value, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        if eng.world_size() > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads]).to(eng.device())
+        if dist.world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads]).to(dist.device())
             torch.distributed.all_reduce(flat)
-            flat = flat.to(params[0].device) / eng.world_size()
+            flat = flat.to(params[0].device) / dist.world_size()
             grads = torch.split(flat, [g.numel() for g in grads])
         for p, g in zip(params, grads, strict=True):
             p.grad = g.reshape(p.shape).detach().clone()
@@ -315,10 +315,10 @@ class MateKD(LossTerm):
     def check_same_on_every_rank(self) -> None:
         """Under several ranks, a guard (one tiny all-reduce per cycle): every rank's generator
         must have the same weights, which the averaged gradients guarantee."""
-        if eng.world_size() == 1:
+        if dist.world_size() == 1:
             return
         total = torch.stack([p.detach().double().sum() for p in self.generator.parameters()]).sum()
-        both = torch.stack([total, -total]).to(eng.device())
+        both = torch.stack([total, -total]).to(dist.device())
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
         if both[0].item() != total.item() or -both[1].item() != total.item():
             raise RuntimeError("`mate_kd`: the generators of the ranks differ after a generator cycle")
@@ -362,7 +362,7 @@ class MateKD(LossTerm):
 
     def bind_job(self, job, key: str) -> None:
         """Refuse what the generator cannot run under, then build it for the teacher's vocabulary."""
-        if eng.zero_stage(job.ds_config) == 3:
+        if job.zero_stage == 3:
             raise DskdError(f"`{key}`: the generator's steps run the student outside the DeepSpeed engine with its "
                             f"full word-embedding matrix, which ZeRO-3 partitions ({job.ds_file}); use ZeRO stage "
                             "0, 1 or 2")
@@ -382,7 +382,7 @@ class MateKD(LossTerm):
         config = teacher.config
         self.build_generator(w_t.shape[0], int(getattr(config, "max_position_embeddings", 512)),
                              int(getattr(config, "type_vocab_size", 2) or 2), tokenizer.pad_token_id,
-                             tokenizer.mask_token_id, tokenizer.all_special_ids, job.cfg.seed + 3, eng.device(), key,
+                             tokenizer.mask_token_id, tokenizer.all_special_ids, job.cfg.seed + 3, dist.device(), key,
                              job.cfg.data.max_length)
 
     def before_micro_step(self, step, batch: dict) -> dict:
@@ -424,6 +424,6 @@ def training_batch(job, step: int, k: int, pad_id: int, device) -> dict:
     examples drawn from (seed, step, k, rank) only."""
     from dskd import data
 
-    generator = torch.Generator().manual_seed(_seed(job.cfg.seed, step, k, eng.rank(), 7))
+    generator = torch.Generator().manual_seed(_seed(job.cfg.seed, step, k, dist.rank(), 7))
     rows = torch.randperm(len(job.train_set), generator=generator)[: job.training.batch_size].tolist()
     return {key: v.to(device) for key, v in data.collate([job.train_set[i] for i in rows], pad_id).items()}

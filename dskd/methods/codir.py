@@ -136,6 +136,12 @@ class CoDIR(LayerwiseTerm):
         self.embed_t = nn.Linear(layers * geometry.teacher_hidden, self.dim)
         self.key = key
 
+    def bind_job(self, job, key: str) -> None:
+        """The memory banks are keyed by the training set's dataset indices."""
+        train = job.train_set.data
+        self.bind_data(torch.as_tensor(train.column("label").to_numpy()),
+                       torch.as_tensor(train.column("idx").to_numpy()).long(), job.task.is_regression, job.cfg.seed)
+
     def bind_data(self, labels: torch.Tensor, idx: torch.Tensor, is_regression: bool, seed: int) -> None:
         """Size the banks for the training set and build the negative pools; check the setup."""
         key = self.key

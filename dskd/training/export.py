@@ -2,9 +2,9 @@
 
 The checkpoint holds the engine's whole module (``model.*`` plus loss-term parameters
 such as projections) in whatever ZeRO layout trained it. Export consolidates it to
-fp32 (or takes the SWA average the checkpoint holds), keeps only the trained model, and
+fp32 (or takes the weights a method exports instead, e.g. a weight average the checkpoint holds), keeps only the trained model, and
 writes it with its tokenizer so that
-``AutoModelForSequenceClassification.from_pretrained(out)`` loads it anywhere.
+the task's Auto class (``AutoModelForSequenceClassification`` for GLUE) loads it anywhere.
 """
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dskd import checkpoint
+import transformers
+
+from dskd import data, models
 from dskd.errors import DskdError
-from dskd.swa import averaged_state
+from dskd.methods import exported_state
+from dskd.training import checkpoint
+from dskd.training.run_dir import MODEL_CONFIG_DIR, RUN_FILE
 
 MODEL_PREFIX = "model."
 
 
 def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    import dskd.kronecker  # noqa: F401  (registers KroneckerBERT, whose config model_config/ may hold)
-    from dskd.trainer import MODEL_CONFIG_DIR, RUN_FILE
-
+    models.register_model_types()  # model_config/ may name one of dskd's own model classes
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / RUN_FILE).is_file():
         raise DskdError(f"--run {run_dir} is not a dskd run folder (no {RUN_FILE}); pass the --output of a run")
@@ -35,13 +35,14 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise DskdError(f"--out {out} exists and is not a model folder; choose an empty or new folder")
     info = json.loads((run_dir / RUN_FILE).read_text())
-    # With SWA the averaged weights are the result, not the last trained ones.
-    state = averaged_state(ckpt_dir / tag) or checkpoint.consolidated_state_dict(ckpt_dir, tag,
+    # A method may make other weights the result (a weight average), not the last trained ones.
+    state = exported_state(ckpt_dir / tag) or checkpoint.consolidated_state_dict(ckpt_dir, tag,
                                                                                  int(info.get("zero_stage", 0)))
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
-    config = AutoConfig.from_pretrained(run_dir / MODEL_CONFIG_DIR)
-    model = AutoModelForSequenceClassification.from_config(config)
+    config = transformers.AutoConfig.from_pretrained(run_dir / MODEL_CONFIG_DIR)
+    task = data.get_task(info.get("task") or "sst2")  # runs before `task` was recorded were all GLUE
+    model = getattr(transformers, task.model_class).from_config(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     buffers = {name for name, _ in model.named_buffers()}
     missing = [k for k in missing if k not in buffers]
@@ -52,5 +53,5 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(run_dir / MODEL_CONFIG_DIR).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(run_dir / MODEL_CONFIG_DIR).save_pretrained(out)
     return out

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dskd import engine as eng
+from dskd.runtime import dist
 from dskd.errors import DskdError
 from dskd.kernels import soft_kl_rows
 from dskd.losses import LossTerm, register_loss
@@ -119,10 +119,10 @@ class ReweightedKD(LossTerm):
 
     def bind_job(self, job, key: str) -> None:
         """The meta batches need held-out examples, and the look-ahead the student's full weights."""
-        if job.holdout_set is None:
+        if job.extras.get("holdout") is None:
             raise DskdError(f"`{key}` learns its weights on held-out training examples; set `data.holdout` "
                             "(e.g. 0.05 keeps 5% of the training set out of training for its meta batches)")
-        if eng.zero_stage(job.ds_config) == 3:
+        if job.zero_stage == 3:
             raise DskdError(f"`{key}`: the meta-learner's look-ahead needs the student's full weights on every "
                             f"rank, which ZeRO-3 partitions ({job.ds_file}); use ZeRO stage 0, 1 or 2")
 
@@ -156,10 +156,10 @@ class ReweightedKD(LossTerm):
                                           kwargs=model_inputs(meta_batch))["logits"]
             meta_loss = F.cross_entropy(_at_least_fp32(meta_logits), meta_batch["labels"])
         meta_grads = torch.autograd.grad(meta_loss, list(self.learner.parameters()))
-        if eng.world_size() > 1:
-            flat = torch.cat([g.reshape(-1) for g in meta_grads]).to(eng.device())
+        if dist.world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in meta_grads]).to(dist.device())
             torch.distributed.all_reduce(flat)
-            flat = flat.to(meta_grads[0].device) / eng.world_size()
+            flat = flat.to(meta_grads[0].device) / dist.world_size()
             meta_grads = torch.split(flat, [g.numel() for g in meta_grads])
         for p, g in zip(self.learner.parameters(), meta_grads, strict=True):
             p.grad = g.reshape(p.shape).detach().clone()
@@ -183,6 +183,7 @@ def holdout_batch(job, step: int, pad_id: int, device) -> dict:
     only, so a resumed run draws the same ones."""
     from dskd import data
 
-    generator = torch.Generator().manual_seed(job.cfg.seed * 1_000_003 + step * eng.world_size() + eng.rank())
-    rows = torch.randperm(len(job.holdout_set), generator=generator)[: job.training.batch_size].tolist()
-    return {k: v.to(device) for k, v in data.collate([job.holdout_set[i] for i in rows], pad_id).items()}
+    generator = torch.Generator().manual_seed(job.cfg.seed * 1_000_003 + step * dist.world_size() + dist.rank())
+    holdout = job.extras["holdout"]
+    rows = torch.randperm(len(holdout), generator=generator)[: job.training.batch_size].tolist()
+    return {k: v.to(device) for k, v in data.collate([holdout[i] for i in rows], pad_id).items()}

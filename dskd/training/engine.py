@@ -9,7 +9,6 @@ that sets them to something else is rejected rather than silently overridden.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,9 @@ import torch
 
 from dskd.config import PROJECT_ROOT, TrainingConfig
 from dskd.errors import DskdError
+from dskd.runtime.dist import (  # noqa: F401  (the loop reads them through this module)
+    barrier, device, init_distributed, is_cpu, prepare_environment, rank, world_size,
+)
 
 # Keys of the DeepSpeed JSON that dskd fills from the experiment config.
 MANAGED_KEYS = {
@@ -24,58 +26,6 @@ MANAGED_KEYS = {
     "gradient_accumulation_steps": "training.grad_accum",
     "gradient_clipping": "training.max_grad_norm",
 }
-
-
-def prepare_environment(announce: bool = False) -> None:
-    """Environment that must be set before ``import deepspeed``: the accelerator, and the
-    rank/world/master variables from whichever launcher started us (``dskd.launch``)."""
-    from dskd import launch
-
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    detected = launch.detect()
-    launch.apply(detected)
-    if announce and detected.rank == 0:
-        import sys
-
-        print(detected.describe(), file=sys.stderr, flush=True)
-
-
-def is_cpu() -> bool:
-    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
-
-
-def init_distributed() -> None:
-    prepare_environment(announce=not torch.distributed.is_initialized())
-    import deepspeed
-    import deepspeed.ops
-
-    if is_cpu() and os.environ.get("DSKD_SHM_COMM") != "1":
-        # DeepSpeed JIT-compiles a shared-memory comm op on every first CPU init
-        # (20-50 s, needs g++ and ninja). Plain gloo collectives give identical
-        # results, so skip it unless asked for (DSKD_SHM_COMM=1).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if is_cpu() else "nccl", auto_mpi_discovery=False)
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def device() -> torch.device:
-    if is_cpu():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def resolve_ds_config_path(path: str) -> Path:

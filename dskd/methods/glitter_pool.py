@@ -1,30 +1,6 @@
-"""Glitter (Kamalloo, Rezagholizadeh, Ghodsi; Findings of ACL 2022): distil on the augmented
-candidates where the student is furthest from the teacher.
-
-Spec and provenance: ../shared/reference/methods.md §4.6; our choices are listed in
-docs/methods.md ("Glitter"). Three parts:
-
-1. **Candidate pool, offline** (``dskd augment``): ``n`` candidates per training example, a
-   ``datasets`` split saved with ``save_to_disk`` in ``<pool>/candidates/`` plus
-   ``<pool>/manifest.json`` (generation settings, the training data it was made from, its own
-   content hash). Each row: ``cid`` (the stable candidate id ``idx * n + candidate``),
-   ``idx`` (the original's), ``candidate`` (0..n-1), ``op`` (how it was made), the text(s)
-   and the original's label. A candidate is a pure function of (seed, idx, candidate), so the
-   pool does not depend on the order of the data. Generation: masked-LM fill-in with the
-   teacher's own MLM head where its folder has one, otherwise EDA-style operations without
-   synonyms (random deletion, random swap, random insertion of a word of the same sentence).
-2. **Teacher logits of every candidate** (``dskd cache-teacher`` with ``data.augment``): the
-   cache's split ``augment`` keyed by candidate id; the pool's size and hash are part of the
-   cache identity (``data.augment``), so a cache of another pool is refused.
-3. **Per step** (the ``glitter`` term): the trainer adds the candidates of the batch's
-   originals to the batch (``batch["augment"]``, ``attach``); ``DistillationModule.forward``
-   runs the student on them (train mode, with grad, inside the DeepSpeed module so ZeRO-3
-   gathers the parameters); the teacher side reads their logits (cache split ``augment``, or
-   the online teacher). Per original, the ``select`` candidates with the largest
-   ``KL(softmax_T(z_t) || softmax_T(z_s))`` (squared error for regression) are kept, and the
-   term is ``T^2 * KL`` averaged over the kept ones (``batchmean``). The original-example
-   parts of Glitter's loss are the existing ``soft_kd`` and ``hard_ce`` terms.
-"""
+"""Glitter's candidate pool (part 1 and the reading side of part 2 in ``dskd.methods.glitter``):
+``dskd augment`` writes ``n`` candidates per training example; a run reads them by the
+original's ``idx``."""
 
 from __future__ import annotations
 
@@ -37,11 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dskd.errors import DskdError
-from dskd.kernels import soft_kl_rows
-from dskd.losses import LossTerm, register_loss
 
 POOL_FORMAT = "dskd-augment-pool"
 POOL_VERSION = 1
@@ -216,7 +189,8 @@ def augment(cfg, out: Path, candidates: int = 8, seed: int = 0, method: str = "a
             argv: list[str] | None = None, log=None) -> dict:
     """``dskd augment``: write the candidate pool of the config's training split to ``out``.
     One process (generation is cheap next to training; run it without a launcher)."""
-    from dskd import cache, data
+    from dskd import data
+    from dskd.teacher import cache
 
     log = log or (lambda *parts: print(*parts, file=sys.stderr, flush=True))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -326,7 +300,7 @@ class CandidatePool:
         if self._dataset is None:
             import datasets
 
-            from dskd.cache import data_fingerprint
+            from dskd.teacher.cache import data_fingerprint
 
             ds = datasets.load_from_disk(str(self.path / CANDIDATES_DIR))
             if len(ds) != self.manifest["rows"] or data_fingerprint(ds) != self.manifest["fingerprint"]:
@@ -383,104 +357,3 @@ class Candidates:
         columns = self.view[flat]
         rows = [{name: values[i] for name, values in columns.items()} for i in range(len(flat))]
         return {k: v.to(device) for k, v in data.collate(rows, pad_id).items()}
-
-
-def open_candidates(cfg, task, tokenizer, fingerprints: dict) -> Candidates | None:
-    """The run's candidates (None without ``data.augment``), checked against the training data
-    (``fingerprints["train"]``); records the pool in ``fingerprints[SPLIT]`` for the cache identity."""
-    if cfg.data.augment is None:
-        return None
-    from dskd.config import resolve_path
-
-    pool = CandidatePool(resolve_path(cfg.data.augment))
-    pool.check_source(task.name, fingerprints["train"])
-    fingerprints[SPLIT] = pool.fingerprint
-    return Candidates(pool, tokenizer, cfg.data.max_length)
-
-
-def reads_candidates(terms, names) -> bool:
-    return any(getattr(terms[name], "augments", False) for name in names)
-
-
-def attach(candidates: Candidates | None, batch: dict, pad_id: int) -> dict:
-    """``batch`` plus ``batch["augment"]``, its originals' candidates."""
-    if candidates is None or "augment" in batch:
-        return batch
-    return dict(batch, augment=candidates.batch(batch["idx"], pad_id, batch["input_ids"].device))
-
-
-# ------------------------------------------------------------------- the term
-
-
-def select_top(distances: torch.Tensor, k: int) -> torch.Tensor:
-    """Per original (row of ``distances`` [B, n]), the indices of its ``k`` largest distances."""
-    return torch.topk(distances, min(k, distances.shape[1]), dim=1).indices
-
-
-@register_loss("glitter")
-class Glitter(LossTerm):
-    """Glitter's augmented part: ``T^2 * KL(softmax_T(z_t) || softmax_T(z_s))`` averaged over the
-    ``select`` candidates per original that are furthest from the teacher (module docstring).
-    Regression: the squared error of the selected candidates. No candidates in the batch
-    (evaluation, the dev batches of a plateau check): 0."""
-
-    augments = True  # reads batch["augment"]: the trainer attaches it, the module runs the student on it
-
-    def __init__(self, temperature: float = 5.0, select: int = 2):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
-        if select < 1:
-            raise ValueError("select (the candidates kept per original, Glitter's k) must be at least 1")
-        self.temperature, self.select = temperature, select
-        self._logs: dict[str, torch.Tensor] = {}
-        self.last_selected: torch.Tensor | None = None
-
-    def bind_run(self, cfg, key: str) -> None:
-        if cfg.data.augment is None:
-            raise DskdError(f"`{key}` distils on augmented candidates; set `data.augment` to a pool written by "
-                            "`dskd augment`")
-        from dskd.config import resolve_path
-
-        n = CandidatePool(resolve_path(cfg.data.augment)).n
-        if self.select > n:
-            raise DskdError(f"`{key}.select` is {self.select}, but the pool `data.augment` has {n} candidates per "
-                            "example")
-
-    def before_micro_step(self, step, batch: dict) -> dict:
-        """The batch's originals' candidates go with it (the student runs on them in the module's forward)."""
-        return attach(step.job.candidates, batch, step.pad_id)
-
-    def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:
-        if "augment" not in student:
-            self._logs = {}
-            return student["logits"].new_zeros((), dtype=torch.float32)
-        zs, zt = student["augment"]["logits"], teacher["augment"]["logits"]
-        b = student["logits"].shape[0]
-        n, c = zs.shape[0] // b, zs.shape[-1]
-        if c == 1:
-            rows = (zs.float() - zt.float()).pow(2).reshape(b, n)
-            scale = 1.0
-        else:
-            t = self.temperature
-            rows = soft_kl_rows(zs.reshape(-1, c), zt.reshape(-1, c), t).reshape(b, n)
-            scale = t * t
-        chosen = select_top(rows.detach(), self.select)
-        picked = rows.gather(1, chosen)
-        self.last_selected = chosen
-        self._logs = {"selected": picked.detach().mean(), "candidates": rows.detach().mean()}
-        return picked.sum() / picked.numel() * scale
-
-    def extra_logs(self) -> dict[str, torch.Tensor]:
-        return dict(self._logs)
-
-
-def reference_loss(zs: torch.Tensor, zt: torch.Tensor, b: int, temperature: float, select: int) -> torch.Tensor:
-    """The term written out with ``F.kl_div`` (tests): zs, zt [b * n, C]."""
-    n = zs.shape[0] // b
-    if zs.shape[-1] == 1:
-        d = F.mse_loss(zs.float(), zt.float(), reduction="none").reshape(b, n)
-        return d.gather(1, d.detach().topk(select, 1).indices).mean()
-    t = temperature
-    d = F.kl_div(F.log_softmax(zs / t, -1), F.softmax(zt / t, -1), reduction="none").sum(-1).reshape(b, n)
-    return d.gather(1, d.detach().topk(select, 1).indices).mean() * t * t

@@ -13,7 +13,7 @@ fp32 partitions are never touched. ZeRO 0-2 keep full parameters on every rank, 
 same code reads and writes them directly (the context is then a no-op).
 
 The average (and its count) is saved by rank 0 as ``swa.pt`` in every checkpoint and read
-back on resume. ``dskd.export`` exports it instead of the trained weights when present, so
+back on resume. ``export_state`` hands it to ``dskd export``, which exports it instead of the trained weights when present, so
 ``model/`` and ``dskd export`` both give the averaged student.
 """
 
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from dskd import engine as eng
 from dskd.config import SwaConfig
+from dskd.methods.base import Method, register_method
+from dskd.runtime import dist
 
 STATE_FILE = "swa.pt"
 
@@ -108,7 +109,7 @@ class WeightAverage:
         for name, p in _params(self.module):
             with GatheredParameters([p], modifier_rank=0):
                 new = value_for(name, p)
-                if eng.rank() == 0 or not hasattr(p, "ds_id"):
+                if dist.rank() == 0 or not hasattr(p, "ds_id"):
                     with torch.no_grad():
                         p.data.copy_(new.to(p.dtype))
 
@@ -120,7 +121,7 @@ class WeightAverage:
         self.average = {k: v.float() for k, v in state["average"].items()}
 
     def save(self, tag_dir: Path) -> None:
-        if eng.rank() == 0 and self.count:
+        if dist.rank() == 0 and self.count:
             torch.save(self.state_dict(), tag_dir / STATE_FILE)
 
     def load(self, tag_dir: Path) -> None:
@@ -134,3 +135,42 @@ def averaged_state(tag_dir: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)["average"]
+
+
+@register_method("swa")
+class Swa(Method):
+    """The run-level part: the SWA learning rate, the average after each optimizer step, the
+    average evaluated and exported, and kept in every checkpoint."""
+
+    def __init__(self, cfg, role: str):
+        super().__init__(cfg, role)
+        self.swa = (cfg.finetune if role == "finetune" else cfg.training).swa
+        self.average: WeightAverage | None = None
+
+    @classmethod
+    def enabled(cls, cfg, role: str) -> bool:
+        return (cfg.finetune if role == "finetune" else cfg.training).swa is not None
+
+    def lr_factor(self, step: int, end: int) -> float | None:
+        return swa_lr_factor(self.swa, step, end)
+
+    def bind_engine(self, engine) -> None:
+        self.average = WeightAverage(engine.module)
+
+    def load_state(self, folder: Path) -> None:
+        self.average.load(folder)
+
+    def after_step(self, run, step: int) -> None:
+        if averages_at(self.swa, step, run.end):
+            self.average.update()
+            run.monitor.scalars({"swa/snapshots": float(self.average.count)}, step)
+
+    def evaluating(self):
+        return self.average.applied()
+
+    def save_state(self, folder: Path) -> None:
+        self.average.save(folder)
+
+    @classmethod
+    def export_state(cls, folder: Path) -> dict | None:
+        return averaged_state(folder)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -48,7 +47,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dskd.data import data_fingerprint  # noqa: F401  (part of the cache's identity)
 from dskd.errors import DskdError
+from dskd.runtime import dist
 
 FORMAT = "dskd-teacher-cache"
 FORMAT_VERSION = 1
@@ -131,15 +132,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha(type(tokenizer).__name__.encode(), text.encode())
 
 
-def data_fingerprint(raw) -> str:
-    """A hash of a raw split's content (texts, labels, idx), independent of where it is stored."""
-    digest = hashlib.sha256()
-    for column in sorted(raw.column_names):
-        digest.update(column.encode())
-        digest.update(json.dumps(raw.data.column(column).to_pylist()).encode())
-    return digest.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------- the plan
 
 
@@ -158,31 +150,6 @@ class CacheSpec:
         if "attention_qk" in self.fields:
             names += [f"qk_L{t}" for t in self.layers]
         return names
-
-
-def spec_for(losses: dict, pairs, strict: bool = True) -> CacheSpec:
-    """The cache a run with these loss terms and layer pairs reads. Terms with weight 0
-    count too: a schedule stage may turn them on. A term that needs a teacher output the
-    cache does not store (every token's hidden states, the attention values) is refused
-    by name; ``strict=False`` (``dskd plan``) leaves it out instead."""
-    from dskd.losses import LOSS_REGISTRY, term_type
-
-    fields = {"logits"}
-    for name, spec in losses.items():
-        kind = term_type(name, spec)
-        cls = LOSS_REGISTRY[kind]
-        if cls.uses_teacher:
-            needs = set(cls.needs_for(spec))
-            missing = sorted(needs - set(CACHEABLE))
-            if missing and strict:
-                raise DskdError(
-                    f"`losses.{name}` ({kind}) needs the teacher's {', '.join(missing)}, which the teacher cache "
-                    f"does not store (it stores {', '.join(CACHEABLE)}); run it with the online teacher "
-                    "(`teacher.path` or `teacher.arch`, without `teacher.cache`)"
-                )
-            fields |= needs & set(CACHEABLE)
-    layers = tuple(sorted({t for _, t in pairs})) if fields - {"logits"} else ()
-    return CacheSpec(tuple(f for f in CACHEABLE if f in fields), layers)
 
 
 def identity_for(cfg, tokenizer, data_fingerprints: dict[str, str], teacher_hash: str | None) -> dict:
@@ -369,16 +336,16 @@ def write(out: Path, identity: dict, layout: dict, about: dict, splits: dict, te
     holding an unfinished cache of the same identity and layout is resumed; anything
     else there is refused unless ``overwrite``.
     """
-    from dskd import data, engine as eng, models
+    from dskd import data, models
 
-    rank, world = eng.rank(), eng.world_size()
+    rank, world = dist.rank(), dist.world_size()
     pending = {"format": FORMAT, "version": FORMAT_VERSION, "identity": identity, "layout": layout}
     state = _existing_state(out, pending, overwrite)
     pending = dict(pending, about=about)  # every rank checks; only rank 0 writes below
     if state == "complete":
         log(f"[cache] {out} already holds this complete cache; nothing to do")
         return json.loads((out / MANIFEST).read_text())
-    eng.barrier()
+    dist.barrier()
     if rank == 0:
         if state == "fresh" and out.exists():
             shutil.rmtree(out)
@@ -386,7 +353,7 @@ def write(out: Path, identity: dict, layout: dict, about: dict, splits: dict, te
         _write_json(out / PENDING, pending)
         tokenizer.save_pretrained(out / "tokenizer")
         _write_json(out / "teacher_config.json", teacher_config)
-    eng.barrier()
+    dist.barrier()
 
     hidden, labels = teacher_config["hidden_size"], teacher_config["num_labels"]
     device = next(teacher.model.parameters()).device
@@ -418,10 +385,10 @@ def write(out: Path, identity: dict, layout: dict, about: dict, splits: dict, te
         torch.distributed.all_gather_object(gathered, shards)
     manifest = dict(pending, shards={split: [g[split] for g in gathered] for split in splits},
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    eng.barrier()
+    dist.barrier()
     if rank == 0:
         _write_json(out / MANIFEST, manifest)
-    eng.barrier()
+    dist.barrier()
     return manifest
 
 
@@ -448,237 +415,6 @@ def _existing_state(out: Path, pending: dict, overwrite: bool) -> str:
                         "rerun with those settings (ranks, --dtype, --batch-size, --deepspeed) to finish it, or pass "
                         "--overwrite to start over")
     return "complete" if (out / MANIFEST).is_file() else "resume"
-
-
-# --------------------------------------------------------------------- reading
-
-
-class TeacherCache:
-    """A complete cache opened for reading; ``outputs`` has the online teacher's interface."""
-
-    def __init__(self, path: str | Path, key: str = "teacher.cache"):
-        self.path, self.key = Path(path), key
-        if not self.path.is_dir():
-            raise DskdError(f"`{key}`: {self.path} does not exist; write it with `dskd cache-teacher --config C "
-                            f"--output {self.path}`")
-        if not (self.path / MANIFEST).is_file():
-            if (self.path / PENDING).is_file():
-                raise DskdError(
-                    f"`{key}`: {self.path} is an unfinished cache (its writing was interrupted); finish it by "
-                    "running the same `dskd cache-teacher` command again, which resumes where it stopped"
-                )
-            raise DskdError(f"`{key}`: {self.path} is not a dskd teacher cache (no {MANIFEST})")
-        try:
-            self.manifest = json.loads((self.path / MANIFEST).read_text())
-        except json.JSONDecodeError as exc:
-            raise DskdError(f"`{key}`: {self.path / MANIFEST} is corrupt ({exc}); rewrite the cache") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
-            raise DskdError(
-                f"`{key}`: {self.path} has format {self.manifest.get('format')} v{self.manifest.get('version')}; "
-                f"this dskd reads {FORMAT} v{FORMAT_VERSION}; rewrite it with this version's `dskd cache-teacher`"
-            )
-        layout = self.manifest["layout"]
-        self.dtype = layout["dtype"]
-        self.fields = tuple(layout["fields"])
-        self.layers = tuple(layout["layers"])
-        self.teacher_config = json.loads((self.path / "teacher_config.json").read_text())
-        self.heads = self.teacher_config["num_attention_heads"]
-        self._splits: dict[str, dict] = {}
-
-    @property
-    def identity(self) -> dict:
-        return self.manifest["identity"]
-
-    def check(self, identity: dict, spec: CacheSpec, splits: list[str]) -> None:
-        """Refuse a cache that is not of this run's teacher, tokenizer, data and max length,
-        or lacks an output or layer the run's losses read."""
-        expected, found = dict(identity), dict(self.identity)
-        if AUGMENT not in expected.get("data", {}) and AUGMENT in found.get("data", {}):
-            # A run without Glitter's candidates may read a cache that also holds theirs.
-            found["data"] = {k: v for k, v in found["data"].items() if k != AUGMENT}
-        if expected["teacher"] is None:  # teacher.path unset: no weights to compare with
-            expected.pop("teacher")
-            found.pop("teacher", None)
-        diffs = _diff(expected, found)
-        if diffs:
-            raise DskdError(
-                f"`{self.key}`: {self.path} was written for a different run ({'; '.join(diffs)}); write a cache "
-                "for this config with `dskd cache-teacher`, or point teacher.cache at the matching one"
-            )
-        missing = [f for f in spec.fields if f not in self.fields]
-        if missing:
-            raise DskdError(f"`{self.key}`: {self.path} does not store {', '.join(missing)}, which the configured "
-                            f"losses need (it stores {', '.join(self.fields)}); rewrite it with this config")
-        absent = [t for t in spec.layers if t not in self.layers]
-        if absent:
-            raise DskdError(f"`{self.key}`: {self.path} stores teacher layers {list(self.layers)}; the layer map "
-                            f"also needs {absent}; rewrite it with this config")
-        for split in splits:
-            if split not in self.manifest["shards"]:
-                raise DskdError(f"`{self.key}`: {self.path} has no `{split}` split "
-                                f"(it has {', '.join(self.manifest['shards'])})")
-
-    def verify(self, mode: str, rank: int = 0, world: int = 1) -> None:
-        """Sizes of every file (and, with ``full``, this rank's share of checksums) against the manifest."""
-        bad = []
-        jobs = []
-        for split, shards in self.manifest["shards"].items():
-            for r, shard in enumerate(shards):
-                for name, info in shard["files"].items():
-                    path = self.path / split / f"shard-{r}" / name
-                    jobs.append((path, info))
-        for i, (path, info) in enumerate(jobs):
-            if not path.is_file():
-                bad.append(f"{path} is missing")
-            elif path.stat().st_size != info["bytes"]:
-                bad.append(f"{path} has {path.stat().st_size} bytes, the manifest says {info['bytes']} (truncated?)")
-            elif mode == "full" and i % world == rank and crc32_file(path) != info["crc32"]:
-                bad.append(f"{path} fails its checksum")
-        if world > 1:
-            everyone = [None] * world
-            torch.distributed.all_gather_object(everyone, bad)
-            bad = sorted({b for part in everyone for b in part})
-        if bad:
-            raise DskdError(f"`{self.key}`: {self.path} is damaged: {'; '.join(bad[:5])}"
-                            f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}; rewrite it with "
-                            "`dskd cache-teacher --overwrite`")
-
-    def _split(self, split: str) -> dict:
-        if split not in self._splits:
-            shards = []
-            for r in range(len(self.manifest["shards"][split])):
-                folder = self.path / split / f"shard-{r}"
-                shards.append({name[:-4]: np.load(folder / name, mmap_mode="r")
-                               for name in self.manifest["shards"][split][r]["files"]})
-            idx = np.concatenate([s["index"] for s in shards])
-            where = np.full(int(idx.max()) + 1 if len(idx) else 0, -1, dtype=np.int64)
-            shard_of = np.concatenate([np.full(len(s["index"]), r) for r, s in enumerate(shards)])
-            row_of = np.concatenate([np.arange(len(s["index"])) for s in shards])
-            where[idx] = np.arange(len(idx))
-            self._splits[split] = {"shards": shards, "where": where, "shard_of": shard_of, "row_of": row_of}
-        return self._splits[split]
-
-    def locate(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        table = self._split(split)
-        where = table["where"]
-        known = (idx >= 0) & (idx < len(where))
-        slot = np.where(known, where[np.clip(idx, 0, max(len(where) - 1, 0))], -1)
-        if (slot < 0).any():
-            missing = idx[slot < 0][:5].tolist()
-            raise DskdError(f"`{self.key}`: {self.path} has no `{split}` example with idx {missing}; the data differ "
-                            "from the cache's")
-        return table["shard_of"][slot], table["row_of"][slot]
-
-    def outputs(self, batch: dict, needs: frozenset[str], pairs=(), split: str = "train") -> dict:
-        """The teacher outputs of ``batch`` (read by its ``idx``), shaped as the online teacher's."""
-        idx = batch["idx"].cpu().numpy()
-        mask = batch["attention_mask"]
-        device = mask.device
-        shard_of, row_of = self.locate(split, idx)
-        shards = self._split(split)["shards"]
-        result = {"logits": self._gather(shards, "logits", shard_of, row_of, "float32").to(device)}
-        layers = [t for _, t in pairs]
-        for pooled in POOLED:
-            if layers and pooled in needs:
-                result[pooled] = [self._gather(shards, f"{pooled}_L{t}", shard_of, row_of, self.dtype).to(device)
-                                  for t in layers]
-        if layers and "attention_qk" in needs:
-            result["attention_qk"] = self._attention(shards, layers, shard_of, row_of, mask, idx, split)
-        return result
-
-    @staticmethod
-    def _gather(shards, name, shard_of, row_of, dtype) -> torch.Tensor:
-        first = shards[0][name]
-        out = np.empty((len(row_of), *first.shape[1:]), dtype=first.dtype)
-        for r in np.unique(shard_of):
-            pick = shard_of == r
-            out[pick] = shards[r][name][row_of[pick]]
-        return _to_torch(out, dtype)
-
-    def _attention(self, shards, layers, shard_of, row_of, mask, idx, split) -> list:
-        b, s = mask.shape
-        lengths = mask.sum(-1).cpu().numpy()
-        stored = np.array([shards[r]["lengths"][row] for r, row in zip(shard_of, row_of)])
-        if (stored != lengths).any():
-            i = int(np.flatnonzero(stored != lengths)[0])
-            raise DskdError(
-                f"`{self.key}`: `{split}` example idx {int(idx[i])} has {int(lengths[i])} tokens in this run but "
-                f"{int(stored[i])} in {self.path}; the tokenizer, max length or data differ from the cache's"
-            )
-        real = mask.bool().cpu()
-        hidden = self.teacher_config["hidden_size"]
-        heads = self.heads
-        out = []
-        for t in layers:
-            packed = []
-            for r, row in zip(shard_of, row_of):
-                first = int(shards[r]["offsets"][row])
-                packed.append(shards[r][f"qk_L{t}"][first : first + int(shards[r]["lengths"][row])])
-            tokens = _to_torch(np.concatenate(packed), self.dtype)
-            padded = torch.zeros(b, s, 2, hidden, dtype=tokens.dtype)
-            padded[real] = tokens
-            padded = padded.to(mask.device)
-            # The online teacher's layout ([B, S, H, D] transposed to [B, H, S, D]), so the
-            # loss sees identical strides and gives identical numbers.
-            q, k = (padded[:, :, i].contiguous().view(b, s, heads, hidden // heads).transpose(1, 2) for i in (0, 1))
-            out.append((q, k))
-        return out
-
-
-# ----------------------------------------------------------------- the command
-
-
-def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None, batch_size: int | None,
-                  overwrite: bool, argv: list[str]) -> dict:
-    """``dskd cache-teacher``: run the teacher once over train and dev, every rank its shard."""
-    from dskd import data, engine as eng, models, trainer
-    from dskd.capture import QKCapture
-
-    eng.init_distributed()
-    training = cfg.training
-    ds_config, _ = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
-    eng.check_precision_supported(ds_config, deepspeed_path or training.deepspeed)
-    compute = eng.run_dtype(ds_config)
-    store = storage_dtype(dtype or str(compute).replace("torch.", ""))
-    batch_size = 2 * training.batch_size if batch_size is None else batch_size
-    if batch_size < 1:
-        raise DskdError(f"--batch-size must be at least 1, got {batch_size}")
-    task = data.get_task(cfg.data.task)
-    if cfg.teacher.path is None and cfg.teacher.arch is None:
-        raise DskdError("`dskd cache-teacher` runs the teacher: set `teacher.path` or `teacher.arch`")
-    tokenizer = models.load_tokenizer(cfg.teacher)
-    fingerprints: dict = {}
-    train_set, dev_set = trainer.load_data(cfg, task, tokenizer, fingerprints)
-    splits, specs = {"train": train_set, "dev": dev_set}, {}
-    from dskd import glitter
-
-    candidates = glitter.open_candidates(cfg, task, tokenizer, fingerprints)  # adds the pool to the identity
-    if candidates is not None:
-        splits[AUGMENT], specs[AUGMENT] = candidates.view, CacheSpec(("logits",), ())
-    model = trainer.load_teacher(cfg, task, tokenizer)
-    init_layers, n_student = models.student_layer_plan(cfg.student, model.config.num_hidden_layers)
-    pairs = trainer.mapped_pairs(cfg, cfg.losses, init_layers, n_student, model.config.num_hidden_layers)
-    spec = spec_for(cfg.losses, pairs)
-    identity = identity_for(cfg, tokenizer, fingerprints, teacher_fingerprint(cfg.teacher, cfg.seed))
-    # num_labels is implied by id2label in the JSON; the reader wants it spelled out.
-    teacher_config = {**json.loads(model.config.to_json_string()), "num_labels": model.config.num_labels}
-    model = models.freeze(model, compute, eng.device())
-    capture = QKCapture(model, list(spec.layers), "teacher") if "attention_qk" in spec.fields else None
-    layout = {"fields": list(spec.fields), "layers": list(spec.layers), "dtype": store,
-              "compute_dtype": str(compute).replace("torch.", ""), "world_size": eng.world_size(),
-              "batch_size": batch_size}
-    if candidates is not None:
-        layout[AUGMENT] = {"fields": ["logits"], "candidates_per_example": candidates.n, "key": "candidate id"}
-    about = {"teacher_path": cfg.teacher.path, "data_path": cfg.data.path, "augment_path": cfg.data.augment,
-             "command": argv}
-    def log(*parts) -> None:  # progress goes to stderr, as the trainer's log lines do
-        if eng.rank() == 0:
-            print(*parts, file=sys.stderr, flush=True)
-
-    from dskd.trainer import TeacherSide
-
-    return write(out, identity, layout, about, splits, TeacherSide(model, capture), spec, batch_size, tokenizer,
-                 teacher_config, overwrite, log, specs=specs)
 
 
 def cache_size(path: Path) -> int:

@@ -97,7 +97,7 @@ def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
     """A model folder's config, checked against the task, without loading weights."""
     from transformers import AutoConfig
 
-    import dskd.kronecker  # noqa: F401  (registers the KroneckerBERT model types)
+    register_model_types()
 
     source = resolve_model_path(path)
     if _looks_local(source) and not Path(source).exists():
@@ -118,7 +118,7 @@ def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "
     """Load a sequence classifier; for distillation its head must already match the task."""
     from transformers import AutoModelForSequenceClassification
 
-    import dskd.kronecker  # noqa: F401  (registers the KroneckerBERT model types)
+    register_model_types()
 
     source = resolve_model_path(path)
     if not for_finetune:
@@ -152,7 +152,7 @@ def teacher_outputs(teacher: nn.Module, batch: dict, needs: frozenset[str], capt
     ``layers``: the teacher layers (1-based, aligned with the student's active pairs)
     whose [CLS] vectors (``cls``) and Q/K (``attention_qk``, via ``capture``) are kept.
     """
-    from dskd.capture import forward_with_layers
+    from dskd.models.capture import forward_with_layers
 
     with torch.no_grad():
         return forward_with_layers(teacher, model_inputs(batch), needs, capture, list(layers))
@@ -318,16 +318,10 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, num_labels: int, pad_t
     else:
         vocab = teacher.config.vocab_size
         student, layers = build_from_arch(cfg.arch, vocab, num_labels, pad_token_id, seed + 1, "student.arch"), []
-    return apply_kronecker(student, cfg, seed), layers
+    return student, layers
 
 
-def apply_kronecker(student: nn.Module, cfg: StudentConfig, seed: int) -> nn.Module:
-    """KroneckerBERT (`student.kronecker`): the student with its linear maps factored as A ⊗ B,
-    from the copied teacher weights by nearest Kronecker product (random factors for a student
-    built from `student.arch`). Unchanged when `student.kronecker` is null."""
-    if cfg.kronecker is None:
-        return student
-    from dskd import kronecker
-
-    init = "nearest" if cfg.init_from_teacher else "random"
-    return kronecker.kroneckerize(student, cfg.kronecker, init=init, seed=seed + 2)
+def register_model_types() -> None:
+    """Register dskd's own model classes (KroneckerBERT) with transformers' Auto classes, so
+    that a folder whose config names them loads like any other."""
+    import dskd.models.kronecker  # noqa: F401  (registers on import)

@@ -1,0 +1,25 @@
+"""Configuration: the experiment schema, loaded from YAML and validated at load.
+
+One YAML file describes an experiment. It is read into the dataclasses of ``schema``; every
+unknown key, wrong type or inconsistent combination raises ``DskdError`` naming the
+dotted key (``training.lr``) and the file, before anything runs. ``--set a.b=value``
+overrides are applied to the raw mapping first, so they get the same checks.
+
+Paths may start with ``pkg://`` to point at resources shipped inside the package
+(the embedded SST-2 sample and the BERT vocabulary), so the default experiment needs
+neither network nor extra files.
+"""
+
+from dskd.config.loading import apply_override, build_dataclass, dump_config, load_config, to_dict
+from dskd.config.schema import (
+    PACKAGE_RESOURCES, PROJECT_ROOT, ArchConfig, DataConfig, ExperimentConfig, KroneckerConfig, LabelNoiseConfig,
+    PlateauConfig, StageConfig, StudentConfig, SwaConfig, TeacherConfig, TrainingConfig, resolve_path,
+)
+from dskd.config.validation import validate
+
+__all__ = [
+    "PACKAGE_RESOURCES", "PROJECT_ROOT", "ArchConfig", "DataConfig", "ExperimentConfig", "KroneckerConfig",
+    "LabelNoiseConfig", "PlateauConfig", "StageConfig", "StudentConfig", "SwaConfig", "TeacherConfig",
+    "TrainingConfig", "apply_override", "build_dataclass", "dump_config", "load_config", "resolve_path", "to_dict",
+    "validate",
+]

@@ -1,0 +1,199 @@
+"""Reading an experiment: YAML into the schema's dataclasses, ``--set`` overrides, and the
+messages that name the dotted key and the file on any wrong key or type."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+import yaml
+
+from dskd.config.schema import ExperimentConfig
+from dskd.config.validation import validate
+from dskd.errors import DskdError
+
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted (nested dataclasses built)."""
+
+    def wrong() -> DskdError:
+        return DskdError(f"{source}: `{key}` must be {_type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise wrong()
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:
+            return _convert(value, non_null[0], key, source)
+        for candidate in non_null:
+            try:
+                return _convert(value, candidate, key, source)
+            except DskdError:
+                continue
+        raise wrong()
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise wrong()
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong()
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong()
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise wrong()
+        return build_dataclass(tp, value, source, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, which reads `3e-5` (no dot) as a string.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise wrong()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong()
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not user input
+
+
+def _suggest(key: str, known: list[str]) -> str | None:
+    """The known key a typo most likely meant: a shared word prefix first (lr_rate -> lr), else spelling."""
+    head = key.split("_")[0]
+    if head != key and head in known:
+        return head
+    same_head = [k for k in known if k.split("_")[0] == head]
+    if len(same_head) == 1:
+        return same_head[0]
+    close = difflib.get_close_matches(key, known, n=1)
+    return close[0] if close else None
+
+
+def build_dataclass(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, naming the dotted key of any problem."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = _suggest(key, list(fields))
+            hint = f"; did you mean `{prefix + '.' if prefix else ''}{close}`?" if close else "."
+            raise DskdError(
+                f"{source}: unknown key `{dotted}`{hint} Known keys here: {', '.join(sorted(fields))}"
+            )
+        kwargs[key] = _convert(value, hints[key], dotted, source)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        where = f"{prefix}." if prefix else ""
+        raise DskdError(f"{source}: missing required key(s) {', '.join('`' + where + m + '`' for m in missing)}")
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` to the raw mapping; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise DskdError(f"--set {assignment!r}: expected key.sub=value, e.g. --set training.lr=3e-5")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise DskdError(f"--set {assignment!r}: empty key part in `{dotted}`")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise DskdError(f"--set {assignment!r}: `{part}` is not a mapping, cannot set `{dotted}`")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                checks: tuple[Callable[[ExperimentConfig, str], None], ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults when ``path`` is None), apply ``--set``s, validate.
+
+    ``checks`` are run last with the config and its source name; higher layers pass the
+    checks that need their registries (``dskd.methods.load_experiment`` passes the loss
+    terms' and the methods'), so this layer imports none of them."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DskdError(f"config file {p} does not exist; pass --config with a YAML file such as configs/tiny.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise DskdError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DskdError(f"{p}: the top level must be a mapping of sections (data, teacher, ...)")
+        raw = loaded or {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if overrides:
+        source = f"{source} (with --set)"
+    cfg = build_dataclass(ExperimentConfig, raw, source)
+    validate(cfg, source)
+    for check in checks:
+        check(cfg, source)
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,15 @@
+"""The data layer: GLUE tasks and their metrics, reading, tokenisation, batches, and the
+training split's transforms. Everything here is plain data work; nothing knows about
+models, teachers or losses."""
+
+from dskd.data.batches import collate, epoch_batches, eval_loader, first_batches, loader, tokenize_split
+from dskd.data.glue import load_split, read_glue_tsv
+from dskd.data.loading import data_fingerprint, load_data, training_split
+from dskd.data.noise import apply_label_noise, label_noise, split_holdout
+from dskd.data.tasks import GLUE_TASKS, SPLITS, TaskSpec, get_task
+
+__all__ = [
+    "GLUE_TASKS", "SPLITS", "TaskSpec", "apply_label_noise", "collate", "data_fingerprint", "epoch_batches",
+    "eval_loader", "first_batches", "get_task", "label_noise", "load_data", "load_split", "loader",
+    "read_glue_tsv", "split_holdout", "tokenize_split", "training_split",
+]

@@ -1,0 +1,91 @@
+"""Tokenisation and batches: per-batch padding, and the seeded batch orders an exact resume relies on."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+
+
+def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, in_memory: bool = False) -> datasets.Dataset:
+    """Tokenize text_a (and text_b) into input_ids, attention_mask and, if the tokenizer
+    makes them, token_type_ids. No padding here: :func:`collate` pads each batch to its
+    longest example, which wastes far less compute than padding to max_length.
+    ``in_memory``: keep the result in memory instead of a cache file beside ``ds``'s files
+    (Glitter's candidate pool, a folder every rank reads)."""
+    text_columns = [column for column in ("text_a", "text_b") if column in ds.column_names]
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = [batch[column] for column in text_columns]
+        return tokenizer(*texts, truncation=True, max_length=max_length)
+
+    return ds.map(
+        encode,
+        batched=True,
+        remove_columns=text_columns,
+        desc="tokenize",
+        load_from_cache_file=not in_memory,
+        keep_in_memory=in_memory,
+    )
+
+
+_PADDED_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized rows to the batch's longest and stack them.
+
+    Returns input_ids, attention_mask, token_type_ids (when present), ``labels`` (long
+    for classification, float32 for regression) and ``idx``.
+    """
+    longest = max(len(feature["input_ids"]) for feature in features)
+    batch: dict[str, torch.Tensor] = {}
+    for column in _PADDED_COLUMNS:
+        if column not in features[0]:
+            continue
+        pad_value = pad_token_id if column == "input_ids" else 0
+        padded = torch.full((len(features), longest), pad_value, dtype=torch.long)
+        for row, feature in enumerate(features):
+            values = torch.as_tensor(feature[column], dtype=torch.long)
+            padded[row, : len(values)] = values
+        batch[column] = padded
+    labels = torch.as_tensor([feature["label"] for feature in features])
+    batch["labels"] = labels.float() if labels.is_floating_point() else labels.long()
+    batch["idx"] = torch.as_tensor([feature["idx"] for feature in features], dtype=torch.long)
+    return batch
+
+
+
+
+def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_size: int, grad_accum: int):
+    """This rank's micro-batches for one epoch: a seeded permutation, equal work on every rank."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    mine = order[rank::world][: n // world]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+    return batches[: len(batches) // grad_accum * grad_accum]
+
+
+def loader(dataset, batches: list[list[int]], pad_id: int):
+    """A DataLoader over the given index batches, padded by :func:`collate`."""
+    # Each DataLoader iterator draws a seed from the generator it is given, by default
+    # the global torch RNG that dropout uses. A private generator keeps that stream
+    # independent of where loaders are created, which an exact resume relies on.
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=lambda rows: collate(rows, pad_id),
+        generator=torch.Generator(),
+    )
+
+
+def eval_loader(dataset, pad_id: int, batch_size: int, rank: int = 0, world: int = 1):
+    """This rank's share of ``dataset`` (every ``world``-th example), in order."""
+    shard = list(range(rank, len(dataset), world))
+    return loader(dataset, [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)], pad_id)
+
+
+def first_batches(dataset, batch_size: int, count: int, pad_id: int, device) -> list[dict]:
+    """The first ``count`` batches of ``dataset``, in order: fixed held-out batches."""
+    n = min(count * batch_size, len(dataset))
+    index = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    return [{k: v.to(device) for k, v in b.items()} for b in loader(dataset, index, pad_id)]

@@ -1,0 +1,47 @@
+"""A task's data for a run: both splits tokenised (rank 0 first, so the other ranks read the
+``datasets`` cache it wrote) and the training split's transforms, with content hashes that
+name the data in a teacher cache's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from dskd.data.batches import tokenize_split
+from dskd.data.glue import load_split
+from dskd.data.noise import apply_label_noise, split_holdout
+from dskd.runtime import dist
+
+
+def data_fingerprint(raw) -> str:
+    """A hash of a raw split's content (texts, labels, idx), independent of where it is stored."""
+    digest = hashlib.sha256()
+    for column in sorted(raw.column_names):
+        digest.update(column.encode())
+        digest.update(json.dumps(raw.data.column(column).to_pylist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_data(cfg, task, tokenizer, fingerprints: dict | None = None):
+    """The tokenised train and dev splits. ``fingerprints``, when given, receives each raw
+    split's size and content hash."""
+    splits = {}
+    for order in (0, 1):
+        if (dist.rank() == 0) == (order == 0):
+            for split, limit in (("train", cfg.data.train_limit), ("dev", cfg.data.dev_limit)):
+                raw = load_split(task, cfg.data.path, split, limit)
+                if fingerprints is not None:
+                    fingerprints[split] = {"examples": len(raw), "hash": data_fingerprint(raw)}
+                splits[split] = tokenize_split(raw, tokenizer, cfg.data.max_length)
+        dist.barrier()
+    return splits["train"], splits["dev"]
+
+
+def training_split(cfg, task, train_set):
+    """The examples trained on, the held-out ones (``data.holdout``, chosen first so they keep
+    their labels) and how many training labels ``data.label_noise`` changed (None: no noise)."""
+    train_set, holdout_set = split_holdout(train_set, cfg.data.holdout, cfg.seed)
+    noisy = None
+    if cfg.data.label_noise is not None:
+        train_set, noisy = apply_label_noise(train_set, task, cfg.data.label_noise)
+    return train_set, holdout_set, noisy

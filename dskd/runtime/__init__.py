@@ -1,0 +1,1 @@
+"""Process-level runtime: launcher detection and the process group (below every other layer but config)."""

@@ -1,0 +1,101 @@
+"""Evaluations during a run: dev metrics over every rank's shard, the held-out loss of a
+plateau rule, attention snapshots for TensorBoard, and a ``keep_best`` stage's best weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dskd import data
+from dskd.runtime import dist
+from dskd.training import checkpoint
+from dskd.training.module import losses_on
+from dskd.training.run_dir import STAGE_BEST_DIR
+from dskd.training.stages import Stage, stage_pairs
+
+
+def evaluate(forward, dataset, task, pad_id: int, batch_size: int, device) -> dict[str, float]:
+    """Every rank scores its shard with ``forward(batch)`` (the task's prediction, e.g. the
+    logits); all ranks get the task's metrics over the whole set."""
+    idx, predictions, labels = [], [], []
+    with torch.no_grad():
+        for batch in data.eval_loader(dataset, pad_id, batch_size, dist.rank(), dist.world_size()):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            predictions.append(forward(batch).float().cpu())
+            idx.append(batch["idx"].cpu())
+            labels.append(batch["labels"].cpu())
+    local = (
+        torch.cat(idx) if idx else torch.empty(0, dtype=torch.long),
+        torch.cat(predictions) if predictions else torch.empty(0, task.num_labels),
+        torch.cat(labels) if labels else torch.empty(0),
+    )
+    parts = [local]
+    if dist.world_size() > 1:
+        parts = [None] * dist.world_size()
+        torch.distributed.all_gather_object(parts, local)
+    order = torch.argsort(torch.cat([p[0] for p in parts]))
+    return task.score(torch.cat([p[1] for p in parts])[order].numpy(), torch.cat([p[2] for p in parts])[order].numpy())
+
+
+def format_metrics(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in values.items())
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    # On the run's device: NCCL reduces only CUDA tensors.
+    tensor = torch.tensor(values, dtype=torch.float64, device=dist.device())
+    if dist.world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+        tensor /= dist.world_size()
+    return tensor.tolist()
+
+
+def held_out_loss(engine, teacher, batches: list[dict], stage: Stage, pairs) -> float:
+    """A stage's weighted loss on fixed dev batches, without dropout: the plateau signal."""
+    engine.eval()
+    with torch.no_grad():
+        total = sum(float(losses_on(engine, teacher, b, stage.weights, stage_pairs(stage, pairs), "dev")[0])
+                    for b in batches)
+    engine.train()
+    return mean_over_ranks([total / len(batches)])[0]
+
+
+def attention_snapshot(engine, teacher, example: dict, pairs, groups, heads: int, monitor, step) -> None:
+    """Draw teacher | student attention of every mapped layer for one dev example (rank 0 writes;
+    every rank runs the forward, which ZeRO-3 needs)."""
+    engine.eval()
+    with torch.no_grad():
+        student = engine(example, pairs=pairs)
+        target = teacher.outputs(example, engine.module.needs, pairs, "dev")
+    engine.train()
+    for (s, t), s_qk, t_qk in zip(pairs, student["attention_qk"], target["attention_qk"], strict=True):
+        monitor.attention_image(f"attention/student_L{s}_teacher_L{t}", s_qk, t_qk, example["attention_mask"],
+                                groups, heads, step)
+
+
+def keep_stage_best(engine, out: Path, state: dict, index: int, result: dict, metric: str, step: int,
+                    monitor) -> None:
+    """After an evaluation in a ``keep_best`` stage: checkpoint the student when it beats the
+    stage's best so far (one such checkpoint is kept, beside the run's own checkpoints so
+    their rotation never removes it)."""
+    tracked = state.get("stage_best")
+    if tracked is not None and tracked["stage"] == index and result[metric] <= tracked["result"][metric]:
+        return
+    checkpoint.save(engine, out / STAGE_BEST_DIR, step, {"dskd": {"stage": index}}, keep=1)
+    state["stage_best"] = {"stage": index, "step": step, "tag": checkpoint.tag_for(step), "result": dict(result)}
+    monitor.line(f"[keep_best] step {step}: new best of the stage ({metric}={result[metric]:.4f}) checkpointed")
+
+
+def restore_stage_best(engine, out: Path, state: dict, stage: Stage, metric: str, monitor) -> None:
+    """End of a ``keep_best`` stage: load the weights and optimizer state of its best
+    evaluation. The LR schedule and the step counter go on (they are not restored), and
+    the run's RNG streams are left alone, so an interrupted run resumes to the same result."""
+    best = state["stage_best"]
+    if best["step"] != stage.end:
+        engine.load_checkpoint(str(out / STAGE_BEST_DIR), tag=best["tag"], load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    state["last_eval"] = dict(best["result"], step=stage.end)
+    monitor.line(f"[keep_best] {stage.name} ended at step {stage.end}; continuing from its best weights, "
+                 f"step {best['step']} ({metric}={best['result'][metric]:.4f})")
+    monitor.text("stage", f"{stage.name}: best weights of step {best['step']} restored", stage.end)
