@@ -41,9 +41,52 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training(p: argparse.ArgumentParser) -> None:
+# Subcommands that read an experiment and write one folder: (short help, description).
+COMMANDS = {
+    "finetune": (
+        "train a teacher on the task (hard labels), using the config's teacher and finetune sections",
+        "Fine-tune the config's teacher on data.task with hard labels. The run's model/ folder "
+        "can then be used as teacher.path for `dskd distill`.",
+    ),
+    "distill": (
+        "distil the frozen teacher into the student with the configured losses and schedule",
+        "Distil teacher -> student. The teacher is frozen and stays outside the DeepSpeed engine; "
+        "the student and any trainable loss modules are wrapped with the ZeRO stage and dtype of --deepspeed.",
+    ),
+    "cache-teacher": (
+        "run the teacher once over train and dev and store what the configured losses need",
+        "Write the teacher cache that `dskd distill` reads with `teacher.cache: CACHE`: logits, and for "
+        "the mapped teacher layers the [CLS] vectors and attention Q/K the configured losses use, memory-mapped. "
+        "Every rank writes its own shard; an interrupted run resumes when the same command is run again.",
+    ),
+    "augment": (
+        "Glitter: write a pool of augmented candidates of every training example (data.augment)",
+        "Generate --candidates augmented copies of every training example of the config's data and "
+        "save them as a `datasets` split (DIR/candidates) with DIR/manifest.json. Candidate j of example idx has "
+        "the id idx * candidates + j. Masked-LM fill-in with the teacher's own MLM head where teacher.path has one, "
+        "else EDA operations (random deletion, swap, insertion of a word of the same sentence). Deterministic in "
+        "--seed; one process. Point `data.augment` at DIR, then run `dskd cache-teacher` (it adds the candidates' "
+        "teacher logits) and `dskd distill` with the `glitter` loss term.",
+    ),
+    "train-probes": (
+        "Universal-KD: fit the frozen teacher's per-layer pseudo-classifiers and save them",
+        "Run the frozen teacher once over the training set, fit one linear classifier per layer on its "
+        "[CLS] vectors and the gold labels, print each one's dev accuracy and save them to --output; set "
+        "`losses.universal_kd.teacher_probes: DIR` to distil with them. One process (not under a launcher).",
+    ),
+}
+
+
+def _command(sub, name: str, output: str) -> argparse.ArgumentParser:
+    """A subcommand of ``COMMANDS``: it reads an experiment config and writes one folder (``--output``)."""
+    help, description = COMMANDS[name]
+    p = sub.add_parser(name, help=help, description=description)
     _add_config(p)
-    p.add_argument("--output", required=True, type=Path, help="run folder (checkpoints/, tensorboard/, metrics.json, model/)")
+    p.add_argument("--output", required=True, type=Path, help=output)
+    return p
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deepspeed", help="DeepSpeed JSON from ds_configs/ (ZeRO stage and dtype); overrides training.deepspeed")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest complete checkpoint")
     p.add_argument("--auto-resume", action="store_true",
@@ -60,49 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "finetune",
-        help="train a teacher on the task (hard labels), using the config's teacher and finetune sections",
-        description="Fine-tune the config's teacher on data.task with hard labels. The run's model/ folder "
-        "can then be used as teacher.path for `dskd distill`.",
-    )
-    _add_training(p)
+    run_folder = "run folder (checkpoints/, tensorboard/, metrics.json, model/)"
+    _add_training(_command(sub, "finetune", run_folder))
+    _add_training(_command(sub, "distill", run_folder))
 
-    p = sub.add_parser(
-        "distill",
-        help="distil the frozen teacher into the student with the configured losses and schedule",
-        description="Distil teacher -> student. The teacher is frozen and stays outside the DeepSpeed engine; "
-        "the student and any trainable loss modules are wrapped with the ZeRO stage and dtype of --deepspeed.",
-    )
-    _add_training(p)
-
-    p = sub.add_parser(
-        "cache-teacher",
-        help="run the teacher once over train and dev and store what the configured losses need",
-        description="Write the teacher cache that `dskd distill` reads with `teacher.cache: CACHE`: logits, and for "
-        "the mapped teacher layers the [CLS] vectors and attention Q/K the configured losses use, memory-mapped. "
-        "Every rank writes its own shard; an interrupted run resumes when the same command is run again.",
-    )
-    _add_config(p)
-    p.add_argument("--output", required=True, type=Path, help="cache folder to write")
+    p = _command(sub, "cache-teacher", "cache folder to write")
     p.add_argument("--deepspeed", help="DeepSpeed JSON whose dtype the teacher runs in (default: training.deepspeed)")
     p.add_argument("--dtype", help="storage dtype: fp32, fp16 or bf16 (default: the run's dtype); logits stay fp32")
     p.add_argument("--batch-size", type=int, help="teacher batch size (default: 2 x training.batch_size)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever --output holds")
     p.add_argument("--dry-run", action="store_true", help="print the plan (as `dskd plan`) and write nothing")
 
-    p = sub.add_parser(
-        "augment",
-        help="Glitter: write a pool of augmented candidates of every training example (data.augment)",
-        description="Generate --candidates augmented copies of every training example of the config's data and "
-        "save them as a `datasets` split (DIR/candidates) with DIR/manifest.json. Candidate j of example idx has "
-        "the id idx * candidates + j. Masked-LM fill-in with the teacher's own MLM head where teacher.path has one, "
-        "else EDA operations (random deletion, swap, insertion of a word of the same sentence). Deterministic in "
-        "--seed; one process. Point `data.augment` at DIR, then run `dskd cache-teacher` (it adds the candidates' "
-        "teacher logits) and `dskd distill` with the `glitter` loss term.",
-    )
-    _add_config(p)
-    p.add_argument("--output", required=True, type=Path, help="pool folder to write")
+    p = _command(sub, "augment", "pool folder to write")
     p.add_argument("--candidates", type=int, default=8, help="candidates per training example (default 8)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0; not the run's seed)")
     p.add_argument("--method", default="auto", choices=["auto", "eda", "mlm"],
@@ -116,15 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="MLM: draw each fill-in from the top k (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace the pool --output holds")
 
-    p = sub.add_parser(
-        "train-probes",
-        help="Universal-KD: fit the frozen teacher's per-layer pseudo-classifiers and save them",
-        description="Run the frozen teacher once over the training set, fit one linear classifier per layer on its "
-        "[CLS] vectors and the gold labels, print each one's dev accuracy and save them to --output; set "
-        "`losses.universal_kd.teacher_probes: DIR` to distil with them. One process (not under a launcher).",
-    )
-    _add_config(p)
-    p.add_argument("--output", required=True, type=Path, help="folder to write (probes.safetensors, manifest.json)")
+    p = _command(sub, "train-probes", "folder to write (probes.safetensors, manifest.json)")
     p.add_argument("--layers", type=int, nargs="+",
                    help="teacher layers (1-based; default: the config's universal_kd teacher_layers, else all)")
     p.add_argument("--epochs", type=int, default=20, help="passes of Adam over the cached vectors (default 20)")

@@ -69,99 +69,40 @@ class TaskSpec:
         return self.train_file if split == "train" else self.dev_file
 
 
-_BINARY = ("0", "1")
-_ENTAILMENT = ("entailment", "not_entailment")
-
-GLUE_TASKS: dict[str, TaskSpec] = {
-    spec.name: spec
-    for spec in (
-        TaskSpec(
-            name="cola",
-            folder="CoLA",
-            text_columns=("sentence",),
-            label_column="label",
-            label_names=_BINARY,
-            metrics=("matthews_corrcoef",),
-            main_metric="matthews_corrcoef",
-            headerless_columns=("source", "label", "notation", "sentence"),
-        ),
-        TaskSpec(
-            name="sst2",
-            folder="SST-2",
-            text_columns=("sentence",),
-            label_column="label",
-            label_names=_BINARY,
-            metrics=("accuracy",),
-            main_metric="accuracy",
-        ),
-        TaskSpec(
-            name="mrpc",
-            folder="MRPC",
-            text_columns=("#1 String", "#2 String"),
-            label_column="Quality",
-            label_names=_BINARY,
-            metrics=("f1", "accuracy"),
-            main_metric="f1",
-            hub_text_columns=("sentence1", "sentence2"),
-        ),
-        TaskSpec(
-            name="qqp",
-            folder="QQP",
-            text_columns=("question1", "question2"),
-            label_column="is_duplicate",
-            label_names=_BINARY,
-            metrics=("f1", "accuracy"),
-            main_metric="accuracy",
-        ),
-        TaskSpec(
-            name="stsb",
-            folder="STS-B",
-            text_columns=("sentence1", "sentence2"),
-            label_column="score",
-            label_names=None,
-            metrics=("pearson", "spearman"),
-            main_metric="pearson",
-        ),
-        TaskSpec(
-            name="mnli",
-            folder="MNLI",
-            text_columns=("sentence1", "sentence2"),
-            label_column="gold_label",
-            label_names=("entailment", "neutral", "contradiction"),
-            metrics=("accuracy",),
-            main_metric="accuracy",
-            dev_file="dev_matched.tsv",
-            hub_text_columns=("premise", "hypothesis"),
-        ),
-        TaskSpec(
-            name="qnli",
-            folder="QNLI",
-            text_columns=("question", "sentence"),
-            label_column="label",
-            label_names=_ENTAILMENT,
-            metrics=("accuracy",),
-            main_metric="accuracy",
-        ),
-        TaskSpec(
-            name="rte",
-            folder="RTE",
-            text_columns=("sentence1", "sentence2"),
-            label_column="label",
-            label_names=_ENTAILMENT,
-            metrics=("accuracy",),
-            main_metric="accuracy",
-        ),
-        TaskSpec(
-            name="wnli",
-            folder="WNLI",
-            text_columns=("sentence1", "sentence2"),
-            label_column="label",
-            label_names=_BINARY,
-            metrics=("accuracy",),
-            main_metric="accuracy",
-        ),
-    )
+# The nine GLUE tasks: name, folder, TSV text columns, label column, label names (None: a
+# regression score), metrics and the main one; then what differs from the defaults.
+_TABLE = """
+cola  CoLA   sentence            label        0,1                                matthews_corrcoef  matthews_corrcoef
+sst2  SST-2  sentence            label        0,1                                accuracy           accuracy
+mrpc  MRPC   #1_String,#2_String Quality      0,1                                f1,accuracy        f1
+qqp   QQP    question1,question2 is_duplicate 0,1                                f1,accuracy        accuracy
+stsb  STS-B  sentence1,sentence2 score        -                                  pearson,spearman   pearson
+mnli  MNLI   sentence1,sentence2 gold_label   entailment,neutral,contradiction   accuracy           accuracy
+qnli  QNLI   question,sentence   label        entailment,not_entailment          accuracy           accuracy
+rte   RTE    sentence1,sentence2 label        entailment,not_entailment          accuracy           accuracy
+wnli  WNLI   sentence1,sentence2 label        0,1                                accuracy           accuracy
+"""
+_SPECIAL = {
+    "cola": {"headerless_columns": ("source", "label", "notation", "sentence")},
+    "mrpc": {"hub_text_columns": ("sentence1", "sentence2")},
+    "mnli": {"dev_file": "dev_matched.tsv", "hub_text_columns": ("premise", "hypothesis")},
 }
+
+
+def _parse_table() -> dict[str, TaskSpec]:
+    tasks = {}
+    for row in _TABLE.strip().splitlines():
+        name, folder, texts, label, names, metrics, main = row.split()
+        tasks[name] = TaskSpec(
+            name, folder, tuple(c.replace("_", " ") for c in texts.split(",")), label,
+            None if names == "-" else tuple(names.split(",")), tuple(metrics.split(",")), main,
+            **_SPECIAL.get(name, {}),
+        )
+    return tasks
+
+
+GLUE_TASKS: dict[str, TaskSpec] = _parse_table()
+
 
 
 def _normalize_task_name(name: str) -> str:

@@ -60,15 +60,18 @@ def _online_kl_step(s, t, ok, m_s, l_s, m_t, l_t, acc):
 
 
 @triton.jit
+def _online_kl_start(BLOCK: tl.constexpr):
+    """The empty running state of ``_online_kl_step``: (m_s, l_s, m_t, l_t, acc), maxima at NEG."""
+    zeros = tl.zeros([BLOCK], tl.float32)
+    return zeros + NEG, zeros, zeros + NEG, zeros, zeros
+
+
+@triton.jit
 def _row_kl_fwd(S, T, OUT, LSE_S, LSE_T, n_rows, n_cols, stride_s, stride_t, scale,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    m_s = tl.full([BLOCK_R], NEG, tl.float32)
-    m_t = tl.full([BLOCK_R], NEG, tl.float32)
-    l_s = tl.zeros([BLOCK_R], tl.float32)
-    l_t = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R], tl.float32)
+    m_s, l_s, m_t, l_t, acc = _online_kl_start(BLOCK_R)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols[None, :] < n_cols)
@@ -168,11 +171,7 @@ def _attn_kl_fwd(QS, KS, QT, KT, MASK, OUT, LSE_S, LSE_T,
     row_ok = rows < seq
     row_real = tl.load(MASK + b * seq + rows, mask=row_ok, other=0) > 0
     qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s, ds_, dt_)
-    m_s = tl.full([BLOCK_M], NEG, tl.float32)
-    m_t = tl.full([BLOCK_M], NEG, tl.float32)
-    l_s = tl.zeros([BLOCK_M], tl.float32)
-    l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M], tl.float32)
+    m_s, l_s, m_t, l_t, acc = _online_kl_start(BLOCK_M)
     for n0 in range(0, seq, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         s, t, key_real, _ = _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, sks_s,
@@ -204,53 +203,49 @@ def _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, 
 
 
 @triton.jit
-def _attn_kl_bwd_dq(QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DQ,
-                    sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, sqt_b, sqt_h, sqt_s, skt_b, skt_h, skt_s,
-                    n_heads, seq, d_s, d_t, scale_s, scale_t,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+def _attn_kl_bwd(QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, OUT,
+                 sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, sqt_b, sqt_h, sqt_s, skt_b, skt_h, skt_s,
+                 n_heads, seq, d_s, d_t, scale_s, scale_t,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+                 PRECISION: tl.constexpr, KEYS: tl.constexpr):
+    """The backward, in two launches so no atomics are needed: ``KEYS`` false, dQ of one query
+    block (looping over key blocks); ``KEYS`` true, dK of one key block (looping over query blocks)."""
+    pid, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ds_, dt_ = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    row_ok = rows < seq
-    qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s, ds_, dt_)
-    lse_s, lse_t, g = _row_state(LSE_S, LSE_T, GRAD, MASK, pid_bh, b, rows, row_ok, seq)
-    dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-    for n0 in range(0, seq, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        s, t, key_real, ks = _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, sks_s,
-                                          skt_b, skt_h, skt_s, scale_s, scale_t, ds_, dt_, PRECISION)
-        d_scores = tl.where(key_real, g[:, None] * (tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])), 0.0)
-        dq += tl.dot(d_scores, ks, input_precision="ieee")
-    tl.store(DQ + pid_bh * seq * d_s + rows[:, None] * d_s + ds_[None, :], dq * scale_s,
-             mask=row_ok[:, None] & (ds_[None, :] < d_s))
-
-
-@triton.jit
-def _attn_kl_bwd_dk(QS, KS, QT, KT, MASK, LSE_S, LSE_T, GRAD, DK,
-                    sqs_b, sqs_h, sqs_s, sks_b, sks_h, sks_s, sqt_b, sqt_h, sqt_s, skt_b, skt_h, skt_s,
-                    n_heads, seq, d_s, d_t, scale_s, scale_t,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ds_, dt_ = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
-    col_ok = cols < seq
-    dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-    for m0 in range(0, seq, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+    if KEYS:
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < seq
+        grad = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
+        for m0 in range(0, seq, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < seq
+            qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s,
+                                  ds_, dt_)
+            lse_s, lse_t, g = _row_state(LSE_S, LSE_T, GRAD, MASK, pid_bh, b, rows, row_ok, seq)
+            s, t, key_real, _ = _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, sks_s,
+                                             skt_b, skt_h, skt_s, scale_s, scale_t, ds_, dt_, PRECISION)
+            d_scores = tl.where(key_real & row_ok[:, None],
+                                g[:, None] * (tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])), 0.0)
+            grad += tl.dot(tl.trans(d_scores), qs, input_precision="ieee")
+        tl.store(OUT + pid_bh * seq * d_s + cols[:, None] * d_s + ds_[None, :], grad * scale_s,
+                 mask=col_ok[:, None] & (ds_[None, :] < d_s))
+    else:
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < seq
-        qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s, ds_, dt_)
+        qs, qt = _query_block(QS, QT, b, h, rows, row_ok, d_s, d_t, sqs_b, sqs_h, sqs_s, sqt_b, sqt_h, sqt_s,
+                              ds_, dt_)
         lse_s, lse_t, g = _row_state(LSE_S, LSE_T, GRAD, MASK, pid_bh, b, rows, row_ok, seq)
-        s, t, key_real, _ = _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, sks_s,
-                                         skt_b, skt_h, skt_s, scale_s, scale_t, ds_, dt_, PRECISION)
-        d_scores = tl.where(key_real & row_ok[:, None],
-                            g[:, None] * (tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])), 0.0)
-        dk += tl.dot(tl.trans(d_scores), qs, input_precision="ieee")
-    tl.store(DK + pid_bh * seq * d_s + cols[:, None] * d_s + ds_[None, :], dk * scale_s,
-             mask=col_ok[:, None] & (ds_[None, :] < d_s))
+        grad = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+        for n0 in range(0, seq, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            s, t, key_real, ks = _attn_scores(qs, qt, KS, KT, MASK, b, h, cols, seq, d_s, d_t, sks_b, sks_h, sks_s,
+                                              skt_b, skt_h, skt_s, scale_s, scale_t, ds_, dt_, PRECISION)
+            d_scores = tl.where(key_real,
+                                g[:, None] * (tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])), 0.0)
+            grad += tl.dot(d_scores, ks, input_precision="ieee")
+        tl.store(OUT + pid_bh * seq * d_s + rows[:, None] * d_s + ds_[None, :], grad * scale_s,
+                 mask=row_ok[:, None] & (ds_[None, :] < d_s))
 
 
 def _attn_args(qs, ks, qt, kt):
@@ -292,10 +287,9 @@ class _AttentionKLTriton(torch.autograd.Function):
         dq = torch.empty((b, h, s, d_s), dtype=torch.float32, device=qs.device)
         dk = torch.empty_like(dq)
         args = (*_attn_args(qs, ks, qt, kt), h, s, d_s, d_t, d_s ** -0.5, d_t ** -0.5)
-        _attn_kl_bwd_dq[(triton.cdiv(s, meta["BLOCK_M"]), b * h)](qs, ks, qt, kt, mask_i, lse_s, lse_t, grad_rows,
-                                                                  dq, *args, **meta)
-        _attn_kl_bwd_dk[(triton.cdiv(s, meta["BLOCK_N"]), b * h)](qs, ks, qt, kt, mask_i, lse_s, lse_t, grad_rows,
-                                                                  dk, *args, **meta)
+        for out, block, keys in ((dq, "BLOCK_M", False), (dk, "BLOCK_N", True)):
+            _attn_kl_bwd[(triton.cdiv(s, meta[block]), b * h)](qs, ks, qt, kt, mask_i, lse_s, lse_t, grad_rows, out,
+                                                               *args, **meta, KEYS=keys)
         return dq.to(qs.dtype), dk.to(ks.dtype), None, None, None
 
 
@@ -311,6 +305,16 @@ def attention_kl_rows_triton(student_qk, teacher_qk, mask) -> torch.Tensor:
 
 
 @triton.jit
+def _row_tiles(X, Y, rows, row_ok, d0, dim, stride_x, stride_y, BLOCK_D: tl.constexpr):
+    """The fp32 tiles of X and Y for ``rows`` and the columns from ``d0``, and their mask."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (cols[None, :] < dim)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    return x, y, cols, ok
+
+
+@triton.jit
 def _hidden_rows(X, Y, LOSS, DX, n_rows, dim, stride_x, stride_y, stride_d, eps,
                  COSINE: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -319,10 +323,7 @@ def _hidden_rows(X, Y, LOSS, DX, n_rows, dim, stride_x, stride_y, stride_d, eps,
     xx = tl.zeros([BLOCK_R], tl.float32)
     yy = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        ok = row_ok[:, None] & (cols[None, :] < dim)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x, y, cols, ok = _row_tiles(X, Y, rows, row_ok, d0, dim, stride_x, stride_y, BLOCK_D)
         if COSINE:
             dot += tl.sum(x * y, 1)
             xx += tl.sum(x * x, 1)
@@ -338,10 +339,7 @@ def _hidden_rows(X, Y, LOSS, DX, n_rows, dim, stride_x, stride_y, stride_d, eps,
         tl.store(LOSS + rows, dot / dim, mask=row_ok)
     if WANT_GRAD:
         for d0 in range(0, dim, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            ok = row_ok[:, None] & (cols[None, :] < dim)
-            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            x, y, cols, ok = _row_tiles(X, Y, rows, row_ok, d0, dim, stride_x, stride_y, BLOCK_D)
             if COSINE:
                 grad = (cos / (nx * nx))[:, None] * x - y / (nx * ny)[:, None]
             else:

@@ -26,12 +26,13 @@ from __future__ import annotations
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from dskd.errors import DskdError
+from dskd.registry import registrar
 
 KERNELS = ("fused", "naive")
 
@@ -44,15 +45,7 @@ def _check_kernel(kernel: str) -> str:
 LOSS_REGISTRY: dict[str, type["LossTerm"]] = {}
 
 
-def register_loss(name: str) -> Callable[[type["LossTerm"]], type["LossTerm"]]:
-    def decorator(cls: type[LossTerm]) -> type[LossTerm]:
-        if name in LOSS_REGISTRY:
-            raise ValueError(f"loss {name!r} is registered twice")
-        LOSS_REGISTRY[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return decorator
+register_loss = registrar(LOSS_REGISTRY, "loss", "registry_name")
 
 
 class LossTerm(nn.Module):

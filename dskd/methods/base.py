@@ -42,18 +42,12 @@ from __future__ import annotations
 import contextlib
 from typing import ClassVar
 
+from dskd.registry import registrar
+
 METHOD_REGISTRY: dict[str, type["Method"]] = {}
 
 
-def register_method(name: str):
-    def decorator(cls: type[Method]) -> type[Method]:
-        if name in METHOD_REGISTRY:
-            raise ValueError(f"method {name!r} is registered twice")
-        METHOD_REGISTRY[name] = cls
-        cls.name = name
-        return cls
-
-    return decorator
+register_method = registrar(METHOD_REGISTRY, "method", "name")
 
 
 class Method:

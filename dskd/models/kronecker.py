@@ -189,6 +189,10 @@ class KroneckerRobertaConfig(RobertaConfig):
 class _KroneckerMixin:
     """Builds the dense model, then swaps the layers the spec names for Kronecker ones."""
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._factorise()
+
     def _factorise(self) -> None:
         if not self.config.kronecker:  # a config without a spec is the dense model
             return
@@ -212,20 +216,10 @@ class _KroneckerMixin:
 
 class KroneckerBertForSequenceClassification(_KroneckerMixin, BertForSequenceClassification):
     config_class = KroneckerBertConfig
-    config: KroneckerBertConfig
-
-    def __init__(self, config: KroneckerBertConfig):
-        super().__init__(config)
-        self._factorise()
 
 
 class KroneckerRobertaForSequenceClassification(_KroneckerMixin, RobertaForSequenceClassification):
     config_class = KroneckerRobertaConfig
-    config: KroneckerRobertaConfig
-
-    def __init__(self, config: KroneckerRobertaConfig):
-        super().__init__(config)
-        self._factorise()
 
 
 CLASSES = {
