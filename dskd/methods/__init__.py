@@ -4,14 +4,22 @@ imports the package and calls what is registered; it names no method.
 
 One module per method that needs more than a basic term: ``codir``, ``rw_kd``, ``mate_kd``
 (MATE-KD, the adversarial half of Combined-KD), ``glitter`` (+ ``glitter_pool``),
-``universal_kd`` (+ ``universal_probes``), ``noisy_labels``, ``swa``, ``pro_kd`` and
-``kronecker``. Adding one: docs/design.md, "Adding a method".
+``universal_kd`` (+ ``universal_probes``), ``noisy_labels``, ``swa``, ``pro_kd``,
+``kronecker``, and ``logit_mse``, the worked example of docs/design.md ("Adding a method").
+Every module here is imported when the package is: adding a method is adding a file.
 """
+
+import importlib
+import pkgutil
 
 from dskd.config import ExperimentConfig, load_config
 from dskd.losses import validate_loss_terms
-from dskd.methods import codir, glitter, kronecker, mate_kd, noisy_labels, pro_kd, rw_kd, swa, universal_kd  # noqa: F401
 from dskd.methods.base import METHOD_REGISTRY, Method, enabled_methods, exported_state, register_method, run_outputs
+
+# Every module of this package is imported, so it registers itself: a new method is a new file.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
+from dskd.methods import glitter  # noqa: E402  (its config check, below)
 
 __all__ = ["METHOD_REGISTRY", "Method", "enabled_methods", "exported_state", "load_experiment", "register_method",
            "run_outputs"]
