@@ -2,7 +2,7 @@
 
 Both sides get the same frozen teacher, the same student (initialised from teacher
 layers), the same batch and the same loss (0.5 CE + 0.5 T^2 KL, T=2), AdamW with
-linear warmup/decay and gradient clipping. dskd runs its real ``trainer.train_step``
+linear warmup/decay and gradient clipping. dskd runs its real ``training.module.train_step``
 inside a DeepSpeed engine (1 process, CPU, ZeRO-0 fp32 by default); the baseline is a
 plain loop over ``torch.optim.AdamW``.
 
