@@ -130,7 +130,7 @@ def main() -> None:
         pairs = tuple(models.resolve_layer_map(None, init_layers, n_student, teacher.config.num_hidden_layers))
         side = TeacherSide(teacher, QKCapture(teacher, [t for _, t in pairs], "teacher"))
         batches = data.epoch_batches(len(train_set), 0, 0, 0, 1, args.batch, 1)
-        collated = [data.collate([train_set[i] for i in b], tokenizer.pad_token_id) for b in batches]
+        collated = [data.collate([train_set[i] for i in b], tokenizer) for b in batches]
         training = cfg.training
 
         import copy

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="ranks to plan ZeRO partitioning for (default: 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    p = sub.add_parser("schema", help="print the experiment config's JSON Schema (for editors: completion and checks)")
+    p.add_argument("--output", type=Path, help="write it to this file instead (configs/schema.json is this output)")
+
     p = sub.add_parser("report", help="one table of the hyper-parameters and final metrics of many runs (a sweep)")
     p.add_argument("roots", nargs="+", type=Path, help="run folders, or folders holding them (searched recursively)")
     p.add_argument("--json", action="store_true", help="print the collected runs as JSON")
@@ -187,7 +190,8 @@ def _evaluate(args) -> dict:
     raw = data.load_split(task, cfg.data.path, "dev", cfg.data.dev_limit)
     dev = data.tokenize_split(raw, tokenizer, cfg.data.max_length)
     result = evaluate(
-        lambda b: getattr(model(**models.model_inputs(b)), task.prediction), dev, task, tokenizer.pad_token_id, args.batch_size, "cpu"
+        lambda b: getattr(model(**models.model_inputs(b)), task.prediction), dev, task, tokenizer, args.batch_size,
+        "cpu",
     )
     return {"task": task.name, **result}
 
@@ -292,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
             code = _train_probes(args)
         elif args.command == "augment":
             code = _augment(args)
+        elif args.command == "schema":
+            from dskd.commands.schema import schema_text
+
+            if args.output is None:
+                sys.stdout.write(schema_text())
+            else:
+                args.output.write_text(schema_text())
+            code = 0
         elif args.command == "report":
             from dskd.training.report import collect, format_table
 

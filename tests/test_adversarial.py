@@ -171,7 +171,7 @@ def test_the_cycle_schedule_by_hand():
     batch = _batch()
     for step in range(4, 16):
         for micro in (0, 1):
-            assert term.before_micro_step(StepContext(job, engine, stage, step, micro, PAD), batch) is batch
+            assert term.before_micro_step(StepContext(job, engine, stage, step, micro, job.tokenizer), batch) is batch
     assert [c[1] for c in calls if c[0] == "generator"] == [4, 9, 14]
     assert len([c for c in calls if c[0] == "prepare"]) == 24
 

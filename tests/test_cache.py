@@ -270,7 +270,7 @@ def test_read_outputs_match_the_online_teacher_in_any_order(parts, tmp_path, dty
     needs = frozenset({"cls", "attention_qk"})
     order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(0))[:32].tolist()
     for rows in (order[:16], order[16:32]):
-        batch = data.collate([splits["train"][i] for i in rows], tokenizer.pad_token_id)
+        batch = data.collate([splits["train"][i] for i in rows], tokenizer)
         got = store.outputs(batch, needs, pairs, "train")
         want = teacher.outputs(batch, needs, pairs)
         assert torch.equal(got["logits"], want["logits"])  # fp32 always; same batch shape as written
@@ -282,9 +282,9 @@ def test_read_outputs_match_the_online_teacher_in_any_order(parts, tmp_path, dty
             assert gq.shape == wq.shape == (len(rows), 4, 24, 8)
             torch.testing.assert_close(gq.float(), wq, atol=tol * 4, rtol=tol)
             torch.testing.assert_close(gk.float(), wk, atol=tol * 4, rtol=tol)
-    dev = data.collate([splits["dev"][i] for i in (5, 0, 9)], tokenizer.pad_token_id)
+    dev = data.collate([splits["dev"][i] for i in (5, 0, 9)], tokenizer)
     assert torch.equal(store.outputs(dev, frozenset(), (), "dev")["logits"][1],
-                       store.outputs(data.collate([splits["dev"][0]], 0), frozenset(), (), "dev")["logits"][0])
+                       store.outputs(data.collate([splits["dev"][0]], tokenizer), frozenset(), (), "dev")["logits"][0])
     with pytest.raises(Exception, match="no `dev` example with idx \\[9999\\]"):
         store.outputs({**dev, "idx": torch.tensor([9999, 0, 1])}, frozenset(), (), "dev")
 

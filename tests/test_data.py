@@ -318,7 +318,7 @@ def test_tokenize_and_collate_single_sentence(bert_tokenizer):
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     assert max(lengths) <= 16 and min(lengths) < max(lengths)  # truncated, not padded
 
-    batch = collate(list(tokenized), pad_token_id=bert_tokenizer.pad_token_id)
+    batch = collate(list(tokenized), bert_tokenizer)
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "idx"}
     assert batch["input_ids"].shape == (8, max(lengths))
     assert batch["input_ids"].dtype == torch.long and batch["labels"].dtype == torch.long
@@ -336,19 +336,19 @@ def test_tokenize_and_collate_single_sentence(bert_tokenizer):
 @needs_vocab
 def test_tokenize_pair_task_has_segment_ids(bert_tokenizer):
     ds = load_split(get_task("mrpc"), str(GLUE / "MRPC"), "dev", limit=4)
-    batch = collate(list(tokenize_split(ds, bert_tokenizer, max_length=128)), bert_tokenizer.pad_token_id)
+    batch = collate(list(tokenize_split(ds, bert_tokenizer, max_length=128)), bert_tokenizer)
     assert batch["token_type_ids"].shape == batch["input_ids"].shape
     assert (batch["token_type_ids"] == 1).any(dim=1).all()  # every row has a second segment
     # padding positions are segment 0
     assert (batch["token_type_ids"][batch["attention_mask"] == 0] == 0).all()
 
 
-def test_collate_regression_labels_are_float32():
+def test_collate_regression_labels_are_float32(bert_tokenizer):
     features = [
         {"input_ids": [101, 7, 102], "attention_mask": [1, 1, 1], "label": 3.5, "idx": 4},
         {"input_ids": [101, 102], "attention_mask": [1, 1], "label": 0.25, "idx": 9},
     ]
-    batch = collate(features, pad_token_id=0)
+    batch = collate(features, bert_tokenizer)  # [PAD] is 0
     assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert "token_type_ids" not in batch

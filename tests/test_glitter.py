@@ -138,14 +138,14 @@ def test_pool_is_stored_and_reloads_and_an_altered_one_is_refused(tmp_path):
 def test_candidates_of_a_batch_are_gathered_original_by_original(tmp_path):
     raw = _raw()
     candidates = glitter_pool.Candidates(_save(tmp_path / "pool", _pool(raw), raw), _tokenizer(), 16)
-    batch = candidates.batch(torch.tensor([3, 0]), 0, "cpu")
+    batch = candidates.batch(torch.tensor([3, 0]), _tokenizer(), "cpu")
     assert batch["idx"].tolist() == [12, 13, 14, 15, 0, 1, 2, 3]  # candidate ids
     assert batch["labels"].tolist() == [1, 1, 1, 1, 1, 1, 1, 1]
     text = candidates.pool.dataset()[13]["text_a"]
     ids = _tokenizer()(text)["input_ids"]
     assert batch["input_ids"][1, : len(ids)].tolist() == ids
     with pytest.raises(DskdError, match=r"has no candidates for training example\(s\) idx \[7\]"):
-        candidates.batch(torch.tensor([1, 7]), 0, "cpu")
+        candidates.batch(torch.tensor([1, 7]), _tokenizer(), "cpu")
 
 
 def test_pair_tasks_get_both_texts_changed_and_collated_as_pairs(tmp_path):
@@ -157,7 +157,7 @@ def test_pair_tasks_get_both_texts_changed_and_collated_as_pairs(tmp_path):
     assert pool["label"] == [0.5] * 3 + [3.0] * 3  # regression labels are kept as they are
     assert all(text != raw[i]["text_a"] for text, i in zip(pool["text_a"], pool["idx"]))
     candidates = glitter_pool.Candidates(_save(tmp_path / "pool", pool, raw, n=3, task="stsb"), _tokenizer(), 32)
-    batch = candidates.batch(torch.tensor([1]), 0, "cpu")
+    batch = candidates.batch(torch.tensor([1]), _tokenizer(), "cpu")
     assert batch["token_type_ids"].max() == 1 and batch["labels"].dtype == torch.float32
 
 

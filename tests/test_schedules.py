@@ -317,3 +317,19 @@ def test_trajectory_references_pick_the_exports_by_step(tmp_path):
         resolve_stage_teacher(cfg, "trajectory:4", "k")
     with pytest.raises(DskdError, match=r"must be trajectory:K"):
         resolve_stage_teacher(cfg, "trajectory:0", "k")
+
+
+def test_the_global_schedule_is_transformers_linear_schedule_with_warmup():
+    """One stage, `lr_schedule: global`: the same factors as transformers' own schedule, bit for
+    bit (ours also restarts per stage, follows plateau-shortened stages and methods' LRs)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from dskd.training.stages import Stage, lr_factor
+
+    for total, ratio in ((50, 0.1), (7, 0.0), (33, 0.3)):
+        training = TrainingConfig(warmup_ratio=ratio)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        theirs = get_linear_schedule_with_warmup(optimizer, int(ratio * total), total)
+        stages = [Stage("train", 0, total, {"hard_ce": 1.0})]
+        assert [lr_factor(step, stages, training) for step in range(total + 2)] == \
+            [theirs.lr_lambdas[0](step) for step in range(total + 2)]

@@ -307,7 +307,7 @@ def test_train_probes_reports_dev_accuracy_saves_probes_that_load_back_and_refus
     task, tokenizer = data.get_task("sst2"), models.load_tokenizer(cfg.teacher)
     _, dev = data.load_data(cfg, task, tokenizer)
     teacher = models.freeze(online.load_teacher(cfg, task, tokenizer), torch.float32, torch.device("cpu"))
-    x, y = collect_cls(teacher, dev, tokenizer.pad_token_id, 8, [2, 3], "cpu")
+    x, y = collect_cls(teacher, dev, tokenizer, 8, [2, 3], "cpu")
     saved = load_file(str(out / WEIGHTS))
     w = torch.stack([saved["L2.weight"], saved["L3.weight"]])
     b = torch.stack([saved["L2.bias"], saved["L3.bias"]])

@@ -28,32 +28,21 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int, in_memory: 
     )
 
 
-_PADDED_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "label", "idx")  # what a batch is made of
 
 
-def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized rows to the batch's longest and stack them.
+def collate(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """Pad tokenised rows to the batch's longest and stack them, with transformers'
+    ``DataCollatorWithPadding`` (the tokenizer's own padding; ``models.load_tokenizer`` makes it
+    pad on the right, which the capture hooks and the teacher cache rely on).
 
-    Returns input_ids, attention_mask, token_type_ids (when present), ``labels`` (long
-    for classification, float32 for regression) and ``idx``.
-    """
-    longest = max(len(feature["input_ids"]) for feature in features)
-    batch: dict[str, torch.Tensor] = {}
-    for column in _PADDED_COLUMNS:
-        if column not in features[0]:
-            continue
-        pad_value = pad_token_id if column == "input_ids" else 0
-        padded = torch.full((len(features), longest), pad_value, dtype=torch.long)
-        for row, feature in enumerate(features):
-            values = torch.as_tensor(feature[column], dtype=torch.long)
-            padded[row, : len(values)] = values
-        batch[column] = padded
-    labels = torch.as_tensor([feature["label"] for feature in features])
-    batch["labels"] = labels.float() if labels.is_floating_point() else labels.long()
-    batch["idx"] = torch.as_tensor([feature["idx"] for feature in features], dtype=torch.long)
-    return batch
+    Returns input_ids, attention_mask, token_type_ids (when the tokenizer makes them),
+    ``labels`` (long for classification, float32 for regression) and ``idx``; other columns of
+    the rows are left out."""
+    from transformers import DataCollatorWithPadding
 
-
+    rows = [{key: feature[key] for key in COLUMNS if key in feature} for feature in features]
+    return dict(DataCollatorWithPadding(tokenizer, return_tensors="pt")(rows))
 
 
 def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_size: int, grad_accum: int):
@@ -65,7 +54,7 @@ def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_si
     return batches[: len(batches) // grad_accum * grad_accum]
 
 
-def loader(dataset, batches: list[list[int]], pad_id: int):
+def loader(dataset, batches: list[list[int]], tokenizer):
     """A DataLoader over the given index batches, padded by :func:`collate`."""
     # Each DataLoader iterator draws a seed from the generator it is given, by default
     # the global torch RNG that dropout uses. A private generator keeps that stream
@@ -73,19 +62,19 @@ def loader(dataset, batches: list[list[int]], pad_id: int):
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
-        collate_fn=lambda rows: collate(rows, pad_id),
+        collate_fn=lambda rows: collate(rows, tokenizer),
         generator=torch.Generator(),
     )
 
 
-def eval_loader(dataset, pad_id: int, batch_size: int, rank: int = 0, world: int = 1):
+def eval_loader(dataset, tokenizer, batch_size: int, rank: int = 0, world: int = 1):
     """This rank's share of ``dataset`` (every ``world``-th example), in order."""
     shard = list(range(rank, len(dataset), world))
-    return loader(dataset, [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)], pad_id)
+    return loader(dataset, [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)], tokenizer)
 
 
-def first_batches(dataset, batch_size: int, count: int, pad_id: int, device) -> list[dict]:
+def first_batches(dataset, batch_size: int, count: int, tokenizer, device) -> list[dict]:
     """The first ``count`` batches of ``dataset``, in order: fixed held-out batches."""
     n = min(count * batch_size, len(dataset))
     index = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    return [{k: v.to(device) for k, v in b.items()} for b in loader(dataset, index, pad_id)]
+    return [{k: v.to(device) for k, v in b.items()} for b in loader(dataset, index, tokenizer)]

@@ -73,8 +73,8 @@ class LossTerm(nn.Module):
 
     def before_micro_step(self, step, batch: dict) -> dict:
         """Called before every training micro-step of a stage in which the term is on, with
-        ``step`` a ``dskd.training.loop.StepContext`` (job, engine, stage, step, micro, pad_id). A term may do extra work here (update a meta-learner
-        or a generator) and return the batch with more inputs (Glitter's candidates). What it
+        ``step`` a ``dskd.training.loop.StepContext`` (job, engine, stage, step, micro,
+        tokenizer). A term may do extra work here (update a meta-learner or a generator) and return the batch with more inputs (Glitter's candidates). What it
         does must follow from the seed, the step counter and the rank only, so that a resumed
         run repeats it exactly."""
         return batch

@@ -52,11 +52,11 @@ def open_candidates(cfg, task, tokenizer, fingerprints: dict) -> Candidates | No
     return Candidates(pool, tokenizer, cfg.data.max_length)
 
 
-def attach(candidates: Candidates | None, batch: dict, pad_id: int) -> dict:
+def attach(candidates: Candidates | None, batch: dict, tokenizer) -> dict:
     """``batch`` plus ``batch["augment"]``, its originals' candidates."""
     if candidates is None or "augment" in batch:
         return batch
-    return dict(batch, augment=candidates.batch(batch["idx"], pad_id, batch["input_ids"].device))
+    return dict(batch, augment=candidates.batch(batch["idx"], tokenizer, batch["input_ids"].device))
 
 
 # ------------------------------------------------------------------- the term
@@ -98,7 +98,7 @@ class Glitter(LossTerm):
 
     def before_micro_step(self, step, batch: dict) -> dict:
         """The batch's originals' candidates go with it (the student runs on them in the module's forward)."""
-        return attach(step.job.extras.get("candidates"), batch, step.pad_id)
+        return attach(step.job.extras.get("candidates"), batch, step.tokenizer)
 
     def student_extras(self, model, batch: dict) -> dict:
         """The student on the candidates (train mode, with grad), inside the DeepSpeed module."""

@@ -349,11 +349,11 @@ class Candidates:
                             f"{missing}; write a pool for this config with `dskd augment`")
         return rows
 
-    def batch(self, idx: torch.Tensor, pad_id: int, device) -> dict:
+    def batch(self, idx: torch.Tensor, tokenizer, device) -> dict:
         """The n candidates of every original, original by original ([B * n] rows), collated."""
         from dskd import data
 
         flat = self.rows(idx.cpu().numpy()).reshape(-1).tolist()
         columns = self.view[flat]
         rows = [{name: values[i] for name, values in columns.items()} for i in range(len(flat))]
-        return {k: v.to(device) for k, v in data.collate(rows, pad_id).items()}
+        return {k: v.to(device) for k, v in data.collate(rows, tokenizer).items()}

@@ -391,7 +391,7 @@ class MateKD(LossTerm):
         model, device = step.engine.module.model, batch["input_ids"].device
         if step.micro == 0 and self.generator_due(step.step - step.stage.start):
             self.generator_cycle(model, step.job.teacher.model,
-                                 lambda k: training_batch(step.job, step.step, k, step.pad_id, device), step.step)
+                                 lambda k: training_batch(step.job, step.step, k, device), step.step)
         self.prepare(model, step.job.teacher, batch, step.step, step.micro)
         return batch
 
@@ -419,11 +419,11 @@ class MateKD(LossTerm):
 # ------------------------------------------------------------------ trainer hooks
 
 
-def training_batch(job, step: int, k: int, pad_id: int, device) -> dict:
+def training_batch(job, step: int, k: int, device) -> dict:
     """Generator step ``k`` before optimizer step ``step`` on this rank: a batch of training
     examples drawn from (seed, step, k, rank) only."""
     from dskd import data
 
     generator = torch.Generator().manual_seed(_seed(job.cfg.seed, step, k, dist.rank(), 7))
     rows = torch.randperm(len(job.train_set), generator=generator)[: job.training.batch_size].tolist()
-    return {key: v.to(device) for key, v in data.collate([job.train_set[i] for i in rows], pad_id).items()}
+    return {key: v.to(device) for key, v in data.collate([job.train_set[i] for i in rows], job.tokenizer).items()}

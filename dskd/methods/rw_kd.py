@@ -131,7 +131,7 @@ class ReweightedKD(LossTerm):
         if step.micro != 0 or step.step % self.meta_every:
             return batch
         device = batch["input_ids"].device
-        meta_batch = holdout_batch(step.job, step.step, step.pad_id, device)
+        meta_batch = holdout_batch(step.job, step.step, device)
         teacher_logits = step.job.teacher.outputs(batch, frozenset({"logits"}), (), "train")["logits"]
         self.meta_update(step.engine.module.model, batch, teacher_logits, meta_batch, step.engine.get_lr()[0])
         return batch
@@ -178,7 +178,7 @@ class ReweightedKD(LossTerm):
         self.meta_optimizer.load_state_dict(state["optimizer"])
 
 
-def holdout_batch(job, step: int, pad_id: int, device) -> dict:
+def holdout_batch(job, step: int, device) -> dict:
     """This rank's meta batch for optimizer step ``step``: a function of (seed, step, rank)
     only, so a resumed run draws the same ones."""
     from dskd import data
@@ -186,4 +186,4 @@ def holdout_batch(job, step: int, pad_id: int, device) -> dict:
     generator = torch.Generator().manual_seed(job.cfg.seed * 1_000_003 + step * dist.world_size() + dist.rank())
     holdout = job.extras["holdout"]
     rows = torch.randperm(len(holdout), generator=generator)[: job.training.batch_size].tolist()
-    return {k: v.to(device) for k, v in data.collate([holdout[i] for i in rows], pad_id).items()}
+    return {k: v.to(device) for k, v in data.collate([holdout[i] for i in rows], job.tokenizer).items()}

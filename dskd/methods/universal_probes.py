@@ -41,12 +41,12 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 
 @torch.no_grad()
-def collect_cls(model: nn.Module, dataset, pad_id: int, batch_size: int, layers: list[int], device) -> tuple:
+def collect_cls(model: nn.Module, dataset, tokenizer, batch_size: int, layers: list[int], device) -> tuple:
     """Every example's [CLS] vector after each of ``layers``, [N, len(layers), d] float32 on CPU, and labels."""
     from dskd import data, models
 
     feats, labels = [], []
-    for batch in data.eval_loader(dataset, pad_id, batch_size):
+    for batch in data.eval_loader(dataset, tokenizer, batch_size):
         inputs = {k: v.to(device) for k, v in models.model_inputs(batch).items()}
         states = model(**inputs, output_hidden_states=True).hidden_states
         feats.append(torch.stack([states[i][:, 0] for i in layers], 1).float().cpu())
@@ -144,9 +144,8 @@ def train_probes(cfg, out: Path, batch_size: int | None = None, epochs: int = 20
 
     log(f"[probes] teacher pass: {len(train_set)} train + {len(dev_set)} dev examples, layers {chosen}, "
         f"{len(train_set) * len(chosen) * hidden * 4 / 2**20:.1f} MiB of [CLS] vectors")
-    pad_id = tokenizer.pad_token_id
-    x_train, y_train = collect_cls(model, train_set, pad_id, batch_size, chosen, device)
-    x_dev, y_dev = collect_cls(model, dev_set, pad_id, batch_size, chosen, device)
+    x_train, y_train = collect_cls(model, train_set, tokenizer, batch_size, chosen, device)
+    x_dev, y_dev = collect_cls(model, dev_set, tokenizer, batch_size, chosen, device)
     weight, bias = fit_probes(x_train, y_train.long(), task.num_labels, epochs, lr, fit_batch_size, cfg.seed)
     train_acc = probe_accuracy(x_train, y_train.long(), weight, bias)
     dev_acc = probe_accuracy(x_dev, y_dev.long(), weight, bias)

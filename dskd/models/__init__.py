@@ -33,6 +33,14 @@ def _looks_local(path: str) -> bool:
 
 
 def load_tokenizer(cfg: TeacherConfig, key: str | None = None):
+    """The tokenizer of ``cfg`` (``teacher.tokenizer``, else ``teacher.path``), padding on the right:
+    the capture hooks, the losses' masks and the teacher cache's packing read real tokens first."""
+    tokenizer = _load_tokenizer(cfg, key)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _load_tokenizer(cfg: TeacherConfig, key: str | None):
     from transformers import AutoTokenizer, BertTokenizerFast
 
     key = key or ("teacher.tokenizer" if cfg.tokenizer else "teacher.path")

@@ -357,7 +357,6 @@ def write(out: Path, identity: dict, layout: dict, about: dict, splits: dict, te
 
     hidden, labels = teacher_config["hidden_size"], teacher_config["num_labels"]
     device = next(teacher.model.parameters()).device
-    pad_id = tokenizer.pad_token_id
     shards = {}
     for split, dataset in splits.items():
         split_spec = (specs or {}).get(split, spec)
@@ -367,7 +366,7 @@ def write(out: Path, identity: dict, layout: dict, about: dict, splits: dict, te
             log(f"[cache] {split}: resuming at batch {writer.done}/{len(writer.batches)}")
         started, last_flush = time.perf_counter(), time.perf_counter()
         for number, rows in enumerate(writer.batches[writer.done :], start=writer.done + 1):
-            batch = data.collate([dataset[int(p)] for p in writer.order[rows.start : rows.stop]], pad_id)
+            batch = data.collate([dataset[int(p)] for p in writer.order[rows.start : rows.stop]], tokenizer)
             batch = {k: v.to(device) for k, v in batch.items()}
             outputs = models.teacher_outputs(teacher.model, batch, frozenset(split_spec.fields), teacher.capture,
                                              list(split_spec.layers))

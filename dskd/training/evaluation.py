@@ -15,12 +15,12 @@ from dskd.training.run_dir import STAGE_BEST_DIR
 from dskd.training.stages import Stage, stage_pairs
 
 
-def evaluate(forward, dataset, task, pad_id: int, batch_size: int, device) -> dict[str, float]:
+def evaluate(forward, dataset, task, tokenizer, batch_size: int, device) -> dict[str, float]:
     """Every rank scores its shard with ``forward(batch)`` (the task's prediction, e.g. the
     logits); all ranks get the task's metrics over the whole set."""
     idx, predictions, labels = [], [], []
     with torch.no_grad():
-        for batch in data.eval_loader(dataset, pad_id, batch_size, dist.rank(), dist.world_size()):
+        for batch in data.eval_loader(dataset, tokenizer, batch_size, dist.rank(), dist.world_size()):
             batch = {k: v.to(device) for k, v in batch.items()}
             predictions.append(forward(batch).float().cpu())
             idx.append(batch["idx"].cpu())

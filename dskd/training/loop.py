@@ -44,7 +44,7 @@ class StepContext:
     stage: Stage
     step: int  # the optimizer step (0-based) this micro-step belongs to
     micro: int  # its micro-step, 0 .. grad_accum - 1
-    pad_id: int
+    tokenizer: object  # the run's tokenizer: what terms collate extra batches with
 
 
 @dataclass
@@ -70,7 +70,7 @@ class RunView:
         """The current teacher's dev metrics (every rank takes part)."""
         job = self.job
         return evaluate(lambda b: job.teacher.outputs(b, frozenset({"logits"}), (), "dev")["logits"], job.dev_set,
-                        job.task, job.tokenizer.pad_token_id, self.eval_batch, job.device)
+                        job.task, job.tokenizer, self.eval_batch, job.device)
 
     def export(self, dest, tag: str) -> None:
         """Export checkpoint ``tag`` of this run as a Hugging Face folder ``dest`` (rank 0 only)."""
@@ -90,7 +90,6 @@ def run(job: Job, argv: list[str]) -> dict:
     cfg, training, task, out = job.cfg, job.training, job.task, job.out
     rank, world = eng.rank(), eng.world_size()
     device = eng.device()
-    pad_id = job.tokenizer.pad_token_id
 
     batches_0 = data.epoch_batches(len(job.train_set), 0, cfg.seed, rank, world, training.batch_size,
                                    training.grad_accum)
@@ -141,7 +140,7 @@ def run(job: Job, argv: list[str]) -> dict:
     attention_terms = [t for name, t in job.terms.items() if isinstance(t, AttentionKL)]
     snapshot_example = None
     if attention_terms and training.attention_images and job.teacher is not None:
-        row = data.collate([job.dev_set[0]], pad_id)
+        row = data.collate([job.dev_set[0]], job.tokenizer)
         snapshot_example = {k: v.to(device) for k, v in row.items()}
     held_out: dict[int, list[dict]] = {}  # plateau.batches -> the first dev batches
 
@@ -174,7 +173,7 @@ def run(job: Job, argv: list[str]) -> dict:
     while state["step"] < stages[-1].end and not halted and not preempted:
         batches = data.epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
                                      training.batch_size, training.grad_accum)
-        loader = data.loader(job.train_set, batches[state["batch_in_epoch"] :], pad_id)
+        loader = data.loader(job.train_set, batches[state["batch_in_epoch"] :], job.tokenizer)
         for batch in loader:
             stage = stage_at(state["step"])
             if stage.name != current_stage:
@@ -188,7 +187,7 @@ def run(job: Job, argv: list[str]) -> dict:
             batch = {k: v.to(device) for k, v in batch.items()}
             engine.module.set_progress(stage.progress(state["step"]))
             context = StepContext(job, engine, stage, state["step"], state["batch_in_epoch"] % training.grad_accum,
-                                  pad_id)
+                                  job.tokenizer)
             for name in stage.weights:  # per-step work of terms beside their loss (`LossTerm.before_micro_step`)
                 batch = engine.module.terms[name].before_micro_step(context, batch)
             total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
@@ -224,7 +223,7 @@ def run(job: Job, argv: list[str]) -> dict:
                 window_start, window_steps = time.perf_counter(), 0
 
             if stage.plateau is not None and step < stage.end and (step - stage.start) % stage.plateau.every == 0:
-                _check_plateau(view, stage, held_out, pad_id)
+                _check_plateau(view, stage, held_out)
 
             finished = step == stages[-1].end
             halting = training.halt_after_steps is not None and step == training.halt_after_steps and not finished
@@ -235,7 +234,7 @@ def run(job: Job, argv: list[str]) -> dict:
                 with contextlib.ExitStack() as evaluating:
                     for method in job.methods:
                         evaluating.enter_context(method.evaluating())
-                    result = evaluate(student_logits, job.dev_set, task, pad_id, eval_batch, device)
+                    result = evaluate(student_logits, job.dev_set, task, job.tokenizer, eval_batch, device)
                 engine.train()
                 main = result[task.main_metric]
                 if state["best"] is None or main > state["best"][task.main_metric]:
@@ -335,12 +334,13 @@ def _announce(job: Job, view: RunView, steps_per_epoch: int) -> None:
                      f"of {stages[-1].end} (epoch {state['epoch']})")
 
 
-def _check_plateau(view: RunView, stage: Stage, held_out: dict, pad_id: int) -> None:
+def _check_plateau(view: RunView, stage: Stage, held_out: dict) -> None:
     """A plateau rule's check: the stage's held-out loss; end the stage when it stopped improving."""
     job, state, stages, step = view.job, view.state, view.stages, view.step
     count = stage.plateau.batches
     if count not in held_out:
-        held_out[count] = data.first_batches(job.dev_set, job.training.batch_size, count, pad_id, job.device)
+        held_out[count] = data.first_batches(job.dev_set, job.training.batch_size, count, job.tokenizer,
+                                             job.device)
     loss = held_out_loss(view.engine, job.teacher, held_out[count], stage, job.pairs)
     index = stages.index(stage)
     track = state["plateau"] if state["plateau"] and state["plateau"]["stage"] == index else None
