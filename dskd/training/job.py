@@ -42,6 +42,7 @@ class Preparation:
     fingerprints: dict  # raw split -> size and content hash (the teacher cache's identity)
     extras: dict = field(default_factory=dict)  # data methods add, by name (job.extras)
     cache_splits: list = field(default_factory=lambda: ["train", "dev"])  # what a teacher cache must hold
+    notes: list = field(default_factory=list)  # what was done to the data, logged at the start (job.notes)
 
 
 @dataclass
@@ -134,7 +135,6 @@ def _load_data(cfg, role, task, tokenizer, methods):
     prep = Preparation(cfg, role, task, tokenizer, {})
     train_set, dev_set = data.load_data(cfg, task, tokenizer, prep.fingerprints)
     train_set, holdout_set, noisy = data.training_split(cfg, task, train_set)
-    prep.notes = []
     if holdout_set is not None:
         prep.extras["holdout"] = holdout_set
         prep.notes.append(f"[data] {len(holdout_set)} training examples held out (data.holdout {cfg.data.holdout})")
