@@ -1,0 +1,139 @@
+"""Raw-text corpora for task-agnostic distillation (issue 18, the data part; not yet a job kind).
+
+A corpus is one or more local files or folders of ``.txt`` (one text unit per line; blank
+lines and WikiText's ``= Heading =`` lines are kept as text, empty lines dropped), ``.jsonl``
+(the ``text_field`` of each record) or ``.parquet`` files, read with ``datasets`` (in memory,
+or streamed for corpora that do not fit). Every unit is tokenised without special tokens;
+the units are concatenated in file order with the tokenizer's separator between them (across
+document boundaries, as RoBERTa's FULL-SENTENCES packing does) and cut into blocks of
+``max_length - 2`` tokens, each framed as ``[CLS] ... [SEP]``, so every block has exactly
+``max_length`` tokens and no padding. The remainder shorter than a block is dropped.
+
+Blocks carry ``idx`` (their position in the corpus), so the seeded batch order of
+``data.epoch_batches`` and an exact resume apply to them as to a GLUE split. The held-out
+slice is the corpus's last ``held_out`` share of blocks: a contiguous tail, so no held-out
+block shares text with a training block.
+"""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+
+import datasets
+
+from dskd.config import resolve_path
+from dskd.errors import DskdError
+
+SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_CHECK_CHUNK = 8 << 20
+
+
+def corpus_files(paths: list[str], key: str = "data.corpus") -> list[Path]:
+    """The corpus files named by ``paths`` (files, or folders searched recursively), sorted per
+    folder so the order (and hence the blocks) never depends on the file system."""
+    if not paths:
+        raise DskdError(f"`{key}` names no file; give one or more .txt, .jsonl or .parquet files or folders")
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(resolve_path(str(raw)))
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            if not inside:
+                raise DskdError(f"`{key}`: folder {path} holds no {', '.join(SUFFIXES)} file")
+            found += inside
+        elif path.is_file():
+            if path.suffix not in SUFFIXES:
+                raise DskdError(f"`{key}`: {path} is not a corpus file; use {', '.join(SUFFIXES)}")
+            found.append(path)
+        else:
+            raise DskdError(f"`{key}`: {path} does not exist")
+    kinds = {SUFFIXES[p.suffix] for p in found}
+    if len(kinds) > 1:
+        raise DskdError(f"`{key}` mixes file kinds ({', '.join(sorted(kinds))}); give files of one kind")
+    for path in found:
+        if SUFFIXES[path.suffix] != "parquet":
+            _check_utf8(path, key)
+    return found
+
+
+def _check_utf8(path: Path, key: str) -> None:
+    """Text files must be UTF-8; say which file and where it is not (datasets would not)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHECK_CHUNK):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise DskdError(f"`{key}`: {path} is not UTF-8 (byte {offset + exc.start}); convert it, e.g. "
+                                f"iconv -f latin1 -t utf-8") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DskdError(f"`{key}`: {path} ends inside a UTF-8 character; the file is cut or not UTF-8") from None
+
+
+def read_corpus(paths: list[str], text_field: str = "text", streaming: bool = False, key: str = "data.corpus"):
+    """The corpus's text units, one per row in column ``text``, in file order (a ``datasets``
+    ``Dataset``, or an ``IterableDataset`` with ``streaming``)."""
+    files = corpus_files(paths, key)
+    kind = SUFFIXES[files[0].suffix]
+    kwargs = {"keep_linebreaks": False} if kind == "text" else {}
+    corpus = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=streaming,
+                                   **kwargs)
+    columns = corpus.column_names if not streaming else list(corpus.features or {})
+    if kind != "text" and columns and text_field not in columns:
+        raise DskdError(f"`{key}.text_field` is {text_field!r}, but {files[0]} has the fields {', '.join(columns)}")
+    if kind != "text":
+        corpus = corpus.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" \
+            else corpus.select_columns(["text"])
+    return corpus.filter(lambda row: bool(row["text"] and row["text"].strip()))
+
+
+def block_packer(tokenizer, max_length: int):
+    """A batched ``map`` function: text units -> fixed-length blocks (``max_length`` tokens,
+    ``[CLS] ... [SEP]``). Units are joined with the separator; a block never holds padding."""
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise DskdError("the corpus blocks are framed with the tokenizer's [CLS] and [SEP] (or <s> and </s>), "
+                        "which this tokenizer lacks")
+    body = max_length - 2
+    if body < 1:
+        raise DskdError(f"`data.max_length` is {max_length}; a corpus block needs at least 3 tokens")
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        stream: list[int] = []
+        for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
+            if ids:
+                stream += ids + [sep]
+        blocks = [[cls] + stream[i : i + body] + [sep] for i in range(0, len(stream) - body + 1, body)]
+        return {"input_ids": blocks, "attention_mask": [[1] * max_length for _ in blocks]}
+
+    return pack
+
+
+def pack_corpus(corpus, tokenizer, max_length: int, units_per_map: int = 1000):
+    """``corpus`` (from :func:`read_corpus`) as blocks with ``input_ids``, ``attention_mask`` and
+    ``idx``. The stream is cut within groups of ``units_per_map`` text units (each group's
+    remainder is dropped), which is what keeps a streamed corpus and an in-memory one the same
+    blocks and lets ``datasets`` work in bounded memory."""
+    pack = block_packer(tokenizer, max_length)
+    kwargs = {} if isinstance(corpus, datasets.IterableDataset) else {"desc": "pack corpus"}
+    blocks = corpus.map(pack, batched=True, batch_size=units_per_map, remove_columns=["text"], **kwargs)
+    return blocks.map(lambda row, i: {"idx": i}, with_indices=True)
+
+
+def split_held_out(blocks: datasets.Dataset, share: float, key: str = "data.corpus") -> tuple:
+    """(training blocks, held-out blocks): the held-out slice is the last ``round(share * n)``
+    blocks (at least one when ``share`` > 0), a contiguous tail."""
+    n = len(blocks)
+    if n == 0:
+        raise DskdError(f"`{key}`: the corpus gives no block; it is empty or shorter than one block "
+                        "(data.max_length tokens)")
+    count = max(1, round(share * n)) if share > 0 else 0
+    if count >= n:
+        raise DskdError(f"`{key}`: holding out {count} of {n} blocks leaves none to train on; lower the held-out "
+                        "share or give more text")
+    return blocks.select(range(n - count)), blocks.select(range(n - count, n)) if count else None
