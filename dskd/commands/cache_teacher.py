@@ -36,7 +36,7 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
     fingerprints: dict = {}
     train_set, dev_set = data.load_data(cfg, task, tokenizer, fingerprints)
     splits, specs = {"train": train_set, "dev": dev_set}, {}
-    candidates = glitter.open_candidates(cfg, task, tokenizer, fingerprints) if cfg.data.augment else None  # adds the pool to the identity
+    candidates = glitter.open_candidates(cfg, task, tokenizer, fingerprints)  # adds the pool to the identity
     if candidates is not None:
         splits[AUGMENT], specs[AUGMENT] = candidates.view, CacheSpec(("logits",), ())
     model = load_teacher(cfg, task, tokenizer)

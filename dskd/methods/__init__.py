@@ -19,7 +19,6 @@ from dskd.methods.base import METHOD_REGISTRY, Method, enabled_methods, exported
 # Every module of this package is imported, so it registers itself: a new method is a new file.
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
-from dskd.methods import glitter  # noqa: E402  (its config check, below)
 
 __all__ = ["METHOD_REGISTRY", "Method", "enabled_methods", "exported_state", "load_experiment", "register_method",
            "run_outputs"]
@@ -29,7 +28,8 @@ def check_losses(cfg: ExperimentConfig, source: str) -> None:
     """The checks of an experiment that need the registries: every loss term against its class,
     then what methods require of the rest of the config."""
     validate_loss_terms(cfg.losses, source)
-    glitter.check_config(cfg, source)
+    for method in METHOD_REGISTRY.values():
+        method.check_config(cfg, source)
 
 
 def load_experiment(path, overrides=()) -> ExperimentConfig:

@@ -11,6 +11,8 @@ Hooks and when they are called (every one is optional):
 
 ========================  ============================================================
 ``enabled(cfg, role)``    class method: is the method switched on by this config?
+``check_config(cfg, src)`` class method, at load, for every registered method: refuse keys
+                          that only work together (DskdError naming them)
 ``add_data(prep)``        preparing a job, after the data is loaded and before the
                           teacher cache is checked: add data to ``prep.extras`` (and
                           its content hash to ``prep.fingerprints``)
@@ -60,6 +62,10 @@ class Method:
     @classmethod
     def enabled(cls, cfg, role: str) -> bool:
         return False
+
+    @classmethod
+    def check_config(cls, cfg, source: str) -> None:
+        """At load, enabled or not: refuse a config whose keys this method needs together."""
 
     def add_data(self, prep) -> None:
         pass

@@ -160,14 +160,14 @@ class GlitterPool(Method):
         prep.extras["candidates"] = open_candidates(self.cfg, prep.task, prep.tokenizer, prep.fingerprints)
         prep.cache_splits.append(SPLIT)
 
-
-def check_config(cfg, source: str) -> None:
-    """`data.augment` (the candidate pool) and the terms that read it go together."""
-    readers = [name for name, spec in cfg.losses.items()
-               if getattr(LOSS_REGISTRY[term_type(name, spec)], "augments", False)]
-    if cfg.data.augment is None and readers:
-        raise DskdError(f"{source}: `losses.{readers[0]}` distils on augmented candidates; set `data.augment` to a "
-                        "pool written by `dskd augment --config C --output DIR`")
-    if cfg.data.augment is not None and not readers:
-        raise DskdError(f"{source}: `data.augment` is set but no loss term reads augmented candidates; add `glitter` "
-                        "to `losses` or drop `data.augment`")
+    @classmethod
+    def check_config(cls, cfg, source: str) -> None:
+        """`data.augment` (the candidate pool) and the terms that read it go together."""
+        readers = [name for name, spec in cfg.losses.items()
+                   if getattr(LOSS_REGISTRY[term_type(name, spec)], "augments", False)]
+        if cfg.data.augment is None and readers:
+            raise DskdError(f"{source}: `losses.{readers[0]}` distils on augmented candidates; set `data.augment` "
+                            "to a pool written by `dskd augment --config C --output DIR`")
+        if cfg.data.augment is not None and not readers:
+            raise DskdError(f"{source}: `data.augment` is set but no loss term reads augmented candidates; add "
+                            "`glitter` to `losses` or drop `data.augment`")

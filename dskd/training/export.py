@@ -2,9 +2,9 @@
 
 The checkpoint holds the engine's whole module (``model.*`` plus loss-term parameters
 such as projections) in whatever ZeRO layout trained it. Export consolidates it to
-fp32 (or takes the weights a method exports instead, e.g. a weight average the checkpoint holds), keeps only the trained model, and
-writes it with its tokenizer so that
-the task's Auto class (``AutoModelForSequenceClassification`` for GLUE) loads it anywhere.
+fp32 (or takes the weights a method exports instead, e.g. a weight average the checkpoint
+holds), keeps only the trained model, and writes it with its tokenizer so that the task's
+Auto class (``AutoModelForSequenceClassification`` for GLUE) loads it anywhere.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     weights = {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
     config = transformers.AutoConfig.from_pretrained(run_dir / MODEL_CONFIG_DIR)
-    task = data.get_task(info.get("task") or "sst2")  # runs before `task` was recorded were all GLUE
-    model = getattr(transformers, task.model_class).from_config(config)
+    # A run.json without `task` predates it; every run then was GLUE classification or regression.
+    model_class = data.get_task(info["task"]).model_class if info.get("task") else data.TaskSpec.model_class
+    model = getattr(transformers, model_class).from_config(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     buffers = {name for name, _ in model.named_buffers()}
     missing = [k for k in missing if k not in buffers]
