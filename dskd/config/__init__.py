@@ -12,13 +12,13 @@ neither network nor extra files.
 
 from dskd.config.loading import apply_override, build_dataclass, dump_config, load_config, to_dict
 from dskd.config.schema import (
-    PACKAGE_RESOURCES, PROJECT_ROOT, ArchConfig, DataConfig, ExperimentConfig, KroneckerConfig, LabelNoiseConfig,
+    PACKAGE_RESOURCES, PROJECT_ROOT, ArchConfig, CorpusConfig, DataConfig, ExperimentConfig, KroneckerConfig, LabelNoiseConfig,
     PlateauConfig, StageConfig, StudentConfig, SwaConfig, TeacherConfig, TrainingConfig, resolve_path,
 )
 from dskd.config.validation import validate
 
 __all__ = [
-    "PACKAGE_RESOURCES", "PROJECT_ROOT", "ArchConfig", "DataConfig", "ExperimentConfig", "KroneckerConfig",
+    "PACKAGE_RESOURCES", "PROJECT_ROOT", "ArchConfig", "CorpusConfig", "DataConfig", "ExperimentConfig", "KroneckerConfig",
     "LabelNoiseConfig", "PlateauConfig", "StageConfig", "StudentConfig", "SwaConfig", "TeacherConfig",
     "TrainingConfig", "apply_override", "build_dataclass", "dump_config", "load_config", "resolve_path", "to_dict",
     "validate",

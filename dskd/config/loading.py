@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Union
 import yaml
 
 from dskd.config.schema import ExperimentConfig
-from dskd.config.validation import validate
+from dskd.config.validation import check_job_kind, validate
 from dskd.errors import DskdError
 
 
@@ -185,6 +185,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if overrides:
         source = f"{source} (with --set)"
     cfg = build_dataclass(ExperimentConfig, raw, source)
+    check_job_kind(raw, source)
     validate(cfg, source)
     for check in checks:
         check(cfg, source)

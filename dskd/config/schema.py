@@ -62,6 +62,24 @@ class LabelNoiseConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """Raw text for task-agnostic distillation (docs/general.md): packed into blocks of
+    `data.max_length` tokens; a corpus job has no labels and no GLUE task."""
+
+    # .txt (a text unit per line), .jsonl or .parquet files, or folders of them (searched
+    # recursively, in sorted order); pkg:// and pypkg:// paths work as elsewhere.
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"  # the field of .jsonl/.parquet records that holds the text
+    # Read the files as a stream: for corpora larger than memory. The blocks are the same.
+    streaming: bool = False
+    held_out: float = 0.01  # share of the blocks (the corpus's tail) evaluated on, never trained on
+    max_blocks: Optional[int] = None  # keep the first N training blocks (a deterministic subsample)
+    # Masked-LM terms (mlm_ce, mlm_kd): share of tokens masked, dynamically (a new mask each
+    # epoch, seeded by seed, epoch and block), 80% [MASK] / 10% random / 10% kept.
+    mask_probability: float = 0.15
+
+
+@dataclass
 class DataConfig:
     task: str = "sst2"
     # A GLUE-format folder (the GLUE root or the task folder), pkg://... for the
@@ -78,6 +96,9 @@ class DataConfig:
     # Glitter: a candidate pool written by `dskd augment` (augmented copies of the training
     # examples); read by the `glitter` loss term and by `dskd cache-teacher` (split `augment`).
     augment: Optional[str] = None
+    # A corpus for task-agnostic distillation (null: the GLUE task above). With it, the GLUE
+    # keys (task, path, train_limit, dev_limit, holdout, label_noise, augment) must be unset.
+    corpus: Optional[CorpusConfig] = None
 
 
 @dataclass
@@ -126,6 +147,10 @@ class StudentConfig:
     arch: Optional[ArchConfig] = None
     # KroneckerBERT: factor the student's linear maps as Kronecker products (null: dense).
     kronecker: Optional[KroneckerConfig] = None
+    # Start from this model folder or dskd run (e.g. a general student exported after a corpus
+    # job): its weights, depth and width; a task head is added, seeded. Replaces
+    # init_from_teacher and arch, which must then be left unset.
+    init: Optional[str] = None
 
 
 @dataclass

@@ -23,14 +23,17 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("`student.init_from_teacher` copies teacher layers into the student, which needs `teacher.path` "
              "even with `teacher.cache` (only the copied tensors are read); set it, or build the student "
              "from `student.arch`")
-    if not student.init_from_teacher and student.arch is None:
+    if student.init is not None:
+        _validate_student_init(student, fail)
+    elif not student.init_from_teacher and student.arch is None:
         fail("`student.arch` is required when `student.init_from_teacher` is false")
-    if student.init_from_teacher and student.arch is not None:
+    if student.init is None and student.init_from_teacher and student.arch is not None:
         fail(
             "`student.arch` cannot be combined with `student.init_from_teacher: true`: a student initialised "
             "from teacher layers has the teacher's width; set `student.layers` or `student.teacher_layers`"
         )
-    if student.init_from_teacher and student.layers is None and student.teacher_layers is None:
+    if student.init is None and student.init_from_teacher and student.layers is None \
+            and student.teacher_layers is None:
         fail("set `student.layers` (copied as every k-th teacher layer) or `student.teacher_layers`")
     if student.teacher_layers is not None:
         if not student.teacher_layers:
@@ -67,6 +70,8 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                 fail(f"`{section}.swa.lr_high` must be positive, got {swa.lr_high}")
             if swa.lr == "cyclic" and not 0 <= swa.lr_low <= swa.lr_high:
                 fail(f"`{section}.swa.lr_low` must be in [0, lr_high={swa.lr_high}] for a cyclic LR, got {swa.lr_low}")
+    if cfg.data.corpus is not None:
+        _validate_corpus(cfg, fail)
     if not 0 <= cfg.data.holdout < 1:
         fail(f"`data.holdout` is the share of training examples held out; it must be in [0, 1), got {cfg.data.holdout}")
     noise = cfg.data.label_noise
@@ -126,6 +131,49 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     for section in ("training", "finetune"):
         if getattr(cfg, section).attention_images < 0:
             fail(f"`{section}.attention_images` must be 0 (off) or more, got {getattr(cfg, section).attention_images}")
+
+
+def _validate_student_init(student: StudentConfig, fail) -> None:
+    """`student.init` gives the student's weights and shape; keys that would give them too are refused."""
+    for name in ("arch", "layers", "teacher_layers"):
+        if getattr(student, name) is not None:
+            fail(f"`student.{name}` cannot be combined with `student.init` ({student.init}), which gives the "
+                 f"student's shape and weights; drop `student.{name}`")
+
+
+def _validate_corpus(cfg: ExperimentConfig, fail) -> None:
+    corpus = cfg.data.corpus
+    if not corpus.files:
+        fail("`data.corpus.files` is empty; list .txt, .jsonl or .parquet files or folders of them, "
+             "e.g. [../shared/data/corpus/wikitext-2]")
+    if not 0 <= corpus.held_out < 1:
+        fail(f"`data.corpus.held_out` is the share of blocks held out for evaluation; it must be in [0, 1), "
+             f"got {corpus.held_out}")
+    if corpus.held_out == 0:
+        fail("`data.corpus.held_out` is 0, but a corpus job is evaluated on its held-out blocks; "
+             "hold out a share, e.g. 0.01")
+    if not 0 < corpus.mask_probability < 1:
+        fail(f"`data.corpus.mask_probability` must be in (0, 1), got {corpus.mask_probability}")
+    if corpus.max_blocks is not None and corpus.max_blocks < 1:
+        fail(f"`data.corpus.max_blocks` must be at least 1 (or null), got {corpus.max_blocks}")
+    if cfg.teacher.cache is not None:
+        fail("`teacher.cache` serves GLUE jobs only: a corpus job's inputs are re-masked every epoch and its "
+             "terms read every token's states, which no cache holds (docs/general.md, 'Teacher cache'); drop it")
+
+
+GLUE_KEYS = ("task", "path", "train_limit", "dev_limit", "holdout", "label_noise", "augment")
+
+
+def check_job_kind(raw: dict, source: str) -> None:
+    """A corpus job (`data.corpus`) leaves the GLUE keys of `data` unset: set, they would say the
+    run reads a task it does not read. Checked on the YAML as written, before defaults fill in."""
+    section = raw.get("data")
+    if not isinstance(section, dict) or section.get("corpus") is None:
+        return
+    given = [key for key in GLUE_KEYS if key in section]
+    if given:
+        raise DskdError(f"{source}: `data.{given[0]}` is a key of GLUE jobs, but `data.corpus` makes this a corpus "
+                        f"job; drop {', '.join('`data.' + k + '`' for k in given)} (or drop `data.corpus`)")
 
 
 def _validate_kronecker(student: StudentConfig, fail) -> None:

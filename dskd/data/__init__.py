@@ -4,12 +4,13 @@ models, teachers or losses."""
 
 from dskd.data.batches import collate, epoch_batches, eval_loader, first_batches, loader, tokenize_split
 from dskd.data.glue import load_split, read_glue_tsv
-from dskd.data.loading import data_fingerprint, load_data, training_split
+from dskd.data.corpus import CorpusTask
+from dskd.data.loading import data_fingerprint, load_data, task_for, training_split
 from dskd.data.noise import apply_label_noise, label_noise, split_holdout
 from dskd.data.tasks import GLUE_TASKS, SPLITS, TaskSpec, get_task
 
 __all__ = [
-    "GLUE_TASKS", "SPLITS", "TaskSpec", "apply_label_noise", "collate", "data_fingerprint", "epoch_batches",
+    "GLUE_TASKS", "SPLITS", "CorpusTask", "TaskSpec", "apply_label_noise", "collate", "data_fingerprint", "epoch_batches",
     "eval_loader", "first_batches", "get_task", "label_noise", "load_data", "load_split", "loader",
-    "read_glue_tsv", "split_holdout", "tokenize_split", "training_split",
+    "read_glue_tsv", "split_holdout", "task_for", "tokenize_split", "training_split",
 ]

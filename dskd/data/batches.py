@@ -54,27 +54,29 @@ def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_si
     return batches[: len(batches) // grad_accum * grad_accum]
 
 
-def loader(dataset, batches: list[list[int]], tokenizer):
-    """A DataLoader over the given index batches, padded by :func:`collate`."""
+def loader(dataset, batches: list[list[int]], tokenizer, collate_fn=None):
+    """A DataLoader over the given index batches, padded by :func:`collate` (or made by
+    ``collate_fn``, a task's ``collator``)."""
     # Each DataLoader iterator draws a seed from the generator it is given, by default
     # the global torch RNG that dropout uses. A private generator keeps that stream
     # independent of where loaders are created, which an exact resume relies on.
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
-        collate_fn=lambda rows: collate(rows, tokenizer),
+        collate_fn=collate_fn or (lambda rows: collate(rows, tokenizer)),
         generator=torch.Generator(),
     )
 
 
-def eval_loader(dataset, tokenizer, batch_size: int, rank: int = 0, world: int = 1):
+def eval_loader(dataset, tokenizer, batch_size: int, rank: int = 0, world: int = 1, collate_fn=None):
     """This rank's share of ``dataset`` (every ``world``-th example), in order."""
     shard = list(range(rank, len(dataset), world))
-    return loader(dataset, [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)], tokenizer)
+    return loader(dataset, [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)], tokenizer,
+                  collate_fn)
 
 
-def first_batches(dataset, batch_size: int, count: int, tokenizer, device) -> list[dict]:
+def first_batches(dataset, batch_size: int, count: int, tokenizer, device, collate_fn=None) -> list[dict]:
     """The first ``count`` batches of ``dataset``, in order: fixed held-out batches."""
     n = min(count * batch_size, len(dataset))
     index = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    return [{k: v.to(device) for k, v in b.items()} for b in loader(dataset, index, tokenizer)]
+    return [{k: v.to(device) for k, v in b.items()} for b in loader(dataset, index, tokenizer, collate_fn)]

@@ -1,4 +1,4 @@
-"""Raw-text corpora for task-agnostic distillation (issue 18, the data part; not yet a job kind).
+"""Raw-text corpora for task-agnostic distillation: the data of a corpus job (``data.corpus``).
 
 A corpus is one or more local files or folders of ``.txt`` (one text unit per line; blank
 lines and WikiText's ``= Heading =`` lines are kept as text, empty lines dropped), ``.jsonl``
@@ -13,14 +13,21 @@ Blocks carry ``idx`` (their position in the corpus), so the seeded batch order o
 ``data.epoch_batches`` and an exact resume apply to them as to a GLUE split. The held-out
 slice is the corpus's last ``held_out`` share of blocks: a contiguous tail, so no held-out
 block shares text with a training block.
+
+:class:`CorpusTask` is the task interface (that of ``data.TaskSpec``) of a corpus job: no labels,
+no per-example prediction; masked-LM terms get inputs masked per block, seeded by (seed, epoch,
+block), so a resumed run, and a run on another number of ranks, sees the same masks.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 
 from dskd.config import resolve_path
 from dskd.errors import DskdError
@@ -137,3 +144,107 @@ def split_held_out(blocks: datasets.Dataset, share: float, key: str = "data.corp
         raise DskdError(f"`{key}`: holding out {count} of {n} blocks leaves none to train on; lower the held-out "
                         "share or give more text")
     return blocks.select(range(n - count)), blocks.select(range(n - count, n)) if count else None
+
+
+@dataclass(frozen=True)
+class CorpusTask:
+    """A corpus job seen through the task interface of ``data.TaskSpec``. ``mlm``: masked-LM
+    terms are configured, so the models carry an MLM head and training inputs are masked."""
+
+    mlm: bool
+    mask_probability: float = 0.15
+    seed: int = 0
+
+    name = "corpus"
+    num_labels = 0
+    is_regression = False
+    prediction = None  # nothing per example is scored: evaluation is the held-out losses
+
+    @property
+    def main_metric(self) -> str:
+        """Higher is better: masked-LM accuracy, or the negated held-out distillation loss."""
+        return "mlm_accuracy" if self.mlm else "neg_loss"
+
+    @property
+    def model_class(self) -> str:
+        return "AutoModelForMaskedLM" if self.mlm else "AutoModel"
+
+    def collator(self, tokenizer, epoch: int):
+        """Rows -> a batch; with ``mlm``, masked for ``epoch`` (held-out blocks: epoch -1, fixed)."""
+        from dskd.data.batches import collate
+
+        if not self.mlm:
+            return lambda rows: collate(rows, tokenizer)
+        masker = BlockMasker(tokenizer, self.mask_probability, self.seed)
+        return lambda rows: masker(collate(rows, tokenizer), epoch)
+
+
+class BlockMasker:
+    """Dynamic masking with transformers' ``DataCollatorForLanguageModeling`` (80% [MASK], 10% a
+    random token, 10% kept; special tokens never), one generator per block seeded by (seed,
+    epoch, block idx): the mask of a block does not depend on its batch, rank or a resume."""
+
+    def __init__(self, tokenizer, probability: float, seed: int):
+        from transformers import DataCollatorForLanguageModeling
+
+        if tokenizer.mask_token_id is None:
+            raise DskdError("masked-LM terms need a tokenizer with a mask token ([MASK] or <mask>); this one has none")
+        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability)
+        self.special = torch.tensor(sorted(tokenizer.all_special_ids))
+        self.seed = seed
+
+    def block_seed(self, epoch: int, idx: int) -> int:
+        key = f"{self.seed}/{epoch}/{idx}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+    def __call__(self, batch: dict, epoch: int) -> dict:
+        ids = batch["input_ids"]
+        special = torch.isin(ids, self.special) | (batch["attention_mask"] == 0)
+        inputs, labels = [], []
+        for row, skip, idx in zip(ids, special, batch["idx"].tolist(), strict=True):
+            self.collator.generator = torch.Generator().manual_seed(self.block_seed(epoch, idx))
+            masked, target = self.collator.torch_mask_tokens(row[None].clone(), skip[None])
+            inputs.append(masked)
+            labels.append(target)
+        return dict(batch, input_ids=torch.cat(inputs), labels=torch.cat(labels))
+
+
+def corpus_fingerprint(files: list[Path], tokenizer_name: str, max_length: int) -> str:
+    """What names a corpus's blocks: its files (path, size, modification time), tokenizer and block length."""
+    digest = hashlib.sha256(f"{tokenizer_name}/{max_length}".encode())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}/{stat.st_size}/{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _materialise(blocks):
+    """A streamed corpus's blocks as a memory-mapped ``datasets`` table: random access for the
+    seeded batch order and an exact resume, without ever holding the raw text."""
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "attention_mask": datasets.Sequence(datasets.Value("int8")),
+                                  "idx": datasets.Value("int64")})
+    return datasets.Dataset.from_generator(_rows, gen_kwargs={"blocks": blocks}, features=features)
+
+
+def _rows(blocks):
+    yield from blocks
+
+
+def load_corpus(corpus_cfg, tokenizer, max_length: int, fingerprints: dict | None = None):
+    """(training blocks, held-out blocks) of ``data.corpus``. ``fingerprints``, when given, gets
+    the number of blocks and the corpus's identity."""
+    files = corpus_files(corpus_cfg.files, "data.corpus.files")
+    text = read_corpus(corpus_cfg.files, corpus_cfg.text_field, corpus_cfg.streaming, "data.corpus.files")
+    blocks = pack_corpus(text, tokenizer, max_length)
+    if corpus_cfg.streaming:
+        blocks = _materialise(blocks)
+    train, held_out = split_held_out(blocks, corpus_cfg.held_out, "data.corpus.files")
+    if corpus_cfg.max_blocks is not None and corpus_cfg.max_blocks < len(train):
+        train = train.select(range(corpus_cfg.max_blocks))
+    if fingerprints is not None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        identity = corpus_fingerprint(files, name, max_length)
+        fingerprints["train"] = {"examples": len(train), "hash": identity}
+        fingerprints["dev"] = {"examples": len(held_out), "hash": identity}
+    return train, held_out

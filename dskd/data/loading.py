@@ -8,8 +8,10 @@ import hashlib
 import json
 
 from dskd.data.batches import tokenize_split
+from dskd.data.corpus import CorpusTask, load_corpus
 from dskd.data.glue import load_split
 from dskd.data.noise import apply_label_noise, split_holdout
+from dskd.data.tasks import get_task
 from dskd.runtime import dist
 
 
@@ -22,19 +24,35 @@ def data_fingerprint(raw) -> str:
     return digest.hexdigest()[:16]
 
 
+def task_for(cfg, mlm: bool = False):
+    """The job's task: the GLUE task ``data.task``, or a corpus job's (``data.corpus``); ``mlm``:
+    its loss terms need masked inputs (``dskd.losses.uses_mlm``)."""
+    if cfg.data.corpus is None:
+        return get_task(cfg.data.task)
+    return CorpusTask(mlm, cfg.data.corpus.mask_probability, cfg.seed)
+
+
 def load_data(cfg, task, tokenizer, fingerprints: dict | None = None):
-    """The tokenised train and dev splits. ``fingerprints``, when given, receives each raw
-    split's size and content hash."""
+    """The tokenised train and dev splits (a corpus job: training and held-out blocks).
+    ``fingerprints``, when given, receives each raw split's size and content hash."""
     splits = {}
     for order in (0, 1):
         if (dist.rank() == 0) == (order == 0):
-            for split, limit in (("train", cfg.data.train_limit), ("dev", cfg.data.dev_limit)):
-                raw = load_split(task, cfg.data.path, split, limit)
-                if fingerprints is not None:
-                    fingerprints[split] = {"examples": len(raw), "hash": data_fingerprint(raw)}
-                splits[split] = tokenize_split(raw, tokenizer, cfg.data.max_length)
+            if cfg.data.corpus is not None:
+                splits["train"], splits["dev"] = load_corpus(cfg.data.corpus, tokenizer, cfg.data.max_length,
+                                                             fingerprints)
+            else:
+                _load_glue(cfg, task, tokenizer, fingerprints, splits)
         dist.barrier()
     return splits["train"], splits["dev"]
+
+
+def _load_glue(cfg, task, tokenizer, fingerprints, splits) -> None:
+    for split, limit in (("train", cfg.data.train_limit), ("dev", cfg.data.dev_limit)):
+        raw = load_split(task, cfg.data.path, split, limit)
+        if fingerprints is not None:
+            fingerprints[split] = {"examples": len(raw), "hash": data_fingerprint(raw)}
+        splits[split] = tokenize_split(raw, tokenizer, cfg.data.max_length)
 
 
 def training_split(cfg, task, train_set):

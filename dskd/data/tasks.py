@@ -17,8 +17,9 @@ class TaskSpec:
     The training loop, evaluation and export see a task through a small interface, so that
     another kind of job (a corpus for masked-LM distillation) can be a second task class:
     ``name``, ``main_metric`` (higher is better), ``num_labels``, ``prediction`` (the model
-    output that is scored), ``score(predictions, labels)`` and ``model_class`` (the
-    transformers Auto class its trained model loads with)."""
+    output that is scored; None for ``data.corpus.CorpusTask``, which is evaluated by its
+    held-out losses), ``score(predictions, labels)``, ``collator(tokenizer, epoch)`` and
+    ``model_class`` (the transformers Auto class its trained model loads with)."""
 
     prediction = "logits"
     model_class = "AutoModelForSequenceClassification"
@@ -62,6 +63,13 @@ class TaskSpec:
         from dskd.data.metrics import compute_metrics
 
         return compute_metrics(self, predictions, labels)
+
+    def collator(self, tokenizer, epoch: int):
+        """Rows of a split -> a padded batch (``epoch`` matters only to tasks that re-mask)."""
+        from dskd.data.batches import collate
+
+        del epoch
+        return lambda rows: collate(rows, tokenizer)
 
     def split_file(self, split: str) -> str:
         if split not in SPLITS:

@@ -12,8 +12,9 @@ from dskd.losses.base import (  # noqa: F401
     register_loss, term_type, validate_loss_terms,
 )
 from dskd.losses.layers import (  # noqa: F401
-    AttentionKL, ClsCosine, MiniLM, PatientKD, TinyBertAttention, TinyBertHidden, attention_kl, attention_scores,
+    AttentionKL, ClsCosine, HiddenCosine, MiniLM, PatientKD, TinyBertAttention, TinyBertHidden, attention_kl, attention_scores,
     head_groups,
 )
 from dskd.losses.logits import AnnealingKD, ContinuationKD, HardLabelLoss, SoftCrossEntropy, SoftLabelKD  # noqa: F401
+from dskd.losses.mlm import MaskedLMKD, MaskedLMLoss, uses_mlm  # noqa: F401
 from dskd.losses.needs import layerwise_losses, mapped_pairs, spec_for  # noqa: F401

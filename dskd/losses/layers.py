@@ -297,3 +297,43 @@ class MiniLM(AttentionKL):
             values.append(attention + attention_kl((vs, vs), (vt, vt), mask, self.groups, self.kernel))
         return values
 
+
+
+@register_loss("hidden_cosine")
+class HiddenCosine(LayerwiseTerm):
+    """DistilBERT's cosine-embedding loss: ``1 - cos(h_s, h_t)`` for every real token's states
+    after a mapped student layer and its teacher layer, averaged over real tokens. ``layers:
+    top`` (default, as DistilBERT) compares the top mapped layer only; ``all`` every mapped pair.
+    A trainable Linear(d_s -> d_t) per compared layer when the widths differ (trained and
+    checkpointed with the student)."""
+
+    needs = frozenset({"hidden"})
+
+    def __init__(self, layers: str = "top", kernel: str = "fused"):
+        super().__init__()
+        if layers not in ("top", "all"):
+            raise ValueError(f"layers must be 'top' or 'all', got {layers!r}")
+        self.layers, self.kernel = layers, _check_kernel(kernel)
+        self.projections = nn.ModuleDict()
+        self.top = None
+
+    def bind(self, geometry: LayerGeometry, key: str) -> None:
+        self.top = max(s for s, _ in geometry.pairs)
+        if geometry.student_hidden != geometry.teacher_hidden:
+            for s, _ in geometry.pairs:
+                if self.compares((s, 0)):
+                    self.projections[f"L{s}"] = nn.Linear(geometry.student_hidden, geometry.teacher_hidden)
+
+    def compares(self, pair: tuple[int, int]) -> bool:
+        return self.layers == "all" or pair[0] == self.top
+
+    def pair_losses(self, student: dict, teacher: dict, mask: torch.Tensor) -> list[torch.Tensor]:
+        weights = mask.reshape(-1).float()
+        values = []
+        for (s, _), hs, ht in zip(student["pairs"], student["hidden"], teacher["hidden"], strict=True):
+            if f"L{s}" in self.projections:
+                hs = self.projections[f"L{s}"](hs)  # as a module, so ZeRO-3 gathers it
+            rows = (hidden_rows if self.kernel == "fused" else reference.hidden_rows)(
+                hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]), "cosine")
+            values.append((rows.float() * weights).sum() / weights.sum().clamp_min(1.0))
+        return values

@@ -138,7 +138,8 @@ STATES = POOLED + ("hidden", "embeddings", "cls_all")  # needs read from ``hidde
 
 def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], capture: QKCapture | None,
                         layers: list[int]) -> dict:
-    """One forward of ``model`` returning ``logits`` and, for the 1-based ``layers``, what
+    """One forward of ``model`` returning ``logits`` (when in ``needs``; ``last_hidden``, the
+    encoder's output states, when asked) and, for the 1-based ``layers``, what
     ``needs`` asks for: ``cls`` (first-token vectors), ``mean`` (masked mean over tokens),
     ``hidden`` (every token's states [B, S, d] after each layer), ``attention_qk`` (via
     ``capture``) and ``attention_v`` (the value projections [B, heads, S, head_dim], via
@@ -155,12 +156,17 @@ def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], c
         if want_v:
             capture.hook_values()
         capture.active = set(layers)
+    # Without `logits` (corpus jobs) only the encoder runs: a masked-LM head would otherwise
+    # project every token onto the vocabulary; the masked-LM terms apply it to masked tokens only.
+    runner = model if "logits" in needs else getattr(model, model.base_model_prefix, model)
     try:
-        out = model(**inputs, output_hidden_states=bool(layers) and bool(needs & set(STATES)))
+        out = runner(**inputs, output_hidden_states=bool(layers) and bool(needs & set(STATES)))
     finally:
         if capture is not None:
             capture.active = set()
-    result = {"logits": out["logits"]}
+    result = {"logits": out["logits"]} if "logits" in needs else {}
+    if "last_hidden" in needs:
+        result["last_hidden"] = out["last_hidden_state"]
     if layers and "cls" in needs:
         result["cls"] = cls_vectors(out["hidden_states"], layers)
     if layers and "mean" in needs:

@@ -84,14 +84,19 @@ def arch_config(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id
     )
 
 
-def build_from_arch(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id: int, seed: int, key: str):
-    """A randomly initialised sequence classifier of the given shape (deterministic in ``seed``)."""
-    from transformers import AutoModelForSequenceClassification
+SEQUENCE_CLASSIFIER = "AutoModelForSequenceClassification"  # GLUE's model class (``TaskSpec.model_class``)
+
+
+def build_from_arch(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id: int, seed: int, key: str,
+                    model_class: str = SEQUENCE_CLASSIFIER):
+    """A randomly initialised model of the given shape and transformers Auto class (a sequence
+    classifier unless told otherwise), deterministic in ``seed``."""
+    import transformers
 
     config = arch_config(arch, vocab_size, num_labels, pad_token_id, key)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForSequenceClassification.from_config(config)
+        return getattr(transformers, model_class).from_config(config)
 
 
 def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
@@ -115,28 +120,39 @@ def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
     return config
 
 
-def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "teacher.path"):
-    """Load a sequence classifier; for distillation its head must already match the task."""
-    from transformers import AutoModelForSequenceClassification
+def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "teacher.path",
+                    model_class: str = SEQUENCE_CLASSIFIER, needed_by: str | None = None):
+    """Load a model with the task's Auto class. A sequence classifier's head must already match
+    the task unless ``for_finetune``; a masked-LM head must be in the weights when ``needed_by``
+    (the loss term that reads it) is given."""
+    import transformers
 
     register_model_types()
 
     source = resolve_model_path(path)
-    if not for_finetune:
+    if model_class == SEQUENCE_CLASSIFIER and not for_finetune:
         pretrained_config(path, num_labels, key)
     elif _looks_local(source) and not Path(source).exists():
         raise DskdError(f"`{key}` points to {source}, which does not exist; give a model folder, hub name or dskd run")
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": for_finetune} \
+        if model_class == SEQUENCE_CLASSIFIER else {}
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, ignore_mismatched_sizes=for_finetune, output_loading_info=True
-        )
+        model, info = getattr(transformers, model_class).from_pretrained(source, output_loading_info=True, **kwargs)
     except Exception as exc:
         raise DskdError(f"`{key}`: could not load a model from {source}: {exc}") from None
-    fresh = [k for k in info.get("missing_keys", []) if "classifier" in k or "score" in k]
-    if not for_finetune and fresh:
+    missing = info.get("missing_keys", [])
+    fresh = [k for k in missing if "classifier" in k or "score" in k]
+    if model_class == SEQUENCE_CLASSIFIER and not for_finetune and fresh:
         raise DskdError(
             f"`{key}` ({source}) has no trained classification head ({', '.join(sorted(fresh))} newly "
             "initialised); fine-tune it first with `dskd finetune`"
+        )
+    fresh = [k for k in missing if k.startswith(("cls.", "lm_head."))]
+    if needed_by is not None and fresh:
+        raise DskdError(
+            f"`{needed_by}` distils the teacher's masked-LM distribution, but `{key}` ({source}) has no masked-LM "
+            f"head ({', '.join(sorted(fresh)[:3])} not in its weights); drop `{needed_by}` and distil with the "
+            "representation terms (hidden_cosine, attention_kl, minilm, ...), or use a teacher with a head"
         )
     return model
 
@@ -170,3 +186,22 @@ def register_model_types() -> None:
     """Register dskd's own model classes (KroneckerBERT) with transformers' Auto classes, so
     that a folder whose config names them loads like any other."""
     import dskd.models.kronecker  # noqa: F401  (registers on import)
+
+
+def mlm_head(model: nn.Module, who: str):
+    """(transform, decoder weight, decoder bias) of a masked-LM head: the dense + GELU + LayerNorm
+    applied before the vocabulary projection, and that projection (tied to the word embeddings),
+    which the masked-LM terms apply themselves, chunked and at masked positions only."""
+    predictions = getattr(getattr(model, "cls", None), "predictions", None)
+    if predictions is not None and hasattr(predictions, "transform"):  # BERT
+        transform = predictions.transform
+    elif all(hasattr(getattr(model, "lm_head", None), name) for name in ("dense", "layer_norm")):  # RoBERTa
+        head = model.lm_head
+
+        def transform(x):
+            return head.layer_norm(nn.functional.gelu(head.dense(x)))
+    else:
+        raise DskdError(f"the {who} ({type(model).__name__}) has no BERT- or RoBERTa-style masked-LM head "
+                        "(cls.predictions or lm_head)")
+    decoder = model.get_output_embeddings()
+    return transform, decoder.weight, decoder.bias

@@ -8,13 +8,14 @@ import math
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from dskd.config import StudentConfig
 from dskd.errors import DskdError
-
-
-from dskd.models.loading import build_from_arch, pretrained_config, resolve_model_path
+from dskd.models.loading import (
+    SEQUENCE_CLASSIFIER, build_from_arch, load_pretrained, pretrained_config, resolve_model_path,
+)
 
 
 def every_kth_layer(teacher_layers: int, student_layers: int) -> list[int]:
@@ -75,7 +76,9 @@ def student_layer_plan(cfg: StudentConfig, n_teacher: int) -> tuple[list[int], i
 
 def _student_keys(student: nn.Module, teacher_keys, layers: list[int]) -> dict[str, str]:
     """Student state-dict key -> the teacher key it is copied from."""
-    prefix = f"{student.base_model_prefix}.encoder.layer."
+    # A bare encoder (AutoModel) has no `<base>.` in its keys; a model with a head has.
+    base = f"{student.base_model_prefix}." if hasattr(student, student.base_model_prefix) else ""
+    prefix = f"{base}encoder.layer."
     if not any(k.startswith(prefix) for k in teacher_keys):
         raise DskdError(
             f"cannot copy teacher layers: the teacher has no `{prefix}N` blocks; "
@@ -93,11 +96,15 @@ def _student_keys(student: nn.Module, teacher_keys, layers: list[int]) -> dict[s
     return mapping
 
 
-def _shallow_copy_of(config, layers: list[int]) -> nn.Module:
+def _shallow_copy_of(config, layers: list[int], model_class: type | None = None) -> nn.Module:
+    """A model of ``config`` with ``len(layers)`` layers: of ``model_class`` (the teacher's own
+    class), else a sequence classifier."""
     from transformers import AutoModelForSequenceClassification
 
     config = copy.deepcopy(config)
     config.num_hidden_layers = len(layers)
+    if model_class is not None:
+        return model_class(config)
     return AutoModelForSequenceClassification.from_config(config)
 
 
@@ -112,7 +119,7 @@ def _load_student_state(student: nn.Module, state: dict) -> nn.Module:
 def student_from_teacher(teacher: nn.Module, cfg: StudentConfig) -> tuple[nn.Module, list[int]]:
     """Copy embeddings, the chosen encoder layers and the head of ``teacher`` into a shallower model."""
     layers = copied_layers(cfg, teacher.config.num_hidden_layers)
-    student = _shallow_copy_of(teacher.config, layers)
+    student = _shallow_copy_of(teacher.config, layers, type(teacher))
     source = teacher.state_dict()
     mapping = _student_keys(student, source.keys(), layers)
     return _load_student_state(student, {k: source[t] for k, t in mapping.items()}), layers
@@ -163,11 +170,25 @@ def student_from_teacher_files(path: str, cfg: StudentConfig, num_labels: int):
     return _load_student_state(student, state), layers
 
 
-def build_student(cfg: StudentConfig, teacher: nn.Module, num_labels: int, pad_token_id: int, seed: int):
-    """The student and the teacher layers it was initialised from (empty when built from config)."""
+def build_student(cfg: StudentConfig, teacher: nn.Module, num_labels: int, pad_token_id: int, seed: int,
+                  model_class: str = SEQUENCE_CLASSIFIER):
+    """The student and the teacher layers it was initialised from (empty when built from config
+    or started from ``student.init``)."""
+    if cfg.init is not None:
+        return student_from_folder(cfg.init, num_labels, seed, model_class), []
     if cfg.init_from_teacher:
         student, layers = student_from_teacher(teacher, cfg)
     else:
         vocab = teacher.config.vocab_size
-        student, layers = build_from_arch(cfg.arch, vocab, num_labels, pad_token_id, seed + 1, "student.arch"), []
+        student, layers = build_from_arch(cfg.arch, vocab, num_labels, pad_token_id, seed + 1, "student.arch",
+                                          model_class), []
     return student, layers
+
+
+def student_from_folder(path: str, num_labels: int, seed: int, model_class: str = SEQUENCE_CLASSIFIER) -> nn.Module:
+    """``student.init``: a model folder or dskd run (e.g. a general student exported after a corpus
+    job) with the job's head; a head the folder lacks is initialised from ``seed``, so the
+    task stage of a two-stage pipeline is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return load_pretrained(path, num_labels, for_finetune=True, key="student.init", model_class=model_class).float()

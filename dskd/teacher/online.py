@@ -41,12 +41,14 @@ class TeacherSide:
         return models.teacher_outputs(self.model, batch, needs, self.capture, [t for _, t in pairs])
 
 
-def load_teacher(cfg, task, tokenizer, for_finetune: bool = False) -> nn.Module:
-    """The configured teacher: loaded from `teacher.path`, or built from `teacher.arch`."""
+def load_teacher(cfg, task, tokenizer, for_finetune: bool = False, head_needed_by: str | None = None) -> nn.Module:
+    """The configured teacher, of the task's model class: loaded from `teacher.path`, or built from
+    `teacher.arch`. ``head_needed_by``: the loss term that reads its masked-LM head (corpus jobs)."""
     if cfg.teacher.path is not None:
-        return models.load_pretrained(cfg.teacher.path, task.num_labels, for_finetune=for_finetune)
+        return models.load_pretrained(cfg.teacher.path, task.num_labels, for_finetune=for_finetune,
+                                      model_class=task.model_class, needed_by=head_needed_by)
     return models.build_from_arch(cfg.teacher.arch, len(tokenizer), task.num_labels, tokenizer.pad_token_id,
-                                  cfg.seed, "teacher.arch")
+                                  cfg.seed, "teacher.arch", task.model_class)
 
 
 def cache_tokenizer(cfg, store):

@@ -38,6 +38,58 @@ def evaluate(forward, dataset, task, tokenizer, batch_size: int, device) -> dict
     return task.score(torch.cat([p[1] for p in parts])[order].numpy(), torch.cat([p[2] for p in parts])[order].numpy())
 
 
+def evaluate_student(engine, job, batch_size: int) -> dict[str, float]:
+    """The student's dev metrics: the task's score of its predictions, or, for a corpus job
+    (no prediction), its held-out losses (:func:`held_out_terms`)."""
+    task = job.task
+    if task.prediction is not None:
+        return evaluate(lambda b: engine(b)[task.prediction], job.dev_set, task, job.tokenizer, batch_size,
+                        job.device)
+    return held_out_terms(engine, job, batch_size)
+
+
+def held_out_terms(engine, job, batch_size: int) -> dict[str, float]:
+    """Every loss term on the held-out blocks (fixed masks), each rank its share: ``loss/<term>``,
+    the weighted total ``loss`` (configured weights; a term only on in stages counts 1) and
+    ``neg_loss``; masked-LM terms add ``mlm_accuracy`` and ``mlm_ce`` over the masked tokens."""
+    weights = {name: float(spec["weight"]) or 1.0 for name, spec in job.losses.items()}
+    collate_fn = job.task.collator(job.tokenizer, -1)
+    sums: dict[str, float] = {}
+    count = 0.0
+    with torch.no_grad():
+        for batch in data.eval_loader(job.dev_set, job.tokenizer, batch_size, dist.rank(), dist.world_size(),
+                                      collate_fn):
+            batch = {k: v.to(job.device) for k, v in batch.items()}
+            _, values = losses_on(engine, job.teacher, batch, dict.fromkeys(weights, 1.0), job.pairs, "dev")
+            rows = float(len(batch["input_ids"]))
+            count += rows
+            for key, value in values.items():
+                if "/L" in key:  # per-layer parts: logged in training, not needed here
+                    continue
+                masked = f"{key.split('/')[0]}/masked"
+                weight = float(values[masked]) if key.endswith(("/accuracy", "/ce")) and masked in values else rows
+                sums[key] = sums.get(key, 0.0) + float(value) * weight
+                sums[f"{key}#w"] = sums.get(f"{key}#w", 0.0) + weight
+    keys = sorted(k for k in sums if not k.endswith("#w"))
+    totals = _sum_over_ranks([sums[k] for k in keys] + [sums[f"{k}#w"] for k in keys] + [count])
+    means = {k: totals[i] / max(totals[len(keys) + i], 1e-12) for i, k in enumerate(keys)}
+    result = {f"loss/{k}": v for k, v in means.items() if "/" not in k}
+    result["loss"] = sum(weights[name] * means[name] for name in weights if name in means)
+    result["neg_loss"] = -result["loss"]
+    for name in weights:
+        if f"{name}/accuracy" in means:
+            result["mlm_accuracy"] = means[f"{name}/accuracy"]
+            result["mlm_ce"] = means[f"{name}/ce"]
+    return result
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=dist.device())
+    if dist.world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def format_metrics(values: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in values.items())
 

@@ -42,7 +42,8 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
 
     config = transformers.AutoConfig.from_pretrained(run_dir / MODEL_CONFIG_DIR)
     # A run.json without `task` predates it; every run then was GLUE classification or regression.
-    model_class = data.get_task(info["task"]).model_class if info.get("task") else data.TaskSpec.model_class
+    model_class = info.get("model_class") or (
+        data.get_task(info["task"]).model_class if info.get("task") else data.TaskSpec.model_class)
     model = getattr(transformers, model_class).from_config(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     buffers = {name for name, _ in model.named_buffers()}

@@ -17,7 +17,7 @@ from torch import nn
 from dskd import data, models
 from dskd.config import ExperimentConfig, TrainingConfig, resolve_path
 from dskd.errors import DskdError
-from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for
+from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for, term_type, uses_mlm
 from dskd.methods import Method, enabled_methods
 from dskd.models.capture import QKCapture
 from dskd.runtime import dist
@@ -73,7 +73,8 @@ class Job:
 
     @property
     def needs(self) -> frozenset[str]:
-        return frozenset({"logits"}).union(*(term.needs for term in self.terms.values()))
+        scored = frozenset({self.task.prediction} if self.task.prediction else ())  # a corpus job scores none
+        return scored.union(*(term.needs for term in self.terms.values()))
 
     @property
     def zero_stage(self) -> int:
@@ -99,8 +100,11 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     losses = {"hard_ce": {"weight": 1.0}} if role == "finetune" else cfg.losses
     ds_config, ds_file = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
     eng.check_precision_supported(ds_config, ds_file)
+    if role == "finetune" and cfg.data.corpus is not None:
+        raise DskdError("`dskd finetune` trains a teacher on a labelled task, but `data.corpus` makes this a corpus "
+                        "job; distil on the corpus with `dskd distill`, or fine-tune on a GLUE task (drop data.corpus)")
     resume_tag = check_output_dir(out, resume, overwrite, cfg, auto_resume)
-    task = data.get_task(cfg.data.task)
+    task = data.task_for(cfg, uses_mlm(losses))
     methods = enabled_methods(cfg, role)
     common = dict(cfg=cfg, role=role, out=out, training=training, losses=losses, ds_config=ds_config,
                   ds_file=ds_file, task=task, resume_tag=resume_tag, methods=methods)
@@ -111,12 +115,16 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
                         "`teacher.cache` only serves `dskd distill`")
     tokenizer = models.load_tokenizer(cfg.teacher)
     prep, train_set, dev_set = _load_data(cfg, role, task, tokenizer, methods)
-    teacher = load_teacher(cfg, task, tokenizer, for_finetune=role == "finetune")
+    head_needed_by = next((f"losses.{name}" for name, spec in losses.items() if term_type(name, spec) == "mlm_kd"), None)
+    teacher = load_teacher(cfg, task, tokenizer, for_finetune=role == "finetune", head_needed_by=head_needed_by)
+    check_positions(cfg.data.max_length, teacher.config, "teacher")
     if role == "finetune":
         job = Job(**common, tokenizer=tokenizer, train_set=train_set, dev_set=dev_set, model=teacher, teacher=None,
                   student_layers=[], terms=build_loss_terms(losses), extras=prep.extras, notes=prep.notes)
         return _finish(job)
-    student, layers = models.build_student(cfg.student, teacher, task.num_labels, tokenizer.pad_token_id, cfg.seed)
+    student, layers = models.build_student(cfg.student, teacher, task.num_labels, tokenizer.pad_token_id, cfg.seed,
+                                           task.model_class)
+    check_positions(cfg.data.max_length, student.config, "student")
     for method in methods:
         student = method.build_student(student, cfg)
     teacher = models.freeze(teacher, eng.run_dtype(ds_config), eng.device())
@@ -128,6 +136,18 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     if job.needs & CAPTURED:
         job.teacher.capture = QKCapture(teacher, [t for _, t in pairs], "teacher")
     return job
+
+
+def check_positions(max_length: int, config, who: str) -> None:
+    """`data.max_length` must fit the model's position embeddings (RoBERTa's start after padding)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (config.pad_token_id or 0) + 1
+    if max_length > positions:
+        raise DskdError(f"`data.max_length` is {max_length}, but the {who} has {positions} positions; "
+                        f"set data.max_length to at most {positions}")
 
 
 def _load_data(cfg, role, task, tokenizer, methods):

@@ -22,10 +22,10 @@ from dskd import data
 from dskd.config import to_dict
 from dskd.errors import DskdError
 from dskd.losses import AttentionKL
-from dskd.training import checkpoint
+from dskd.training import checkpoint, throughput
 from dskd.training import engine as eng
 from dskd.training.evaluation import (
-    attention_snapshot, evaluate, format_metrics, held_out_loss, keep_stage_best, mean_over_ranks, restore_stage_best,
+    attention_snapshot, evaluate, evaluate_student, format_metrics, held_out_loss, keep_stage_best, mean_over_ranks, restore_stage_best,
 )
 from dskd.training.job import Job
 from dskd.training.module import DistillationModule, train_step
@@ -67,8 +67,10 @@ class RunView:
         return self.stages[-1].end
 
     def evaluate_teacher(self) -> dict[str, float]:
-        """The current teacher's dev metrics (every rank takes part)."""
+        """The current teacher's dev metrics (every rank takes part); none for a corpus job."""
         job = self.job
+        if job.task.prediction is None:
+            return {}
         return evaluate(lambda b: job.teacher.outputs(b, frozenset({"logits"}), (), "dev")["logits"], job.dev_set,
                         job.task, job.tokenizer, self.eval_batch, job.device)
 
@@ -134,9 +136,6 @@ def run(job: Job, argv: list[str]) -> dict:
         state["teacher_metrics"] = view.evaluate_teacher()
     _announce(job, view, steps_per_epoch)
 
-    def student_logits(batch):
-        return engine(batch)[task.prediction]
-
     attention_terms = [t for name, t in job.terms.items() if isinstance(t, AttentionKL)]
     snapshot_example = None
     if attention_terms and training.attention_images and job.teacher is not None:
@@ -160,7 +159,8 @@ def run(job: Job, argv: list[str]) -> dict:
             method.after_save(view, tag)
 
     sums: dict[str, torch.Tensor] = {}
-    micro_count = 0
+    micro_count = tokens = 0  # micro-steps and real tokens of this rank since the last log
+    flops_per_token = throughput.flops_per_token(job)
     window_start, window_steps = time.perf_counter(), 0
     samples_per_step = world * training.batch_size * training.grad_accum
     last_save_step = -1
@@ -173,7 +173,8 @@ def run(job: Job, argv: list[str]) -> dict:
     while state["step"] < stages[-1].end and not halted and not preempted:
         batches = data.epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
                                      training.batch_size, training.grad_accum)
-        loader = data.loader(job.train_set, batches[state["batch_in_epoch"] :], job.tokenizer)
+        loader = data.loader(job.train_set, batches[state["batch_in_epoch"] :], job.tokenizer,
+                             task.collator(job.tokenizer, state["epoch"]))
         for batch in loader:
             stage = stage_at(state["step"])
             if stage.name != current_stage:
@@ -194,6 +195,7 @@ def run(job: Job, argv: list[str]) -> dict:
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()
+            tokens += int(batch["attention_mask"].sum())
             micro_count += 1
             state["batch_in_epoch"] += 1
             if state["batch_in_epoch"] % training.grad_accum:
@@ -212,14 +214,15 @@ def run(job: Job, argv: list[str]) -> dict:
 
             if step % training.log_every == 0 or step == stages[-1].end:
                 names = sorted(sums)
-                means = mean_over_ranks([float(sums[n]) / micro_count for n in names])
-                elapsed = time.perf_counter() - window_start
-                scalars = {f"train/loss/{n}": v for n, v in zip(names, means, strict=True)}
+                means = mean_over_ranks([float(sums[n]) / micro_count for n in names] + [float(tokens)])
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                scalars = {f"train/loss/{n}": v for n, v in zip(names, means[:-1], strict=True)}
                 scalars["train/lr"] = engine.get_lr()[0]
-                scalars["train/samples_per_s"] = window_steps * samples_per_step / max(elapsed, 1e-9)
+                scalars["train/samples_per_s"] = window_steps * samples_per_step / elapsed
+                scalars.update(throughput.scalars(means[-1] * world / elapsed, flops_per_token, device, job.dtype))
                 scalars["train/stage"] = float(stages.index(stage))
                 monitor.scalars(scalars, step)
-                sums, micro_count = {}, 0
+                sums, micro_count, tokens = {}, 0, 0
                 window_start, window_steps = time.perf_counter(), 0
 
             if stage.plateau is not None and step < stage.end and (step - stage.start) % stage.plateau.every == 0:
@@ -234,7 +237,7 @@ def run(job: Job, argv: list[str]) -> dict:
                 with contextlib.ExitStack() as evaluating:
                     for method in job.methods:
                         evaluating.enter_context(method.evaluating())
-                    result = evaluate(student_logits, job.dev_set, task, job.tokenizer, eval_batch, device)
+                    result = evaluate_student(engine, job, eval_batch)
                 engine.train()
                 main = result[task.main_metric]
                 if state["best"] is None or main > state["best"][task.main_metric]:
@@ -297,7 +300,7 @@ def run(job: Job, argv: list[str]) -> dict:
         save()
     final = {k: v for k, v in state["last_eval"].items() if k != "step"}
     result = {"task": task.name, **final, "step": state["step"], "best": state["best"]}
-    if state["teacher_metrics"] is not None:
+    if state["teacher_metrics"]:
         result["teacher"] = {"task": task.name, **state["teacher_metrics"]}
     if rank == 0:
         view.export(out / "model", None)
@@ -312,7 +315,7 @@ def _announce(job: Job, view: RunView, steps_per_epoch: int) -> None:
     monitor, state, stages = view.monitor, view.state, view.stages
     if job.cached:
         monitor.line(f"[teacher] outputs read from the cache {job.teacher.path}; no teacher model is loaded")
-    if state["teacher_metrics"] is not None:
+    if state["teacher_metrics"]:
         monitor.line(f"[teacher] dev {job.task.name}: {format_metrics(state['teacher_metrics'])}")
         monitor.scalars({f"teacher/{k}": v for k, v in state["teacher_metrics"].items()}, 0)
     describe = ", ".join(
@@ -340,7 +343,7 @@ def _check_plateau(view: RunView, stage: Stage, held_out: dict) -> None:
     count = stage.plateau.batches
     if count not in held_out:
         held_out[count] = data.first_batches(job.dev_set, job.training.batch_size, count, job.tokenizer,
-                                             job.device)
+                                             job.device, job.task.collator(job.tokenizer, -1))
     loss = held_out_loss(view.engine, job.teacher, held_out[count], stage, job.pairs)
     index = stages.index(stage)
     track = state["plateau"] if state["plateau"] and state["plateau"]["stage"] == index else None

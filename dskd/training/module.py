@@ -44,7 +44,7 @@ class DistillationModule(nn.Module):
             return student
         for name in weights:  # more student outputs a term reads (`LossTerm.student_extras`)
             student.update(self.terms[name].student_extras(self.model, batch))
-        targets = dict(teacher or {}, labels=batch["labels"], idx=batch.get("idx"), split=split)
+        targets = dict(teacher or {}, labels=batch.get("labels"), idx=batch.get("idx"), split=split)
         mask = batch["attention_mask"]
         values = {}
         for name in weights:

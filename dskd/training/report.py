@@ -61,10 +61,12 @@ def format_table(report: dict) -> str:
     rows, swept = report["runs"], report["swept"]
     metric_names = sorted({m for r in rows for m in r["metrics"]})
     main = metric_names[0] if metric_names else None
-    if rows and rows[0]["task"]:
-        from dskd.data import get_task
+    from dskd.data import GLUE_TASKS, CorpusTask
 
-        main = get_task(rows[0]["task"]).main_metric
+    if rows and rows[0]["task"] in GLUE_TASKS:
+        main = GLUE_TASKS[rows[0]["task"]].main_metric
+    elif rows and rows[0]["task"] == CorpusTask.name:
+        main = next((m for m in ("mlm_accuracy", "neg_loss") if m in metric_names), main)
     rows = sorted(rows, key=lambda r: -r["metrics"].get(main, float("-inf")) if main else 0)
     header = ["run", *swept, *metric_names, "step", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -128,6 +128,7 @@ def init_output_dir(job, argv: list[str]) -> None:
             deepspeed_config=str(job.ds_file),
             dtype=str(job.dtype).replace("torch.", ""),
             task=job.task.name,
+            model_class=job.task.model_class,  # what `dskd export` builds (a corpus job's depends on its terms)
             student_teacher_layers=job.student_layers,
             teacher_cache=str(job.teacher.path) if job.cached else None,
         )
