@@ -1,0 +1,135 @@
+"""Run the two-stage (task-agnostic, then task-specific) grid behind docs/results.md's
+"General distillation" section and print its table.
+
+Stage 1 (``configs/general/``): the pretrained MiniLM-L6-H384 distilled on WikiText-2 into a
+3-layer student, initialised from its layers 2, 4, 6 (``minilm_l3``) or at random
+(``minilm_l3_random``). Stage 2: the task stage of docs/results.md's soft-label KD row
+(``configs/results/soft_kd.yaml``, same teacher, data and budget) started from the stage-1
+student (``student.init``). Reference rows without stage 1: the single-stage soft-label KD
+row (student copied from the fine-tuned teacher's layers; ``bench/results.py``) and a random
+3-layer student with the same task stage. Finished runs are kept, so the script can be
+stopped and restarted; every command is printed before it runs.
+
+    python bench/general.py --root runs/results            # run what is missing, print the table
+    python bench/general.py --root runs/results --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from results import REPO, TASKS, completed, launch, sets, student_dir, teacher_dir
+
+from dskd.data import get_task
+
+GENERAL = {  # stage-1 run name -> recipe
+    "minilm_l3": "configs/general/minilm_l3.yaml",
+    "minilm_l3_random": "configs/general/minilm_l3_random.yaml",
+}
+RANDOM_ARCH = ["student.init_from_teacher=false", "student.layers=null",
+               "student.arch={layers: 3, hidden: 384, heads: 12, intermediate: 1536}"]
+ROWS = {  # row -> (label, stage-1 run or None, extra --set of the task stage)
+    "single_stage": ("soft-label KD, student copied from the fine-tuned teacher (no stage 1)", None, []),
+    "general_init": ("stage 1 (init from teacher layers 2, 4, 6), then soft-label KD", "minilm_l3", []),
+    "random": ("random init, soft-label KD (no stage 1)", None, RANDOM_ARCH),
+    "general_random": ("stage 1 (random init), then soft-label KD", "minilm_l3_random", []),
+}
+
+
+def general_dir(root: Path, name: str) -> Path:
+    return root / "general" / name
+
+
+def task_dir(root: Path, task: str, row: str, seed: int) -> Path:
+    if row == "single_stage":  # the soft-label KD row of bench/results.py
+        return student_dir(root, task, 3, "soft_kd", seed)
+    return root / task / f"L3-{row}-s{seed}"
+
+
+def wait_for(run: Path) -> None:
+    """A teacher another script is fine-tuning: wait until it completes."""
+    while not completed(run):
+        if not (run / "run.json").is_file():
+            return
+        time.sleep(30)
+
+
+def run_grid(args) -> None:
+    dskd = [sys.executable, "-m", "dskd"]
+    for row in args.rows:
+        _, general, extra = ROWS[row]
+        if general is not None and not completed(general_dir(args.root, general)):
+            launch([*dskd, "distill", "--config", GENERAL[general], "--output", str(general_dir(args.root, general)),
+                    "--auto-resume"], args.threads)
+        for task in args.tasks:
+            teacher = teacher_dir(args.root, task)
+            wait_for(teacher)
+            if not completed(teacher):
+                launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output", str(teacher),
+                        "--auto-resume", *sets(TASKS[task])], args.threads)
+            for seed in args.seeds:
+                out = task_dir(args.root, task, row, seed)
+                if completed(out):
+                    continue
+                init = [f"student.init={general_dir(args.root, general)}", "student.layers=null"] if general else []
+                launch([*dskd, "distill", "--config", "configs/results/soft_kd.yaml", "--output", str(out),
+                        "--auto-resume", *sets(TASKS[task] + [f"teacher.path={teacher}", f"seed={seed}"]
+                                               + (init or extra or ["student.layers=3"]))], args.threads)
+
+
+def collect(args) -> dict:
+    table = {"general": {}, "tasks": {}}
+    for name in GENERAL:
+        run = general_dir(args.root, name)
+        if completed(run):
+            table["general"][name] = json.loads((run / "metrics.json").read_text())
+    for task in args.tasks:
+        teacher = teacher_dir(args.root, task)
+        if not completed(teacher):
+            continue
+        metric = get_task(task).main_metric
+        entry = {"metric": metric, "teacher": json.loads((teacher / "metrics.json").read_text())[metric], "rows": {}}
+        for row in ROWS:
+            runs = [task_dir(args.root, task, row, s) for s in args.seeds]
+            entry["rows"][row] = [json.loads((r / "metrics.json").read_text())[metric] for r in runs if completed(r)]
+        table["tasks"][task] = entry
+    return table
+
+
+def markdown(table: dict) -> str:
+    tasks = list(table["tasks"])
+    lines = ["| 3-layer student | " + " | ".join(f"{t} {table['tasks'][t]['metric']}" for t in tasks) + " |",
+             "|" + "---|" * (len(tasks) + 1),
+             "| teacher (6 layers, fine-tuned MiniLM) | "
+             + " | ".join(f"{100 * table['tasks'][t]['teacher']:.1f}" for t in tasks) + " |"]
+    for row, (label, _, _) in ROWS.items():
+        cells = []
+        for t in tasks:
+            values = table["tasks"][t]["rows"][row]
+            cells.append(f"{100 * sum(values) / len(values):.1f} (n={len(values)})" if values else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "results")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--table-only", action="store_true", help="collect finished runs, run nothing")
+    parser.add_argument("--json", action="store_true", help="print the collected numbers as JSON")
+    args = parser.parse_args()
+    if not args.table_only:
+        run_grid(args)
+    table = collect(args)
+    print(json.dumps(table, indent=2) if args.json else markdown(table))
+
+
+if __name__ == "__main__":
+    main()

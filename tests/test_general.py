@@ -1,0 +1,267 @@
+"""Task-agnostic (corpus) distillation: the chunked vocabulary loss against autograd, the
+per-block masks, the representation term, the job kind's checks, and real runs: one rank
+with an exact mid-stream resume, two ranks under ZeRO-2 and ZeRO-3, and the export that
+starts a task stage (``student.init``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import BERT_VOCAB, REPO, assert_same_run, run_dskd
+
+from dskd.errors import DskdError
+from dskd.kernels.vocab import vocab_loss, vocab_loss_reference
+from dskd.methods import load_experiment
+
+TINY_GENERAL = REPO / "configs" / "general" / "tiny.yaml"
+
+
+def _tokenizer():
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab=str(BERT_VOCAB))
+
+
+def _config(tmp_path, name="general.yaml", **overrides) -> str:
+    cfg = yaml.safe_load(TINY_GENERAL.read_text())
+    cfg["data"]["max_length"] = 32
+    cfg["data"]["corpus"]["held_out"] = 0.02
+    cfg["data"]["corpus"]["max_blocks"] = 96
+    cfg["training"].update(batch_size=8, log_every=2, save_every=4)
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+# ------------------------------------------------------------------ the vocabulary kernel
+
+
+@pytest.mark.parametrize("ce, kd", [(1.0, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_chunked_vocabulary_loss_matches_autograd_on_the_whole_logits(ce, kd):
+    torch.manual_seed(0)
+    m, d_s, d_t, vocab = 23, 12, 20, 97
+    hs = torch.randn(m, d_s, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, d_s, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(vocab, dtype=torch.float64, requires_grad=True)
+    ht, wt, bt = torch.randn(m, d_t), torch.randn(vocab, d_t), torch.randn(vocab)
+    labels = torch.randint(vocab, (m,))
+    loss, means = vocab_loss(hs, w, b, labels, ht, wt, bt, temperature=2.0, ce_weight=ce, kd_weight=kd, chunk=5)
+    ref, ref_means = vocab_loss_reference(hs, w, b, labels, ht, wt, bt, temperature=2.0, ce_weight=ce, kd_weight=kd)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert torch.allclose(means[:2].double(), ref_means[:2].double(), rtol=1e-5) or kd == 0
+    assert float(means[2]) == pytest.approx(float(ref_means[2]))
+    grads = torch.autograd.grad(3.0 * loss, [hs, w, b])
+    ref_grads = torch.autograd.grad(3.0 * ref, [hs, w, b])
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_vocabulary_kd_by_hand_on_two_words():
+    # One masked token, vocabulary of 2, identity projections: logits are the hidden rows.
+    hs = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    eye = torch.eye(2)
+    ht = torch.tensor([[0.0, 2.0]])
+    loss, means = vocab_loss(hs, eye, None, torch.tensor([1]), ht, eye, None, temperature=2.0, ce_weight=0.0,
+                             kd_weight=1.0)
+    p_t = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    q = torch.softmax(torch.tensor([0.5, 0.0]), 0)
+    expected = 4.0 * float((p_t * (p_t.log() - q.log())).sum())
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(means[2]) == 0.0  # the student's argmax (word 0) is not the label (word 1)
+
+
+def test_vocabulary_loss_without_masked_tokens_is_zero_with_zero_gradients():
+    hs = torch.zeros(0, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    loss, _ = vocab_loss(hs, w, None, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0.0 and float(w.grad.abs().sum()) == 0.0
+
+
+# ------------------------------------------------------------------ masks
+
+
+def _blocks(n=6, length=20):
+    tok = _tokenizer()
+    ids = torch.randint(1000, 2000, (n, length))
+    ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+    return tok, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "idx": torch.arange(10, 10 + n)}
+
+
+def test_masks_follow_seed_epoch_and_block_not_the_batch():
+    from dskd.data.corpus import BlockMasker
+
+    tok, batch = _blocks()
+    masker = BlockMasker(tok, 0.3, seed=5)
+    whole = masker(dict(batch), epoch=1)
+    # The same blocks in another batch, in another order: each block gets the same mask.
+    order = torch.tensor([4, 1, 0])
+    part = masker({k: v[order] for k, v in batch.items()}, epoch=1)
+    assert torch.equal(part["input_ids"], whole["input_ids"][order])
+    assert torch.equal(part["labels"], whole["labels"][order])
+    again = BlockMasker(tok, 0.3, seed=5)(dict(batch), epoch=1)
+    assert torch.equal(again["input_ids"], whole["input_ids"])
+    other_epoch = masker(dict(batch), epoch=2)
+    assert not torch.equal(other_epoch["labels"], whole["labels"])
+    masked = whole["labels"] != -100
+    assert not masked[:, 0].any() and not masked[:, -1].any()  # [CLS] and [SEP] are never masked
+    assert torch.equal(whole["labels"][masked], batch["input_ids"][masked])  # labels: the original tokens
+    assert (whole["input_ids"][~masked] == batch["input_ids"][~masked]).all()
+
+
+def test_mask_rate_and_the_80_10_10_split():
+    from dskd.data.corpus import BlockMasker
+
+    tok = _tokenizer()
+    ids = torch.randint(1000, 2000, (400, 64))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "idx": torch.arange(400)}
+    out = BlockMasker(tok, 0.15, seed=0)(batch, epoch=0)
+    masked = out["labels"] != -100
+    assert masked.float().mean().item() == pytest.approx(0.15, abs=0.01)
+    replaced = out["input_ids"][masked] == tok.mask_token_id
+    assert replaced.float().mean().item() == pytest.approx(0.8, abs=0.02)
+    kept = out["input_ids"][masked] == ids[masked]
+    assert kept.float().mean().item() == pytest.approx(0.1, abs=0.02)
+
+
+# ------------------------------------------------------------------ the hidden cosine term
+
+
+def test_hidden_cosine_is_one_minus_cos_over_real_tokens_of_the_top_layer():
+    from dskd.losses import HiddenCosine, LayerGeometry
+
+    term = HiddenCosine()  # layers: top
+    term.bind(LayerGeometry(((1, 2), (2, 4)), 4, 4, 2, 2, 2, 4), "losses.hidden_cosine")
+    assert not term.compares((1, 2)) and term.compares((2, 4))
+    hs, ht = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    (value,) = term.pair_losses({"pairs": ((2, 4),), "hidden": [hs]}, {"hidden": [ht]}, mask)
+    cos = torch.nn.functional.cosine_similarity(hs, ht, dim=-1)
+    expected = ((1 - cos) * mask).sum() / mask.sum()
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+
+
+# ------------------------------------------------------------------ config checks
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.task": "sst2"}, "`data.task` is a key of GLUE jobs"),
+    ({"data.train_limit": 10}, "`data.train_limit` is a key of GLUE jobs"),
+    ({"data.corpus.held_out": 0}, "data.corpus.held_out"),
+    ({"data.corpus.files": []}, "data.corpus.files"),
+    ({"data.corpus.mask_probability": 1.5}, "data.corpus.mask_probability"),
+    ({"teacher.cache": "x"}, "`teacher.cache` serves GLUE jobs only"),
+    ({"student.init": "somewhere"}, "`student.layers` cannot be combined with `student.init`"),
+])
+def test_corpus_config_mistakes_are_named(tmp_path, overrides, message):
+    with pytest.raises(DskdError, match=message.replace("(", r"\(").replace("`", "`")):
+        load_experiment(_config(tmp_path, **overrides))
+
+
+def _refused(tmp_path, session_tmp, cfg, command="distill"):
+    out = tmp_path / "out"
+    proc = run_dskd([command, "--config", cfg, "--output", out], session_tmp)
+    assert proc.returncode != 0
+    assert not out.exists(), "a refused job must not write its output folder"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dskd: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_masked_lm_kd_from_a_teacher_without_a_head_is_refused_by_name(tmp_path, session_tmp):
+    from transformers import BertConfig, BertModel
+
+    teacher = tmp_path / "bare-teacher"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(teacher)
+    _tokenizer().save_pretrained(teacher)
+    cfg = _config(tmp_path, **{"teacher.path": str(teacher), "teacher.arch": None})
+    line = _refused(tmp_path, session_tmp, cfg)
+    assert "`losses.mlm_kd`" in line and "no masked-LM head" in line
+
+
+def test_block_length_beyond_the_teachers_positions_is_refused(tmp_path, session_tmp):
+    cfg = _config(tmp_path, **{"data.max_length": 600})
+    assert "`data.max_length` is 600, but the teacher has 512 positions" in _refused(tmp_path, session_tmp, cfg)
+
+
+def test_masked_lm_terms_in_a_glue_job_and_finetune_on_a_corpus_are_refused(tmp_path, session_tmp):
+    from conftest import write_config
+
+    glue = write_config(tmp_path / "glue.yaml", {"losses": {"mlm_ce": {"weight": 1.0}}})
+    assert "`losses.mlm_ce` is a masked-LM term of corpus jobs" in _refused(tmp_path, session_tmp, glue)
+    assert "`dskd finetune` trains a teacher on a labelled task" in _refused(tmp_path, session_tmp,
+                                                                           _config(tmp_path), "finetune")
+
+
+# ------------------------------------------------------------------ real runs
+
+
+def test_corpus_run_resumes_mid_stream_exactly_and_its_export_starts_a_task_stage(tmp_path, session_tmp):
+    cfg = _config(tmp_path)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _ok(run_dskd(["distill", "--config", cfg, "--output", full], session_tmp))
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert metrics["task"] == "corpus" and 0 <= metrics["mlm_accuracy"] <= 1
+    assert {"loss/mlm_kd", "loss/hidden_cosine", "loss/attention_kl"} <= set(metrics)
+    assert metrics["loss"] == pytest.approx(sum(metrics[f"loss/{t}"] for t in ("mlm_kd", "hidden_cosine",
+                                                                                  "attention_kl")))
+    _ok(run_dskd(["distill", "--config", cfg, "--output", cut, "--set", "training.halt_after_steps=6"], session_tmp))
+    _ok(run_dskd(["distill", "--config", cfg, "--output", cut, "--resume"], session_tmp))
+    assert_same_run(full, cut)
+
+    from transformers import AutoModelForMaskedLM
+
+    general = AutoModelForMaskedLM.from_pretrained(full / "model")
+    assert json.loads((full / "run.json").read_text())["model_class"] == "AutoModelForMaskedLM"
+    # Stage 2: a GLUE job whose student starts from the corpus run; its encoder is the export's.
+    from conftest import write_config
+
+    task_cfg = write_config(tmp_path / "task.yaml", {
+        "student": {"init": str(full), "init_from_teacher": True},
+        "teacher": {"arch": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128},
+                    "tokenizer": "pkg://bert-base-uncased"},
+        "training.halt_after_steps": 1, "training.save_every": 1, "training.lr": 1e-12,
+    })
+    task = tmp_path / "task"
+    _ok(run_dskd(["distill", "--config", task_cfg, "--output", task], session_tmp))
+    from dskd.training.checkpoint import consolidated_state_dict
+
+    state = consolidated_state_dict(task / "checkpoints", "step00000001", 0)
+    word = "bert.embeddings.word_embeddings.weight"
+    assert torch.allclose(state[f"model.{word}"].float(), general.state_dict()[word], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_corpus_run_on_two_ranks_zero2_and_zero3_agree(tmp_path, session_tmp):
+    """ZeRO-3 partitions the tied vocabulary projection the masked-LM terms read outside its
+    module (registered as an external parameter): both stages must train the same weights."""
+    from safetensors.torch import load_file
+
+    cfg = _config(tmp_path)
+    weights = {}
+    for ds in ("zero2_fp32", "zero3_fp32"):
+        out = tmp_path / ds
+        _ok(run_dskd(["distill", "--config", cfg, "--output", out, "--deepspeed", f"ds_configs/{ds}.json"],
+                     session_tmp, nproc=2))
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["step"] == 96 // (2 * 8) and metrics["loss/mlm_kd"] > 0
+        weights[ds] = load_file(str(out / "model" / "model.safetensors"))
+    a, b = weights["zero2_fp32"], weights["zero3_fp32"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=2e-5), key
