@@ -2,6 +2,9 @@
 # GPU, and requeue the job when dskd checkpointed on a signal (exit code 85).
 #   dskd_step distill --config C --output DIR --auto-resume
 dskd_step() {
+  # srun does not inherit --cpus-per-task from the batch allocation (Slurm >= 22.05): pass it on,
+  # or every task's OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK threads share one core.
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK}"; fi
   # The batch shell gets SIGTERM too on preemption; keep it alive until srun has returned.
   trap 'echo "[slurm] SIGTERM: waiting for the tasks to checkpoint"' TERM
   echo "[slurm] job ${SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+ (array task ${SLURM_ARRAY_TASK_ID})}," \

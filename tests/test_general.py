@@ -208,6 +208,22 @@ def test_masked_lm_terms_in_a_glue_job_and_finetune_on_a_corpus_are_refused(tmp_
                                                                            _config(tmp_path), "finetune")
 
 
+def test_plan_of_a_corpus_job_counts_blocks_steps_and_what_a_cache_would_take(tmp_path, monkeypatch):
+    import datasets
+
+    from dskd.commands.plan import format_plan, make_plan
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    plan = make_plan(load_experiment(_config(tmp_path)), "ds_configs/zero2_fp32.json", world=2)
+    corpus = plan["corpus"]
+    assert corpus["train_blocks"] == 96 and corpus["global_batch_blocks"] == 16
+    assert corpus["steps_per_epoch"] == 6 and corpus["steps"] == 6 and corpus["tokens_per_step"] == 16 * 32
+    # One mapped pair (student 1 <-> teacher 2), hidden 64, 32 tokens per block, float32.
+    assert plan["cache"]["bytes_per_block"]["hidden_states"] == 1 * 32 * 64 * 4
+    assert plan["memory_per_rank"]["student_bytes"]["gradients"] == plan["memory_per_rank"]["student_params"] * 4 // 2
+    assert "not used by corpus jobs" in format_plan(plan)
+
+
 # ------------------------------------------------------------------ real runs
 
 

@@ -91,6 +91,29 @@ def test_a_signalled_job_requeues_resumes_and_finishes_every_step(cluster, tmp_p
     assert steps[-1] == 128 and sorted(set(steps)) == list(range(4, 129, 4))
 
 
+def test_a_corpus_job_from_the_general_template_requeues_and_resumes_mid_stream(cluster, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    # 215 blocks / (2 ranks x 8) = 13 steps per epoch, 6 epochs.
+    proc = cluster.run("sbatch", "--parsable", "-N", "1", *JOB, "-o", log, "slurm/general.sbatch", "--config",
+                       "configs/general/tiny.yaml", "--output", out, "--set", "training.epochs=6", "--set",
+                       "training.save_every=1000", cwd=REPO)
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if log.is_file() and any(f"| {n}/78" in log.read_text() for n in range(6, 50)):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the job did not start training: {log.read_text()[-2000:] if log.is_file() else 'no log'}")
+    cluster.run("scancel", "--signal=USR1", job)
+    state = cluster.wait(job, timeout=400)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+    assert "[preempt] SIGUSR1: checkpoint at step" in text and "[resume] continuing from checkpoint" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "corpus" and metrics["step"] == 78
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed (apt-get install openmpi-bin)")
 def test_mpirun_launch_with_open_mpi_and_mpi4py(tmp_path):
     pytest.importorskip("mpi4py.MPI", reason="mpi4py is not installed or finds no MPI library")

@@ -25,11 +25,11 @@ from dskd.config import ExperimentConfig
 from dskd.errors import DskdError
 
 
-def _param_count(config) -> int:
-    from transformers import AutoModelForSequenceClassification
+def _param_count(config, model_class: str = "AutoModelForSequenceClassification") -> int:
+    import transformers
 
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = getattr(transformers, model_class).from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -78,6 +78,8 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     zero = eng.zero_stage(ds_config)
     world = world or eng.world_size()
     store_dtype = cache.storage_dtype(dtype or str(run_dtype).replace("torch.", ""))
+    if cfg.data.corpus is not None:
+        return make_corpus_plan(cfg, run_dtype, zero, world, store_dtype)
     task = data.get_task(cfg.data.task)
     if cfg.teacher.path is None and cfg.teacher.arch is None:
         raise DskdError("`dskd plan` needs `teacher.path` or `teacher.arch` to know the teacher's shape")
@@ -144,7 +146,96 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     }
 
 
+def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, world: int, store_dtype: str) -> dict:
+    """A corpus job's plan: blocks, tokens and steps at this world size, per-rank model memory,
+    and what a teacher cache of it would take (none is written: docs/general.md says why)."""
+    from dskd import data, models
+    from dskd.losses import mapped_pairs, uses_mlm
+
+    training = cfg.training
+    task = data.task_for(cfg, uses_mlm(cfg.losses))
+    tokenizer = models.load_tokenizer(cfg.teacher)
+    if cfg.teacher.path is not None:
+        t_config = _any_config(cfg.teacher.path)
+    elif cfg.teacher.arch is not None:
+        t_config = models.arch_config(cfg.teacher.arch, len(tokenizer), 0, tokenizer.pad_token_id, "teacher.arch")
+    else:
+        raise DskdError("`dskd plan` needs `teacher.path` or `teacher.arch` to know the teacher's shape")
+    if cfg.student.init is not None:
+        s_config = _any_config(cfg.student.init, "student.init")
+        init_layers, n_student = [], s_config.num_hidden_layers
+    else:
+        init_layers, n_student = models.student_layer_plan(cfg.student, t_config.num_hidden_layers)
+        s_config = type(t_config).from_dict({**t_config.to_dict(), "num_hidden_layers": n_student}) \
+            if cfg.student.init_from_teacher else models.arch_config(cfg.student.arch, t_config.vocab_size, 0,
+                                                                    tokenizer.pad_token_id, "student.arch")
+    pairs = mapped_pairs(cfg, cfg.losses, init_layers, n_student, t_config.num_hidden_layers)
+    train_set, held_out = data.load_data(cfg, task, tokenizer)
+    length, batch = cfg.data.max_length, training.batch_size * training.grad_accum * world
+    steps_per_epoch = len(train_set) // batch
+    size = cache.element_size(store_dtype)
+    hidden = t_config.hidden_size
+    # Per block, what the representation terms read of the teacher: every token's states (and
+    # Q, K, V) at each mapped layer; a cache would also have to store them for each new mask.
+    per_block = {"hidden_states": len(pairs) * length * hidden * size,
+                 "attention_qkv": 3 * len(pairs) * length * hidden * size}
+    teacher_params = _param_count(t_config, task.model_class)
+    student_params = _param_count(s_config, task.model_class)
+    return {
+        "summary": f"{teacher_name(t_config, cfg.teacher.path)}, corpus, {len(train_set)} blocks x S={length}, "
+                   f"{steps_per_epoch} steps/epoch at {world} rank(s)",
+        "task": task.name,
+        "corpus": {"train_blocks": len(train_set), "held_out_blocks": len(held_out), "block_length": length,
+                   "train_tokens": len(train_set) * length, "global_batch_blocks": batch,
+                   "tokens_per_step": batch * length, "steps_per_epoch": steps_per_epoch,
+                   "steps": int(steps_per_epoch * training.epochs), "mapped_pairs": [list(p) for p in pairs]},
+        "cache": {"written": False, "dtype": store_dtype, "bytes_per_block": per_block,
+                  "bytes_for_the_corpus": {k: v * len(train_set) for k, v in per_block.items()}},
+        "memory_per_rank": {
+            "run_dtype": str(run_dtype).replace("torch.", ""), "zero_stage": zero, "world_size": world,
+            "teacher_params": teacher_params,
+            "teacher_bytes_online": teacher_params * torch.tensor([], dtype=run_dtype).element_size(),
+            "student_params": student_params, "student_bytes": student_bytes(student_params, run_dtype, zero, world),
+        },
+    }
+
+
+def _any_config(path: str, key: str = "teacher.path"):
+    """A model folder's config, whatever its head."""
+    from transformers import AutoConfig
+
+    from dskd import models
+
+    models.register_model_types()
+    try:
+        return AutoConfig.from_pretrained(models.resolve_model_path(path))
+    except Exception as exc:
+        raise DskdError(f"`{key}`: could not read a model config from {path}: {exc}") from None
+
+
+def format_corpus_plan(plan: dict) -> str:
+    c, m, k = plan["corpus"], plan["memory_per_rank"], plan["cache"]
+    sb = m["student_bytes"]
+    return "\n".join([
+        plan["summary"], "",
+        f"corpus: {c['train_blocks']} training blocks ({c['train_tokens']:,} tokens), {c['held_out_blocks']} held out; "
+        f"{c['global_batch_blocks']} blocks ({c['tokens_per_step']:,} tokens) per optimizer step; "
+        f"{c['steps']} steps",
+        f"teacher cache: not used by corpus jobs; it would take "
+        + ", ".join(f"{name} {cache.human(v)}" for name, v in k["bytes_for_the_corpus"].items())
+        + f" ({k['dtype']}) for this corpus, once more for each masking when masked-LM terms are on",
+        "",
+        f"memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); activations not included):",
+        f"  teacher {m['teacher_params'] / 1e6:.1f}M params: {cache.human(m['teacher_bytes_online'])} (frozen, whole "
+        "on every rank)",
+        f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
+        f"{cache.human(sb['weights'])}, gradients {cache.human(sb['gradients'])}, optimizer {cache.human(sb['optimizer'])})",
+    ])
+
+
 def format_plan(plan: dict) -> str:
+    if "corpus" in plan:
+        return format_corpus_plan(plan)
     c, m = plan["cache"], plan["memory_per_rank"]
     lines = [plan["summary"], "", f"teacher cache ({c['dtype']}; stores {', '.join(c['fields'])}"
              + (f" for teacher layers {c['teacher_layers']}" if c["teacher_layers"] else "") + "):"]
