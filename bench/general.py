@@ -7,7 +7,11 @@ Stage 1 (``configs/general/``): the pretrained MiniLM-L6-H384 distilled on WikiT
 (``configs/results/soft_kd.yaml``, same teacher, data and budget) started from the stage-1
 student (``student.init``). Reference rows without stage 1: the single-stage soft-label KD
 row (student copied from the fine-tuned teacher's layers; ``bench/results.py``) and a random
-3-layer student with the same task stage. Finished runs are kept, so the script can be
+3-layer student with the same task stage. KroneckerBERT: its docs/results.md recipe
+(``configs/results/kroneckerbert.yaml``: internal KD, then soft labels, both on the task's data)
+started from a Kronecker-factored student distilled on WikiText-2 (``kronecker_l3``), against the
+same recipe started from the nearest Kronecker product of the fine-tuned teacher's layers.
+Finished runs are kept, so the script can be
 stopped and restarted; every command is printed before it runs.
 
     python bench/general.py --root runs/results            # run what is missing, print the table
@@ -29,15 +33,22 @@ from dskd.data import get_task
 GENERAL = {  # stage-1 run name -> recipe
     "minilm_l3": "configs/general/minilm_l3.yaml",
     "minilm_l3_random": "configs/general/minilm_l3_random.yaml",
+    "kronecker_l3": "configs/general/kronecker_l3.yaml",
 }
 RANDOM_ARCH = ["student.init_from_teacher=false", "student.layers=null",
                "student.arch={layers: 3, hidden: 384, heads: 12, intermediate: 1536}"]
-ROWS = {  # row -> (label, stage-1 run or None, extra --set of the task stage)
-    "single_stage": ("soft-label KD, student copied from the fine-tuned teacher (no stage 1)", None, []),
-    "general_init": ("stage 1 (init from teacher layers 2, 4, 6), then soft-label KD", "minilm_l3", []),
-    "random": ("random init, soft-label KD (no stage 1)", None, RANDOM_ARCH),
-    "general_random": ("stage 1 (random init), then soft-label KD", "minilm_l3_random", []),
+SOFT_KD, KRONECKER = "configs/results/soft_kd.yaml", "configs/results/kroneckerbert.yaml"
+ROWS = {  # row -> (label, stage-1 run or None, task-stage recipe, extra --set of the task stage)
+    "single_stage": ("soft-label KD, student copied from the fine-tuned teacher (no stage 1)", None, SOFT_KD, []),
+    "general_init": ("stage 1 (init from teacher layers 2, 4, 6), then soft-label KD", "minilm_l3", SOFT_KD, []),
+    "random": ("random init, soft-label KD (no stage 1)", None, SOFT_KD, RANDOM_ARCH),
+    "general_random": ("stage 1 (random init), then soft-label KD", "minilm_l3_random", SOFT_KD, []),
+    "kronecker_single": ("KroneckerBERT, both stages on the task's data (docs/results.md's row)", None, KRONECKER, []),
+    "kronecker_general": ("KroneckerBERT, stage 1 on WikiText-2, then its task recipe", "kronecker_l3", KRONECKER,
+                          ["student.kronecker=null"]),
 }
+# Rows whose runs bench/results.py makes (same directory, same command): not launched here.
+FROM_RESULTS = {"single_stage": "soft_kd", "kronecker_single": "kroneckerbert"}
 
 
 def general_dir(root: Path, name: str) -> Path:
@@ -45,8 +56,8 @@ def general_dir(root: Path, name: str) -> Path:
 
 
 def task_dir(root: Path, task: str, row: str, seed: int) -> Path:
-    if row == "single_stage":  # the soft-label KD row of bench/results.py
-        return student_dir(root, task, 3, "soft_kd", seed)
+    if row in FROM_RESULTS:  # a row of bench/results.py
+        return student_dir(root, task, 3, FROM_RESULTS[row], seed)
     return root / task / f"L3-{row}-s{seed}"
 
 
@@ -61,7 +72,7 @@ def wait_for(run: Path) -> None:
 def run_grid(args) -> None:
     dskd = [sys.executable, "-m", "dskd"]
     for row in args.rows:
-        _, general, extra = ROWS[row]
+        _, general, recipe, extra = ROWS[row]
         if general is not None and not completed(general_dir(args.root, general)):
             launch([*dskd, "distill", "--config", GENERAL[general], "--output", str(general_dir(args.root, general)),
                     "--auto-resume"], args.threads)
@@ -75,10 +86,10 @@ def run_grid(args) -> None:
                 out = task_dir(args.root, task, row, seed)
                 if completed(out):
                     continue
-                init = [f"student.init={general_dir(args.root, general)}", "student.layers=null"] if general else []
-                launch([*dskd, "distill", "--config", "configs/results/soft_kd.yaml", "--output", str(out),
-                        "--auto-resume", *sets(TASKS[task] + [f"teacher.path={teacher}", f"seed={seed}"]
-                                               + (init or extra or ["student.layers=3"]))], args.threads)
+                student = ([f"student.init={general_dir(args.root, general)}", "student.layers=null"] if general
+                           else ["student.layers=3"]) + extra
+                launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",
+                        *sets(TASKS[task] + [f"teacher.path={teacher}", f"seed={seed}"] + student)], args.threads)
 
 
 def collect(args) -> dict:
@@ -106,7 +117,7 @@ def markdown(table: dict) -> str:
              "|" + "---|" * (len(tasks) + 1),
              "| teacher (6 layers, fine-tuned MiniLM) | "
              + " | ".join(f"{100 * table['tasks'][t]['teacher']:.1f}" for t in tasks) + " |"]
-    for row, (label, _, _) in ROWS.items():
+    for row, (label, *_) in ROWS.items():
         cells = []
         for t in tasks:
             values = table["tasks"][t]["rows"][row]

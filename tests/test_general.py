@@ -262,6 +262,32 @@ def test_corpus_run_resumes_mid_stream_exactly_and_its_export_starts_a_task_stag
     assert torch.allclose(state[f"model.{word}"].float(), general.state_dict()[word], atol=1e-6)
 
 
+def test_kroneckerbert_general_student_hands_over_to_the_task_stage(tmp_path, session_tmp):
+    """KroneckerBERT's two stages: a factored bare encoder distilled on the corpus, exported, then
+    loaded as a factored sequence classifier by the task stage (`student.init`)."""
+    from transformers import AutoModel
+
+    import dskd.models.kronecker  # noqa: F401  (registers the model types)
+
+    cfg = _config(tmp_path, **{"student.kronecker": {"attention": [2, 2], "embeddings": [2, 2]},
+                               "losses": {"hidden_cosine": {"weight": 1.0}, "attention_kl": {"weight": 1.0}}})
+    general = tmp_path / "general"
+    proc = _ok(run_dskd(["distill", "--config", cfg, "--output", general], session_tmp))
+    assert "[student] KroneckerBERT (attention B=[2, 2], embeddings B=[2, 2]" in proc.stderr
+    model = AutoModel.from_pretrained(general / "model")
+    assert type(model).__name__ == "KroneckerBertModel"
+    from conftest import write_config
+
+    task_cfg = write_config(tmp_path / "task.yaml", {"student": {"init": str(general)},
+                                                     "training.halt_after_steps": 2})
+    proc = _ok(run_dskd(["distill", "--config", task_cfg, "--output", tmp_path / "task"], session_tmp))
+    info = json.loads((tmp_path / "task" / "model_config" / "config.json").read_text())
+    assert info["model_type"] == "kronecker_bert" and info["architectures"][0].startswith("KroneckerBert")
+    # Masked-LM students keep their embeddings dense: the head's projection is the same table.
+    mlm = _config(tmp_path, "mlm.yaml", **{"student.kronecker": {"embeddings": [2, 2]}})
+    assert "`student.kronecker.embeddings` factors the word-embedding table" in _refused(tmp_path, session_tmp, mlm)
+
+
 @pytest.mark.slow
 def test_corpus_run_on_two_ranks_zero2_and_zero3_agree(tmp_path, session_tmp):
     """ZeRO-3 partitions the tied vocabulary projection the masked-LM terms read outside its

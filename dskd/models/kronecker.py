@@ -33,11 +33,17 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     BertConfig,
+    BertForMaskedLM,
     BertForSequenceClassification,
+    BertModel,
     RobertaConfig,
+    RobertaForMaskedLM,
     RobertaForSequenceClassification,
+    RobertaModel,
 )
 
 from dskd.errors import DskdError
@@ -222,16 +228,58 @@ class KroneckerRobertaForSequenceClassification(_KroneckerMixin, RobertaForSeque
     config_class = KroneckerRobertaConfig
 
 
+# Bare encoders and masked-LM models: the students of corpus jobs (docs/general.md).
+class KroneckerBertModel(_KroneckerMixin, BertModel):
+    config_class = KroneckerBertConfig
+
+
+class KroneckerBertForMaskedLM(_KroneckerMixin, BertForMaskedLM):
+    config_class = KroneckerBertConfig
+
+
+class KroneckerRobertaModel(_KroneckerMixin, RobertaModel):
+    config_class = KroneckerRobertaConfig
+
+
+class KroneckerRobertaForMaskedLM(_KroneckerMixin, RobertaForMaskedLM):
+    config_class = KroneckerRobertaConfig
+
+
 CLASSES = {
     "bert": (KroneckerBertConfig, KroneckerBertForSequenceClassification),
     "roberta": (KroneckerRobertaConfig, KroneckerRobertaForSequenceClassification),
 }
-for _config_cls, _model_cls in CLASSES.values():
+# model type -> transformers Auto class -> the Kronecker model of that kind
+KINDS_OF_MODEL = {
+    "bert": {AutoModelForSequenceClassification: KroneckerBertForSequenceClassification,
+             AutoModel: KroneckerBertModel, AutoModelForMaskedLM: KroneckerBertForMaskedLM},
+    "roberta": {AutoModelForSequenceClassification: KroneckerRobertaForSequenceClassification,
+                AutoModel: KroneckerRobertaModel, AutoModelForMaskedLM: KroneckerRobertaForMaskedLM},
+}
+for _config_cls, _ in CLASSES.values():
     try:
         AutoConfig.register(_config_cls.model_type, _config_cls)
-        AutoModelForSequenceClassification.register(_config_cls, _model_cls)
     except ValueError:  # already registered (a reloaded module)
         pass
+for _kinds in KINDS_OF_MODEL.values():
+    for _auto, _model_cls in _kinds.items():
+        try:
+            _auto.register(_model_cls.config_class, _model_cls)
+        except ValueError:
+            pass
+
+
+def _kind_of(model: nn.Module):
+    """The transformers Auto class ``model`` is an instance of the kind of."""
+    name = type(model).__name__
+    if name.endswith("ForMaskedLM"):
+        return AutoModelForMaskedLM
+    if name.endswith("ForSequenceClassification"):
+        return AutoModelForSequenceClassification
+    if getattr(model, "base_model", None) is model:
+        return AutoModel
+    raise DskdError(f"`{KEY}`: cannot factor a {name}; KroneckerBERT students are BERT/RoBERTa encoders, "
+                    "sequence classifiers or masked-LM models")
 
 
 def load_pretrained(path, **kwargs) -> nn.Module:
@@ -286,8 +334,9 @@ def _layer_shapes(config) -> dict[str, tuple[int, int]]:
 def planned_modules(model: nn.Module, spec: dict, config) -> dict[str, nn.Module]:
     """Module path -> the fresh (randomly initialised) Kronecker module the spec puts there."""
     spec = spec_dict(spec)
-    base = model.base_model_prefix
-    blocks = model.get_submodule(f"{base}.encoder.layer")
+    # A bare encoder has no `<base>.` in its module paths; a model with a head has.
+    base = f"{model.base_model_prefix}." if hasattr(model, model.base_model_prefix) else ""
+    blocks = model.get_submodule(f"{base}encoder.layer")
     layers = spec["layers"] if spec["layers"] is not None else list(range(1, len(blocks) + 1))
     for layer in layers:
         if layer > len(blocks):
@@ -302,12 +351,12 @@ def planned_modules(model: nn.Module, spec: dict, config) -> dict[str, nn.Module
         shape_a, shape_b = factor_shapes(kind, shapes[kind], spec[kind])
         for layer in sorted(set(layers)):
             for path in paths:
-                full = f"{base}.encoder.layer.{layer - 1}.{path}"
+                full = f"{base}encoder.layer.{layer - 1}.{path}"
                 old = model.get_submodule(full)
                 planned[full] = KroneckerLinear(shape_a, shape_b, bias=old.bias is not None, **kw)
                 planned[full].reset_parameters(config.initializer_range)
     if spec["embeddings"] is not None:
-        full = f"{base}.embeddings.word_embeddings"
+        full = f"{base}embeddings.word_embeddings"
         shape_a, shape_b = factor_shapes("embeddings", (config.vocab_size, config.hidden_size), spec["embeddings"])
         planned[full] = KroneckerEmbedding(config.vocab_size, shape_a, shape_b, config.pad_token_id, **kw)
         planned[full].reset_parameters(config.initializer_range)
@@ -345,9 +394,13 @@ def kroneckerize(model: nn.Module, spec, init: str = "nearest", seed: int = 0) -
     if getattr(model.config, "kronecker", None):
         raise DskdError(f"`{KEY}`: the student is already a KroneckerBERT model")
     config = kronecker_config(model.config, spec)
+    kind = _kind_of(model)
+    if kind is AutoModelForMaskedLM and config.kronecker["embeddings"] is not None:
+        raise DskdError(f"`{KEY}.embeddings` factors the word-embedding table, which the masked-LM head's output "
+                        "projection shares (tied); leave the embeddings dense in a job with masked-LM terms")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        new = CLASSES[model.config.model_type][1](config)
+        new = KINDS_OF_MODEL[model.config.model_type][kind](config)
     new.to(next(model.parameters()).dtype)
     source = model.state_dict()
     state = {}
