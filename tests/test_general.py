@@ -224,6 +224,35 @@ def test_plan_of_a_corpus_job_counts_blocks_steps_and_what_a_cache_would_take(tm
     assert "not used by corpus jobs" in format_plan(plan)
 
 
+def test_model_flops_per_token_by_hand(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dskd.data import CorpusTask
+    from dskd.training import throughput
+
+    def bert(layers):
+        return BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=layers,
+                                          num_attention_heads=2, intermediate_size=16, max_position_embeddings=32))
+
+    student, teacher = bert(1), bert(2)
+
+    def non_embedding(model):
+        return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+    job = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(max_length=16)), model=student,
+                          teacher=SimpleNamespace(model=teacher), task=CorpusTask(True, 0.15))
+    expected = (6 * non_embedding(student) + 12 * 1 * 8 * 16 + 2 * non_embedding(teacher) + 4 * 2 * 8 * 16
+                + 0.15 * (6 * 100 * 8 + 2 * 100 * 8))
+    assert throughput.flops_per_token(job) == pytest.approx(expected)
+    monkeypatch.setenv("DSKD_PEAK_TFLOPS", "2")
+    out = throughput.scalars(1000.0, 1e9, torch.device("cpu"), torch.float32)
+    assert out["train/model_tflops"] == pytest.approx(1.0) and out["train/mfu"] == pytest.approx(0.5)
+    monkeypatch.delenv("DSKD_PEAK_TFLOPS")
+    assert "train/mfu" not in throughput.scalars(1000.0, 1e9, torch.device("cpu"), torch.float32)
+
+
 # ------------------------------------------------------------------ real runs
 
 
@@ -236,6 +265,13 @@ def test_corpus_run_resumes_mid_stream_exactly_and_its_export_starts_a_task_stag
     assert {"loss/mlm_kd", "loss/hidden_cosine", "loss/attention_kl"} <= set(metrics)
     assert metrics["loss"] == pytest.approx(sum(metrics[f"loss/{t}"] for t in ("mlm_kd", "hidden_cosine",
                                                                                   "attention_kl")))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(full / "tensorboard"))
+    board.Reload()
+    tags = board.Tags()["scalars"]
+    assert {"train/tokens_per_s", "train/model_tflops", "eval/mlm_accuracy", "eval/loss/mlm_kd"} <= set(tags)
+    assert all(e.value > 0 for e in board.Scalars("train/tokens_per_s"))
     _ok(run_dskd(["distill", "--config", cfg, "--output", cut, "--set", "training.halt_after_steps=6"], session_tmp))
     _ok(run_dskd(["distill", "--config", cfg, "--output", cut, "--resume"], session_tmp))
     assert_same_run(full, cut)
