@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -130,6 +132,12 @@ def dskd_loop(teacher, student, batch, training: TrainingConfig, total: int, ds_
     return step
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -149,8 +157,6 @@ def memory_child(args) -> None:
     base = _status_kb("VmRSS")
     step()
     print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024}), flush=True)
-    import os
-
     os._exit(0)
 
 
@@ -201,7 +207,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--kernel", kernel, "--memory-seq", str(args.memory_seq),
                    "--batch", str(args.memory_batch), "--hidden", str(args.hidden), "--heads", str(args.heads),
                    "--teacher-layers", str(args.teacher_layers), "--deepspeed", args.deepspeed]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            env = dict(os.environ, MASTER_PORT=str(_free_port()))  # this process holds the default port
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"memory run ({kernel}) failed:\n{proc.stderr[-3000:]}")
+            out = proc.stdout
             peaks[kernel] = round(json.loads(out.strip().splitlines()[-1])["peak_mb"], 1)
         result["peak_step_mb_at_memory_seq"] = peaks
     emit(result, args)
