@@ -10,7 +10,9 @@ row (student copied from the fine-tuned teacher's layers; ``bench/results.py``) 
 3-layer student with the same task stage. KroneckerBERT: its docs/results.md recipe
 (``configs/results/kroneckerbert.yaml``: internal KD, then soft labels, both on the task's data)
 started from a Kronecker-factored student distilled on WikiText-2 (``kronecker_l3``), against the
-same recipe started from the nearest Kronecker product of the fine-tuned teacher's layers.
+same recipe started from the nearest Kronecker product of the fine-tuned teacher's layers. CoDIR:
+its fine-tuning recipe (``configs/results/codir.yaml``) started from a student distilled with the
+contrastive term on WikiText-2 (``codir_l3``).
 Finished runs are kept, so the script can be
 stopped and restarted; every command is printed before it runs.
 
@@ -34,10 +36,12 @@ GENERAL = {  # stage-1 run name -> recipe
     "minilm_l3": "configs/general/minilm_l3.yaml",
     "minilm_l3_random": "configs/general/minilm_l3_random.yaml",
     "kronecker_l3": "configs/general/kronecker_l3.yaml",
+    "codir_l3": "configs/general/codir_l3.yaml",
 }
 RANDOM_ARCH = ["student.init_from_teacher=false", "student.layers=null",
                "student.arch={layers: 3, hidden: 384, heads: 12, intermediate: 1536}"]
-SOFT_KD, KRONECKER = "configs/results/soft_kd.yaml", "configs/results/kroneckerbert.yaml"
+SOFT_KD, KRONECKER, CODIR = ("configs/results/soft_kd.yaml", "configs/results/kroneckerbert.yaml",
+                             "configs/results/codir.yaml")
 ROWS = {  # row -> (label, stage-1 run or None, task-stage recipe, extra --set of the task stage)
     "single_stage": ("soft-label KD, student copied from the fine-tuned teacher (no stage 1)", None, SOFT_KD, []),
     "general_init": ("stage 1 (init from teacher layers 2, 4, 6), then soft-label KD", "minilm_l3", SOFT_KD, []),
@@ -46,9 +50,11 @@ ROWS = {  # row -> (label, stage-1 run or None, task-stage recipe, extra --set o
     "kronecker_single": ("KroneckerBERT, both stages on the task's data (docs/results.md's row)", None, KRONECKER, []),
     "kronecker_general": ("KroneckerBERT, stage 1 on WikiText-2, then its task recipe", "kronecker_l3", KRONECKER,
                           ["student.kronecker=null"]),
+    "codir_single": ("CoDIR fine-tuning form only (docs/results.md's row)", None, CODIR, []),
+    "codir_general": ("CoDIR pre-training form on WikiText-2, then CoDIR fine-tuning", "codir_l3", CODIR, []),
 }
 # Rows whose runs bench/results.py makes (same directory, same command): not launched here.
-FROM_RESULTS = {"single_stage": "soft_kd", "kronecker_single": "kroneckerbert"}
+FROM_RESULTS = {"single_stage": "soft_kd", "kronecker_single": "kroneckerbert", "codir_single": "codir"}
 
 
 def general_dir(root: Path, name: str) -> Path:

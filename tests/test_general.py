@@ -324,6 +324,18 @@ def test_kroneckerbert_general_student_hands_over_to_the_task_stage(tmp_path, se
     assert "`student.kronecker.embeddings` factors the word-embedding table" in _refused(tmp_path, session_tmp, mlm)
 
 
+def test_codir_pre_training_form_draws_negatives_from_other_blocks(tmp_path, session_tmp):
+    losses = {"codir": {"weight": 1.0, "negatives": "random", "pool": "mean", "k": 8}}
+    out = tmp_path / "codir"
+    _ok(run_dskd(["distill", "--config", _config(tmp_path, losses=losses), "--output", out, "--set",
+                  "training.epochs=0.5"], session_tmp))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loss/codir"] > 0 and metrics["neg_loss"] == -metrics["loss/codir"]
+    labelled = _config(tmp_path, "labelled.yaml", losses={"codir": {"weight": 1.0}})
+    assert "`losses.codir.negatives: label` draws negatives with another label" in _refused(tmp_path, session_tmp,
+                                                                                          labelled)
+
+
 @pytest.mark.slow
 def test_corpus_run_on_two_ranks_zero2_and_zero3_agree(tmp_path, session_tmp):
     """ZeRO-3 partitions the tied vocabulary projection the masked-LM terms read outside its

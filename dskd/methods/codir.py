@@ -26,7 +26,8 @@ Two memory banks [N_train, dim] hold momentum-averaged z_s (``memory_s``) and z_
 Negatives (``negatives``): ``label`` draws K training examples whose label differs from the
 anchor's, without replacement when the pool is large enough (as the released code);
 ``random`` draws K uniformly among all other training examples, with replacement, for
-regression tasks and unlabeled (pre-training-stage) data, where labels cannot define them.
+regression tasks and unlabeled data: CoDIR's pre-training form on corpus blocks
+(docs/general.md), where labels cannot define them.
 
 Distributed consistency: every rank sees other examples, yet the banks must stay
 identical. After scoring, each rank all-gathers (index, z_s, z_t) of its batch, and every
@@ -138,9 +139,15 @@ class CoDIR(LayerwiseTerm):
 
     def bind_job(self, job, key: str) -> None:
         """The memory banks are keyed by the training set's dataset indices."""
-        train = job.train_set.data
-        self.bind_data(torch.as_tensor(train.column("label").to_numpy()),
-                       torch.as_tensor(train.column("idx").to_numpy()).long(), job.task.is_regression, job.cfg.seed)
+        train = job.train_set.with_format("numpy")  # through the index mapping of a `select`ed split
+        if "label" not in job.train_set.column_names:  # a corpus job: blocks have no label
+            if self.negatives == "label":
+                raise DskdError(f"`{key}.negatives: label` draws negatives with another label, and corpus blocks have "
+                                "none; set `negatives: random` (CoDIR's pre-training form, docs/general.md)")
+            labels = torch.zeros(len(train), dtype=torch.long)
+        else:
+            labels = torch.as_tensor(train["label"])
+        self.bind_data(labels, torch.as_tensor(train["idx"]).long(), job.task.is_regression, job.cfg.seed)
 
     def bind_data(self, labels: torch.Tensor, idx: torch.Tensor, is_regression: bool, seed: int) -> None:
         """Size the banks for the training set and build the negative pools; check the setup."""
@@ -183,10 +190,9 @@ class CoDIR(LayerwiseTerm):
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.step) * 9_973 + rank)
-        idx, labels = idx.cpu(), labels.cpu()
         if self.negatives == "label":
-            return sample_label_negatives(labels, self.pools, self.k, generator)
-        return sample_random_negatives(idx, self.n, self.k, generator)
+            return sample_label_negatives(labels.cpu(), self.pools, self.k, generator)
+        return sample_random_negatives(idx.cpu(), self.n, self.k, generator)  # labels: None on corpus blocks
 
     def _normaliser(self, name: str, anchor, bank, candidates) -> torch.Tensor:
         """Z, fixed at the first training batch from that batch's mean exp-score, averaged over ranks."""
