@@ -182,6 +182,31 @@ def _refused(tmp_path, session_tmp, cfg, command="distill"):
     return errors[0]
 
 
+def test_a_corpus_file_that_is_not_utf8_is_named_and_nothing_is_written(tmp_path, session_tmp):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
+    line = _refused(tmp_path, session_tmp, _config(tmp_path, **{"data.corpus.files": [str(bad)]}))
+    assert str(bad) in line and "is not UTF-8 (byte 3)" in line
+
+
+def test_streamed_corpus_gives_the_blocks_of_the_in_memory_one(tmp_path, monkeypatch):
+    import datasets
+
+    from dskd.config import CorpusConfig
+    from dskd.data.corpus import load_corpus
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    tok = _tokenizer()
+    runs = {}
+    for streaming in (False, True):
+        fingerprints = {}
+        train, held = load_corpus(CorpusConfig(files=["pkg://corpus-sample"], streaming=streaming, held_out=0.1),
+                                  tok, 48, fingerprints)
+        runs[streaming] = (train["input_ids"], held["input_ids"], train["idx"], fingerprints)
+    assert runs[False][0] == runs[True][0] and runs[False][1] == runs[True][1] and runs[False][2] == runs[True][2]
+    assert runs[False][3] == runs[True][3] and runs[False][3]["train"]["examples"] == len(runs[False][0])
+
+
 def test_masked_lm_kd_from_a_teacher_without_a_head_is_refused_by_name(tmp_path, session_tmp):
     from transformers import BertConfig, BertModel
 
