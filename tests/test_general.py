@@ -362,7 +362,7 @@ def test_codir_pre_training_form_draws_negatives_from_other_blocks(tmp_path, ses
 
 
 @pytest.mark.slow
-def test_corpus_run_on_two_ranks_zero2_and_zero3_agree(tmp_path, session_tmp):
+def test_corpus_run_on_two_ranks_zero2_zero3_and_bf16_agree(tmp_path, session_tmp):
     """ZeRO-3 partitions the tied vocabulary projection the masked-LM terms read outside its
     module (registered as an external parameter): both stages must train the same weights."""
     from safetensors.torch import load_file
@@ -380,3 +380,11 @@ def test_corpus_run_on_two_ranks_zero2_and_zero3_agree(tmp_path, session_tmp):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=2e-5), key
+    # bf16 under ZeRO-3: the vocabulary kernel computes in fp32 and hands bf16 gradients back.
+    out = tmp_path / "zero3_bf16"
+    _ok(run_dskd(["distill", "--config", cfg, "--output", out, "--deepspeed", "ds_configs/zero3_bf16.json"],
+                 session_tmp, nproc=2))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "run.json").read_text())["dtype"] == "bfloat16"
+    assert abs(metrics["loss/mlm_kd"] - json.loads((tmp_path / "zero2_fp32" / "metrics.json").read_text())[
+        "loss/mlm_kd"]) < 0.1
