@@ -166,6 +166,8 @@ def test_hidden_cosine_is_one_minus_cos_over_real_tokens_of_the_top_layer():
     ({"data.corpus.mask_probability": 1.5}, "data.corpus.mask_probability"),
     ({"teacher.cache": "x"}, "`teacher.cache` serves GLUE jobs only"),
     ({"student.init": "somewhere"}, "`student.layers` cannot be combined with `student.init`"),
+    ({"training.warmup_steps": -1}, "training.warmup_steps"),
+    ({"schedule": [{"name": "a", "steps": 2}], "training.max_steps": 5}, "`training.max_steps` sets the length"),
 ])
 def test_corpus_config_mistakes_are_named(tmp_path, overrides, message):
     with pytest.raises(DskdError, match=message.replace("(", r"\(").replace("`", "`")):
@@ -231,6 +233,16 @@ def test_masked_lm_terms_in_a_glue_job_and_finetune_on_a_corpus_are_refused(tmp_
     assert "`losses.mlm_ce` is a masked-LM term of corpus jobs" in _refused(tmp_path, session_tmp, glue)
     assert "`dskd finetune` trains a teacher on a labelled task" in _refused(tmp_path, session_tmp,
                                                                            _config(tmp_path), "finetune")
+
+
+def test_max_steps_and_warmup_steps_set_the_schedule():
+    from dskd.config import TrainingConfig
+    from dskd.training.stages import lr_factor, plan_stages
+
+    training = TrainingConfig(epochs=5, max_steps=40, warmup_steps=4)
+    stages = plan_stages([], {"mlm_kd": {"weight": 1.0}}, training, steps_per_epoch=7)
+    assert stages[-1].end == 40
+    assert [lr_factor(s, stages, training) for s in (0, 2, 4, 22, 40)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 
 def test_plan_of_a_corpus_job_counts_blocks_steps_and_what_a_cache_would_take(tmp_path, monkeypatch):

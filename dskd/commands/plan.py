@@ -188,7 +188,7 @@ def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, w
         "corpus": {"train_blocks": len(train_set), "held_out_blocks": len(held_out), "block_length": length,
                    "train_tokens": len(train_set) * length, "global_batch_blocks": batch,
                    "tokens_per_step": batch * length, "steps_per_epoch": steps_per_epoch,
-                   "steps": int(steps_per_epoch * training.epochs), "mapped_pairs": [list(p) for p in pairs]},
+                   "steps": training.max_steps or int(steps_per_epoch * training.epochs), "mapped_pairs": [list(p) for p in pairs]},
         "cache": {"written": False, "dtype": store_dtype, "bytes_per_block": per_block,
                   "bytes_for_the_corpus": {k: v * len(train_set) for k, v in per_block.items()}},
         "memory_per_rank": {

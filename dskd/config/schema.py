@@ -207,11 +207,15 @@ class SwaConfig:
 @dataclass
 class TrainingConfig:
     epochs: float = 3.0
+    # Length in optimizer steps instead of epochs (a corpus job's budget); replaces `epochs`
+    # when set. Without a schedule only: stages set their own length.
+    max_steps: Optional[int] = None
     batch_size: int = 32  # per rank and micro-step
     grad_accum: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    warmup_steps: Optional[int] = None  # warm-up in optimizer steps; replaces warmup_ratio when set
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     save_every: int = 0  # optimizer steps; 0 = at the end of each epoch

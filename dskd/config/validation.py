@@ -50,13 +50,18 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints"):
             if hasattr(obj, name) and getattr(obj, name) < 1:
                 fail(f"`{section}.{name}` must be at least 1, got {getattr(obj, name)}")
-        for name in ("train_limit", "dev_limit", "halt_after_steps"):
+        for name in ("train_limit", "dev_limit", "halt_after_steps", "max_steps"):
             value = getattr(obj, name, None)
             if value is not None and value < 1:
                 fail(f"`{section}.{name}` must be at least 1 (or null), got {value}")
         for name in ("epochs", "lr"):
             if hasattr(obj, name) and getattr(obj, name) <= 0:
                 fail(f"`{section}.{name}` must be positive, got {getattr(obj, name)}")
+        if getattr(obj, "warmup_steps", None) is not None and obj.warmup_steps < 0:
+            fail(f"`{section}.warmup_steps` must be 0 or more (or null), got {obj.warmup_steps}")
+        if getattr(obj, "max_steps", None) is not None and section == "training" and cfg.schedule:
+            fail("`training.max_steps` sets the length of a run without a schedule; with `schedule`, give each "
+                 "stage its `steps` instead")
         if hasattr(obj, "warmup_ratio") and not 0 <= obj.warmup_ratio < 1:
             fail(f"`{section}.warmup_ratio` must be in [0, 1), got {obj.warmup_ratio}")
         swa = getattr(obj, "swa", None)

@@ -37,7 +37,7 @@ def plan_stages(specs: list, losses: dict[str, dict], training: TrainingConfig, 
     """
     default_weights = {name: float(spec["weight"]) for name, spec in losses.items()}
     if not specs:
-        total = max(1, math.ceil(training.epochs * steps_per_epoch))
+        total = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
         return [Stage("train", 0, total, {k: w for k, w in default_weights.items() if w > 0})]
     stages, start = [], 0
     for spec in specs:
@@ -85,7 +85,8 @@ def lr_factor(step: int, stages: list[Stage], training: TrainingConfig, methods=
         stage = next((s for s in stages if s.start <= step < s.end), stages[-1])
         start, end = stage.start, stage.end
     length, local = max(end - start, 1), step - start
-    warmup = int(training.warmup_ratio * length)
+    warmup = min(training.warmup_steps, length) if training.warmup_steps is not None \
+        else int(training.warmup_ratio * length)
     if local < warmup:
         return local / max(1, warmup)
     return max(0.0, (length - local) / max(1, length - warmup))
