@@ -6,6 +6,7 @@ starts a task stage (``student.init``)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -299,6 +300,8 @@ def test_corpus_run_resumes_mid_stream_exactly_and_its_export_starts_a_task_stag
     _ok(run_dskd(["distill", "--config", cfg, "--output", full], session_tmp))
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["task"] == "corpus" and 0 <= metrics["mlm_accuracy"] <= 1
+    # The teacher's held-out masked-LM CE: a random tiny BERT predicts nearly uniformly over 30,522 words.
+    assert metrics["teacher"]["mlm_ce"] == pytest.approx(math.log(30522), abs=0.1)
     assert {"loss/mlm_kd", "loss/hidden_cosine", "loss/attention_kl"} <= set(metrics)
     assert metrics["loss"] == pytest.approx(sum(metrics[f"loss/{t}"] for t in ("mlm_kd", "hidden_cosine",
                                                                                   "attention_kl")))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from dskd import data
+from dskd import data, models
+from dskd.kernels.vocab import vocab_loss
 from dskd.runtime import dist
 from dskd.training import checkpoint
 from dskd.training.module import losses_on
@@ -81,6 +82,27 @@ def held_out_terms(engine, job, batch_size: int) -> dict[str, float]:
             result["mlm_accuracy"] = means[f"{name}/accuracy"]
             result["mlm_ce"] = means[f"{name}/ce"]
     return result
+
+
+def teacher_held_out(job, batch_size: int) -> dict[str, float]:
+    """A corpus job's teacher on the held-out blocks: its masked-LM accuracy and CE at the masked
+    tokens (the bar for the student's ``mlm_accuracy``); empty without masked-LM terms or head."""
+    model = getattr(job.teacher, "model", None)
+    if not getattr(job.task, "mlm", False) or model is None:
+        return {}
+    transform, weight, bias = models.mlm_head(model, "teacher")
+    ce = correct = count = 0.0
+    with torch.no_grad():
+        for batch in data.eval_loader(job.dev_set, job.tokenizer, batch_size, dist.rank(), dist.world_size(),
+                                      job.task.collator(job.tokenizer, -1)):
+            batch = {k: v.to(job.device) for k, v in batch.items()}
+            hidden = models.teacher_outputs(model, batch, frozenset({"last_hidden"}))["last_hidden"]
+            masked = batch["labels"] != -100
+            _, means = vocab_loss(transform(hidden[masked]), weight, bias, batch["labels"][masked])
+            m = float(masked.sum())
+            ce, correct, count = ce + float(means[0]) * m, correct + float(means[2]) * m, count + m
+    ce, correct, count = _sum_over_ranks([ce, correct, count])
+    return {"mlm_accuracy": correct / max(count, 1.0), "mlm_ce": ce / max(count, 1.0)}
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

@@ -25,7 +25,7 @@ from dskd.losses import AttentionKL
 from dskd.training import checkpoint, throughput
 from dskd.training import engine as eng
 from dskd.training.evaluation import (
-    attention_snapshot, evaluate, evaluate_student, format_metrics, held_out_loss, keep_stage_best, mean_over_ranks, restore_stage_best,
+    attention_snapshot, evaluate, evaluate_student, format_metrics, teacher_held_out, held_out_loss, keep_stage_best, mean_over_ranks, restore_stage_best,
 )
 from dskd.training.job import Job
 from dskd.training.module import DistillationModule, train_step
@@ -70,7 +70,7 @@ class RunView:
         """The current teacher's dev metrics (every rank takes part); none for a corpus job."""
         job = self.job
         if job.task.prediction is None:
-            return {}
+            return teacher_held_out(job, self.eval_batch)
         return evaluate(lambda b: job.teacher.outputs(b, frozenset({"logits"}), (), "dev")["logits"], job.dev_set,
                         job.task, job.tokenizer, self.eval_batch, job.device)
 
