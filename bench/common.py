@@ -27,6 +27,16 @@ def add_shape_args(parser, rounds: int, steps: int, warmup: int, hidden: int, he
     parser.add_argument("--student-layers", type=int, default=3)
 
 
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> None:
+    """The tail of a hand-written training step: clip, step, schedule, clear."""
+    import torch
+
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def timed(step, n: int) -> float:
     """Mean seconds per call of ``step`` over ``n`` calls."""
     start = time.perf_counter()

@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 
-from common import add_shape_args, emit, timed  # sets the single-process CPU environment
+from common import add_shape_args, emit, optimizer_step, timed  # sets the single-process CPU environment
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -116,10 +116,7 @@ def plain_loop(teacher, student, batch, training: TrainingConfig, total: int, ma
             kl = (a_t * (a_t.clamp_min(1e-12).log() - a_s.clamp_min(1e-12).log())).sum(-1)  # [B, H, S]
             loss = loss + (kl.mean(1) * real).sum() / real.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(student, optimizer, scheduler, training.max_grad_norm)
         return loss
 
     return step

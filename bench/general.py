@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from results import REPO, TASKS, completed, launch, sets, student_dir, teacher_dir
+from results import REPO, TASKS, _cell, completed, launch, sets, student_dir, teacher_dir
 
 from dskd.data import get_task
 
@@ -127,7 +127,7 @@ def markdown(table: dict) -> str:
         cells = []
         for t in tasks:
             values = table["tasks"][t]["rows"][row]
-            cells.append(f"{100 * sum(values) / len(values):.1f} (n={len(values)})" if values else "-")
+            cells.append(f"{_cell(values)} (n={len(values)})" if values else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

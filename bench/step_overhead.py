@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import add_shape_args, emit, timed  # sets the single-process CPU environment
+from common import add_shape_args, emit, optimizer_step, timed  # sets the single-process CPU environment
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -68,10 +68,7 @@ def plain_loop(teacher, student, batch, training: TrainingConfig, total_steps: i
         kd = F.kl_div(F.log_softmax(zs / t, -1), F.log_softmax(zt / t, -1), reduction="batchmean", log_target=True)
         loss = 0.5 * F.cross_entropy(zs, batch["labels"]) + 0.5 * kd * t * t
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), training.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(student, optimizer, scheduler, training.max_grad_norm)
         return loss
 
     return step
