@@ -159,6 +159,7 @@ class CorpusTask:
     num_labels = 0
     is_regression = False
     prediction = None  # nothing per example is scored: evaluation is the held-out losses
+    units = "held-out blocks"
 
     @property
     def main_metric(self) -> str:

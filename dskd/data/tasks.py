@@ -23,6 +23,7 @@ class TaskSpec:
 
     prediction = "logits"
     model_class = "AutoModelForSequenceClassification"
+    units = "dev examples"  # what the run's opening line counts
 
     name: str
     folder: str
