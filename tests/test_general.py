@@ -164,6 +164,7 @@ def test_hidden_cosine_is_one_minus_cos_over_real_tokens_of_the_top_layer():
     ({"data.train_limit": 10}, "`data.train_limit` is a key of GLUE jobs"),
     ({"data.corpus.held_out": 0}, "data.corpus.held_out"),
     ({"data.corpus.files": []}, "data.corpus.files"),
+    ({"data.corpus.dataset": "wikitext"}, "sets both `files` and `dataset`"),
     ({"data.corpus.mask_probability": 1.5}, "data.corpus.mask_probability"),
     ({"teacher.cache": "x"}, "`teacher.cache` serves GLUE jobs only"),
     ({"student.init": "somewhere"}, "`student.layers` cannot be combined with `student.init`"),
@@ -190,6 +191,13 @@ def test_a_corpus_file_that_is_not_utf8_is_named_and_nothing_is_written(tmp_path
     bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
     line = _refused(tmp_path, session_tmp, _config(tmp_path, **{"data.corpus.files": [str(bad)]}))
     assert str(bad) in line and "is not UTF-8 (byte 3)" in line
+
+
+def test_a_hub_corpus_offline_says_offline(tmp_path, session_tmp):
+    cfg = _config(tmp_path, **{"data.corpus.files": [], "data.corpus.dataset": "wikitext",
+                               "data.corpus.dataset_config": "wikitext-2-raw-v1"})
+    line = _refused(tmp_path, session_tmp, cfg)  # the test environment sets HF_HUB_OFFLINE=1
+    assert "`data.corpus.dataset`: could not load 'wikitext'" in line and "offline" in line
 
 
 def test_streamed_corpus_gives_the_blocks_of_the_in_memory_one(tmp_path, monkeypatch):

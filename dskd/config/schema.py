@@ -69,7 +69,12 @@ class CorpusConfig:
     # .txt (a text unit per line), .jsonl or .parquet files, or folders of them (searched
     # recursively, in sorted order); pkg:// and pypkg:// paths work as elsewhere.
     files: list[str] = field(default_factory=list)
-    text_field: str = "text"  # the field of .jsonl/.parquet records that holds the text
+    # Or a Hugging Face hub dataset (when the network, or a local datasets cache, allows):
+    # its name, config and split, e.g. wikitext / wikitext-103-raw-v1 / train.
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"  # the field of .jsonl/.parquet records (or dataset rows) that holds the text
     # Read the files as a stream: for corpora larger than memory. The blocks are the same.
     streaming: bool = False
     held_out: float = 0.01  # share of the blocks (the corpus's tail) evaluated on, never trained on

@@ -148,9 +148,11 @@ def _validate_student_init(student: StudentConfig, fail) -> None:
 
 def _validate_corpus(cfg: ExperimentConfig, fail) -> None:
     corpus = cfg.data.corpus
-    if not corpus.files:
+    if not corpus.files and corpus.dataset is None:
         fail("`data.corpus.files` is empty; list .txt, .jsonl or .parquet files or folders of them, "
-             "e.g. [../shared/data/corpus/wikitext-2]")
+             "e.g. [../shared/data/corpus/wikitext-2] (or name a hub dataset in `data.corpus.dataset`)")
+    if corpus.files and corpus.dataset is not None:
+        fail("`data.corpus` sets both `files` and `dataset`; read one corpus (local files or a hub dataset)")
     if not 0 <= corpus.held_out < 1:
         fail(f"`data.corpus.held_out` is the share of blocks held out for evaluation; it must be in [0, 1), "
              f"got {corpus.held_out}")

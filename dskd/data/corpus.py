@@ -219,33 +219,65 @@ def corpus_fingerprint(files: list[Path], tokenizer_name: str, max_length: int) 
     return digest.hexdigest()[:16]
 
 
-def _materialise(blocks):
+def _materialise(blocks, identity: str):
     """A streamed corpus's blocks as a memory-mapped ``datasets`` table: random access for the
-    seeded batch order and an exact resume, without ever holding the raw text."""
+    seeded batch order and an exact resume, without ever holding the raw text. ``identity``
+    (the corpus's fingerprint) keys the table in the ``datasets`` cache, so a changed file is
+    packed again."""
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "attention_mask": datasets.Sequence(datasets.Value("int8")),
                                   "idx": datasets.Value("int64")})
-    return datasets.Dataset.from_generator(_rows, gen_kwargs={"blocks": blocks}, features=features)
+    return datasets.Dataset.from_generator(_rows, gen_kwargs={"blocks": blocks, "identity": identity},
+                                           features=features)
 
 
-def _rows(blocks):
+def _rows(blocks, identity: str):
+    del identity  # only part of the cache key
     yield from blocks
+
+
+def read_hub_corpus(corpus_cfg):
+    """``data.corpus.dataset``: text units of a Hugging Face hub dataset (when the network or a
+    local ``datasets`` cache allows)."""
+    key = "data.corpus.dataset"
+    try:
+        corpus = datasets.load_dataset(corpus_cfg.dataset, corpus_cfg.dataset_config, split=corpus_cfg.split,
+                                       streaming=corpus_cfg.streaming)
+    except Exception as exc:  # datasets raises many types for a missing name, config or network
+        offline = datasets.config.HF_HUB_OFFLINE or "offline" in str(exc).lower()
+        why = "the hub is not reachable (offline mode: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); give local files " \
+              "in data.corpus.files" if offline else str(exc).splitlines()[0]
+        raise DskdError(f"`{key}`: could not load {corpus_cfg.dataset!r} (config {corpus_cfg.dataset_config!r}, "
+                        f"split {corpus_cfg.split!r}): {why}") from None
+    columns = list(corpus.features or {}) if corpus_cfg.streaming else corpus.column_names
+    if corpus_cfg.text_field not in columns:
+        raise DskdError(f"`data.corpus.text_field` is {corpus_cfg.text_field!r}, but {corpus_cfg.dataset} has the "
+                        f"fields {', '.join(columns)}")
+    corpus = corpus.select_columns([corpus_cfg.text_field])
+    if corpus_cfg.text_field != "text":
+        corpus = corpus.rename_column(corpus_cfg.text_field, "text")
+    return corpus.filter(lambda row: bool(row["text"] and row["text"].strip()))
 
 
 def load_corpus(corpus_cfg, tokenizer, max_length: int, fingerprints: dict | None = None):
     """(training blocks, held-out blocks) of ``data.corpus``. ``fingerprints``, when given, gets
     the number of blocks and the corpus's identity."""
-    files = corpus_files(corpus_cfg.files, "data.corpus.files")
-    text = read_corpus(corpus_cfg.files, corpus_cfg.text_field, corpus_cfg.streaming, "data.corpus.files")
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if corpus_cfg.dataset is not None:
+        text = read_hub_corpus(corpus_cfg)
+        identity = hashlib.sha256(f"{corpus_cfg.dataset}/{corpus_cfg.dataset_config}/{corpus_cfg.split}/{name}/"
+                                  f"{max_length}".encode()).hexdigest()[:16]
+    else:
+        files = corpus_files(corpus_cfg.files, "data.corpus.files")
+        text = read_corpus(corpus_cfg.files, corpus_cfg.text_field, corpus_cfg.streaming, "data.corpus.files")
+        identity = corpus_fingerprint(files, name, max_length)
     blocks = pack_corpus(text, tokenizer, max_length)
     if corpus_cfg.streaming:
-        blocks = _materialise(blocks)
-    train, held_out = split_held_out(blocks, corpus_cfg.held_out, "data.corpus.files")
+        blocks = _materialise(blocks, identity)
+    train, held_out = split_held_out(blocks, corpus_cfg.held_out, "data.corpus")
     if corpus_cfg.max_blocks is not None and corpus_cfg.max_blocks < len(train):
         train = train.select(range(corpus_cfg.max_blocks))
     if fingerprints is not None:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        identity = corpus_fingerprint(files, name, max_length)
         fingerprints["train"] = {"examples": len(train), "hash": identity}
         fingerprints["dev"] = {"examples": len(held_out), "hash": identity}
     return train, held_out
