@@ -156,15 +156,16 @@ def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], c
         if want_v:
             capture.hook_values()
         capture.active = set(layers)
-    # Without `logits` (corpus jobs) only the encoder runs: a masked-LM head would otherwise
-    # project every token onto the vocabulary; the masked-LM terms apply it to masked tokens only.
-    runner = model if "logits" in needs else getattr(model, model.base_model_prefix, model)
+    # A masked-LM head would project every token onto the vocabulary: unless `logits` are asked
+    # for, only the encoder runs (the masked-LM terms apply the head to masked tokens only).
+    vocabulary_head = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+    runner = getattr(model, model.base_model_prefix, model) if vocabulary_head and "logits" not in needs else model
     try:
         out = runner(**inputs, output_hidden_states=bool(layers) and bool(needs & set(STATES)))
     finally:
         if capture is not None:
             capture.active = set()
-    result = {"logits": out["logits"]} if "logits" in needs else {}
+    result = {"logits": out["logits"]} if "logits" in out else {}
     if "last_hidden" in needs:
         result["last_hidden"] = out["last_hidden_state"]
     if layers and "cls" in needs:
