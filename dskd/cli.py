@@ -183,6 +183,10 @@ def _evaluate(args) -> dict:
     from dskd.training.evaluation import evaluate
 
     cfg = load_experiment(args.config, args.overrides)
+    if cfg.data.corpus is not None:
+        raise DskdError(f"--config {args.config} is a corpus job (data.corpus); `dskd evaluate` scores a model on a "
+                        "GLUE task's dev set. A corpus run's held-out metrics are in its metrics.json; to score a "
+                        "general student on a task, fine-tune or distil it first (student.init)")
     task = data.get_task(cfg.data.task)
     source = TeacherConfig(path=args.model)
     tokenizer = models.load_tokenizer(source, key="--model")

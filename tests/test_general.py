@@ -235,6 +235,11 @@ def test_block_length_beyond_the_teachers_positions_is_refused(tmp_path, session
     assert "`data.max_length` is 600, but the teacher has 512 positions" in _refused(tmp_path, session_tmp, cfg)
 
 
+def test_evaluate_with_a_corpus_config_is_refused(tmp_path, session_tmp):
+    proc = run_dskd(["evaluate", "--model", tmp_path, "--config", _config(tmp_path)], session_tmp)
+    assert proc.returncode != 0 and "is a corpus job (data.corpus); `dskd evaluate` scores" in proc.stderr
+
+
 def test_masked_lm_terms_in_a_glue_job_and_finetune_on_a_corpus_are_refused(tmp_path, session_tmp):
     from conftest import write_config
 
