@@ -176,6 +176,12 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
+def _glue_only(cfg, config: str, command: str, why: str) -> None:
+    """Commands of GLUE jobs refuse a corpus config (data.corpus) with what they do instead."""
+    if cfg.data.corpus is not None:
+        raise DskdError(f"--config {config} is a corpus job (data.corpus); `dskd {command}` {why}")
+
+
 def _evaluate(args) -> dict:
     from dskd import data, models
     from dskd.config import TeacherConfig
@@ -183,10 +189,9 @@ def _evaluate(args) -> dict:
     from dskd.training.evaluation import evaluate
 
     cfg = load_experiment(args.config, args.overrides)
-    if cfg.data.corpus is not None:
-        raise DskdError(f"--config {args.config} is a corpus job (data.corpus); `dskd evaluate` scores a model on a "
-                        "GLUE task's dev set. A corpus run's held-out metrics are in its metrics.json; to score a "
-                        "general student on a task, fine-tune or distil it first (student.init)")
+    _glue_only(cfg, args.config, "evaluate", "scores a model on a GLUE task's dev set. A corpus run's held-out "
+               "metrics are in its metrics.json; to score a general student on a task, fine-tune or distil it first "
+               "(student.init)")
     task = data.get_task(cfg.data.task)
     source = TeacherConfig(path=args.model)
     tokenizer = models.load_tokenizer(source, key="--model")
@@ -244,6 +249,8 @@ def _cache_teacher(args) -> int:
     from dskd.training import engine
 
     cfg = load_experiment(args.config, args.overrides)
+    _glue_only(cfg, args.config, "cache-teacher", "stores a teacher's outputs on a GLUE task; a corpus job runs its "
+               "teacher online (docs/general.md, 'Teacher cache')")
     manifest = cache_teacher(cfg, args.output, args.deepspeed, args.dtype, args.batch_size, args.overwrite,
                                    sys.argv)
     if engine.rank() == 0:
@@ -262,6 +269,7 @@ def _augment(args) -> int:
     from dskd.methods.glitter_pool import augment
 
     cfg = load_experiment(args.config, args.overrides)
+    _glue_only(cfg, args.config, "augment", "writes Glitter's candidates of a GLUE task's training examples")
     manifest = augment(cfg, args.output, args.candidates, args.seed, args.method, args.alpha, args.ops,
                        args.mask_rate, args.top_k, args.overwrite, sys.argv)
     print(f"candidate pool: {args.output} ({manifest['source']['examples']} examples x {manifest['candidates']} "
@@ -276,6 +284,7 @@ def _train_probes(args) -> int:
     from dskd.methods.universal_probes import train_probes
 
     cfg = load_experiment(args.config, args.overrides)
+    _glue_only(cfg, args.config, "train-probes", "fits Universal-KD's pseudo-classifiers on a GLUE task's labels")
     manifest = train_probes(cfg, args.output, args.batch_size, args.epochs, args.lr, args.fit_batch_size,
                             args.layers, args.overwrite, sys.argv)
     for layer, accuracy in manifest["dev_accuracy"].items():

@@ -235,9 +235,14 @@ def test_block_length_beyond_the_teachers_positions_is_refused(tmp_path, session
     assert "`data.max_length` is 600, but the teacher has 512 positions" in _refused(tmp_path, session_tmp, cfg)
 
 
-def test_evaluate_with_a_corpus_config_is_refused(tmp_path, session_tmp):
-    proc = run_dskd(["evaluate", "--model", tmp_path, "--config", _config(tmp_path)], session_tmp)
-    assert proc.returncode != 0 and "is a corpus job (data.corpus); `dskd evaluate` scores" in proc.stderr
+@pytest.mark.parametrize("command", [["evaluate", "--model", "x"], ["cache-teacher", "--output", "x"],
+                                     ["augment", "--output", "x"], ["train-probes", "--output", "x"]])
+def test_glue_commands_refuse_a_corpus_config(tmp_path, command, capsys):
+    from dskd.cli import main
+
+    assert main([command[0], "--config", _config(tmp_path), *command[1:]]) != 0
+    assert f"is a corpus job (data.corpus); `dskd {command[0]}`" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_masked_lm_terms_in_a_glue_job_and_finetune_on_a_corpus_are_refused(tmp_path, session_tmp):
