@@ -25,7 +25,8 @@ from dskd.losses import AttentionKL
 from dskd.training import checkpoint, throughput
 from dskd.training import engine as eng
 from dskd.training.evaluation import (
-    attention_snapshot, evaluate, evaluate_student, format_metrics, teacher_held_out, held_out_loss, keep_stage_best, mean_over_ranks, restore_stage_best,
+    attention_snapshot, evaluate, evaluate_student, format_metrics, held_out_loss, keep_stage_best, mean_over_ranks,
+    restore_stage_best, teacher_held_out,
 )
 from dskd.training.job import Job
 from dskd.training.module import DistillationModule, train_step
@@ -67,7 +68,8 @@ class RunView:
         return self.stages[-1].end
 
     def evaluate_teacher(self) -> dict[str, float]:
-        """The current teacher's dev metrics (every rank takes part); none for a corpus job."""
+        """The current teacher's dev metrics (every rank takes part); a corpus job's: its held-out
+        masked-LM metrics, where it has a head."""
         job = self.job
         if job.task.prediction is None:
             return teacher_held_out(job, self.eval_batch)
@@ -195,7 +197,7 @@ def run(job: Job, argv: list[str]) -> dict:
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()
-            tokens += int(batch["attention_mask"].sum())
+            tokens = tokens + batch["attention_mask"].sum()  # a tensor: no device sync per micro-step
             micro_count += 1
             state["batch_in_epoch"] += 1
             if state["batch_in_epoch"] % training.grad_accum:
