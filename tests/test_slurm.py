@@ -57,7 +57,7 @@ def test_a_two_task_job_completes_with_both_ranks(cluster, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = _submit(cluster, log, "--config", "configs/tiny.yaml", "--output", out)
     state = cluster.wait(job, timeout=300)
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert state["JobState"] == "COMPLETED", text[-3000:]
     assert "[launch] srun: 2 rank(s), this is rank 0 (local 0), master" in text
     run = json.loads((out / "run.json").read_text())
@@ -72,14 +72,14 @@ def test_a_signalled_job_requeues_resumes_and_finishes_every_step(cluster, tmp_p
                   "--set", "training.save_every=1000")
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until the first run is training (its progress bar shows step 10+)
-        if log.is_file() and any(f"| {n}/128" in log.read_text() for n in range(10, 60)):
+        if log.is_file() and any(f"| {n}/128" in log.read_text(errors="replace") for n in range(10, 60)):
             break
         time.sleep(0.5)
     else:
-        pytest.fail(f"the job did not start training: {log.read_text()[-2000:] if log.is_file() else 'no log'}")
+        pytest.fail(f"the job did not start training: {log.read_text(errors="replace")[-2000:] if log.is_file() else 'no log'}")
     cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
     state = cluster.wait(job, timeout=400)
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
     assert "[preempt] SIGUSR1: checkpoint at step" in text and "requeueing job" in text
     assert text.count("[launch] srun: 2 rank(s)") == 2
@@ -100,14 +100,14 @@ def test_a_corpus_job_from_the_general_template_requeues_and_resumes_mid_stream(
     job = proc.stdout.strip().split(";")[0]
     deadline = time.time() + 240
     while time.time() < deadline:
-        if log.is_file() and any(f"| {n}/78" in log.read_text() for n in range(6, 50)):
+        if log.is_file() and any(f"| {n}/78" in log.read_text(errors="replace") for n in range(6, 50)):
             break
         time.sleep(0.5)
     else:
-        pytest.fail(f"the job did not start training: {log.read_text()[-2000:] if log.is_file() else 'no log'}")
+        pytest.fail(f"the job did not start training: {log.read_text(errors="replace")[-2000:] if log.is_file() else 'no log'}")
     cluster.run("scancel", "--signal=USR1", job)
     state = cluster.wait(job, timeout=400)
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
     assert "[preempt] SIGUSR1: checkpoint at step" in text and "[resume] continuing from checkpoint" in text
     metrics = json.loads((out / "metrics.json").read_text())
