@@ -76,7 +76,7 @@ def test_a_signalled_job_requeues_resumes_and_finishes_every_step(cluster, tmp_p
             break
         time.sleep(0.5)
     else:
-        pytest.fail(f"the job did not start training: {log.read_text(errors="replace")[-2000:] if log.is_file() else 'no log'}")
+        pytest.fail(f"the job did not start training: {log.read_text(errors='replace')[-2000:] if log.is_file() else 'no log'}")
     cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
     state = cluster.wait(job, timeout=400)
     text = log.read_text(errors="replace")
@@ -104,7 +104,7 @@ def test_a_corpus_job_from_the_general_template_requeues_and_resumes_mid_stream(
             break
         time.sleep(0.5)
     else:
-        pytest.fail(f"the job did not start training: {log.read_text(errors="replace")[-2000:] if log.is_file() else 'no log'}")
+        pytest.fail(f"the job did not start training: {log.read_text(errors='replace')[-2000:] if log.is_file() else 'no log'}")
     cluster.run("scancel", "--signal=USR1", job)
     state = cluster.wait(job, timeout=400)
     text = log.read_text(errors="replace")
