@@ -123,7 +123,7 @@ def collect(args) -> dict:
     table = {"general": {}, "tasks": {}}
     for name in GENERAL:  # the stage-1 runs' held-out metrics
         run = general_dir(args.root, name)
-        if completed(run):
+        if completed(run) and "loss" in json.loads((run / "metrics.json").read_text()):
             table["general"][name] = json.loads((run / "metrics.json").read_text())
     for task in args.tasks:
         teacher = teacher_dir(args.root, task)
@@ -150,6 +150,11 @@ def markdown(table: dict) -> str:
             values = table["tasks"][t]["rows"][row]
             cells.append(f"{_cell(values)} (n={len(values)})" if values else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if table["general"]:
+        lines += ["", "| stage-1 run | steps | held-out loss | per term |", "|---|---|---|---|"]
+        for name, m in table["general"].items():
+            terms = ", ".join(f"{k[len('loss/'):]} {v:.4f}" for k, v in m.items() if k.startswith("loss/"))
+            lines.append(f"| {name} | {m.get('step', '-')} | {m['loss']:.4f} | {terms} |")
     return "\n".join(lines)
 
 
