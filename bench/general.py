@@ -50,10 +50,10 @@ ROWS = {  # row -> (label, stage-1 run or None, task-stage recipe, extra --set o
                         "soft-label KD", "pretrained_copy", SOFT_KD, []),
     "random": ("random init, soft-label KD (no stage 1)", None, SOFT_KD, RANDOM_ARCH),
     "general_random": ("stage 1 (random init), then soft-label KD", "minilm_l3_random", SOFT_KD, []),
-    "kronecker_single": ("KroneckerBERT, both stages on the task's data (docs/results.md's row)", None, KRONECKER, []),
+    "kronecker_single": ("KroneckerBERT, both stages on the task's data (the recipe of the table above, rerun)", None, KRONECKER, []),
     "kronecker_general": ("KroneckerBERT, stage 1 on WikiText-2, then its task recipe", "kronecker_l3", KRONECKER,
                           ["student.kronecker=null"]),
-    "codir_single": ("CoDIR fine-tuning form only (docs/results.md's row)", None, CODIR, []),
+    "codir_single": ("CoDIR fine-tuning form only (the recipe of the table above, rerun)", None, CODIR, []),
     "codir_general": ("CoDIR pre-training form on WikiText-2, then CoDIR fine-tuning", "codir_l3", CODIR, []),
 }
 # Rows that are rows of bench/results.py: the same run folder and command, made by whichever script runs first.
