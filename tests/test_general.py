@@ -156,6 +156,68 @@ def test_hidden_cosine_is_one_minus_cos_over_real_tokens_of_the_top_layer():
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_corpus_terms_equal_the_formulas_written_out_on_the_whole_models():
+    """mlm_kd + hidden_cosine + attention_kl through dskd's module (chunked vocabulary, captured
+    Q/K, no masked-LM head on unmasked tokens) equal the same objective written with
+    transformers alone (full logits, eager attention probabilities), value and gradients."""
+    import torch.nn.functional as F
+
+    from dskd import models
+    from dskd.config import ArchConfig, StudentConfig
+    from dskd.data.corpus import BlockMasker
+    from dskd.losses import LayerGeometry, build_loss_terms
+    from dskd.models.capture import QKCapture
+    from dskd.teacher.online import TeacherSide
+    from dskd.training.module import DistillationModule, losses_on
+
+    arch = ArchConfig(layers=4, hidden=32, heads=4, intermediate=64, dropout=0.0)
+    teacher = models.build_from_arch(arch, 30522, 0, 0, 0, "teacher.arch", "AutoModelForMaskedLM")
+    teacher.config._attn_implementation = "eager"
+    pairs = ((1, 2), (2, 4))
+    student, _ = models.build_student(StudentConfig(teacher_layers=[2, 4]), teacher, 0, 0, 0)
+    teacher = models.freeze(teacher, torch.float32, torch.device("cpu"))
+    tok, batch = _blocks(n=4, length=24)
+    batch = BlockMasker(tok, 0.3, seed=1)(batch, epoch=0)
+    spec = {"mlm_kd": {"weight": 1.0, "temperature": 2.0, "hard_weight": 0.5, "chunk": 7},
+            "hidden_cosine": {"weight": 1.0, "layers": "all"}, "attention_kl": {"weight": 1.0}}
+    geometry = LayerGeometry(pairs, 32, 32, 4, 4, 2, 4)
+    terms = build_loss_terms(spec, geometry)
+    needs = frozenset().union(*(t.needs for t in terms.values()))
+    module = DistillationModule(student, terms, needs, QKCapture(student, [1, 2], "student"))
+    side = TeacherSide(teacher, QKCapture(teacher, [2, 4], "teacher"))
+    class Engine:  # what losses_on needs of a DeepSpeed engine: the module, and calling it
+        def __init__(self, inner):
+            self.module = inner
+
+        def __call__(self, *args):
+            return self.module(*args)
+
+    total, _ = losses_on(Engine(module), side, batch, dict.fromkeys(spec, 1.0), pairs)
+    grads = torch.autograd.grad(total, list(student.parameters()), allow_unused=True)
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    masked, real = batch["labels"] != -100, batch["attention_mask"].float()
+    with torch.no_grad():
+        t = teacher(**inputs, output_hidden_states=True, output_attentions=True)
+    s = student(**inputs, output_hidden_states=True, output_attentions=True)
+    zs, zt = s.logits[masked], t.logits[masked]
+    want = 4.0 * F.kl_div(F.log_softmax(zs / 2, -1), F.log_softmax(zt / 2, -1), reduction="batchmean",
+                          log_target=True) + 0.5 * F.cross_entropy(zs, batch["labels"][masked])
+    for k, (si, ti) in enumerate(pairs):
+        cos = F.cosine_similarity(s.hidden_states[si], t.hidden_states[ti], dim=-1)
+        want = want + ((1 - cos) * real).sum() / real.sum()
+        a_s, a_t = s.attentions[k], t.attentions[ti - 1]
+        kl = (a_t * (a_t.clamp_min(1e-12).log() - a_s.clamp_min(1e-12).log())).sum(-1)
+        want = want + (kl.mean(1) * real).sum() / real.sum()
+    want_grads = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
+    assert float(total) == pytest.approx(float(want), rel=1e-5)
+    for got, ref in zip(grads, want_grads, strict=True):
+        if ref is None:
+            assert got is None or float(got.abs().max()) == 0.0
+        else:
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-3)
+
+
 # ------------------------------------------------------------------ config checks
 
 
