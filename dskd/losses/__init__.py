@@ -16,5 +16,5 @@ from dskd.losses.layers import (  # noqa: F401
     head_groups,
 )
 from dskd.losses.logits import AnnealingKD, ContinuationKD, HardLabelLoss, SoftCrossEntropy, SoftLabelKD  # noqa: F401
-from dskd.losses.mlm import MaskedLMKD, MaskedLMLoss, uses_mlm  # noqa: F401
+from dskd.losses.mlm import MaskedLMKD, MaskedLMLoss, teacher_head_reader, uses_mlm  # noqa: F401
 from dskd.losses.needs import layerwise_losses, mapped_pairs, spec_for  # noqa: F401

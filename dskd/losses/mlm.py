@@ -85,6 +85,8 @@ class MaskedLMKD(_MaskedLMTerm):
     the vocabulary (DistilBERT: 5 x KD + 2 x MLM, i.e. hard_weight 0.4 at weight 5). The teacher
     must have a masked-LM head; a teacher without one is refused when the job is prepared."""
 
+    reads_teacher_head = True  # the teacher must be loaded with its masked-LM head (``teacher_head_reader``)
+
     def __init__(self, temperature: float = 2.0, hard_weight: float = 0.0, kernel: str = "fused",
                  chunk: int = DEFAULT_CHUNK):
         super().__init__(kernel, chunk)
@@ -114,3 +116,12 @@ def uses_mlm(losses: dict[str, dict]) -> bool:
     from dskd.losses.base import LOSS_REGISTRY, term_type
 
     return any(getattr(LOSS_REGISTRY.get(term_type(name, spec)), "mlm", False) for name, spec in losses.items())
+
+
+def teacher_head_reader(losses: dict[str, dict]) -> str | None:
+    """``losses.<name>`` of the first term that reads the teacher's masked-LM head, if any: the
+    teacher is then required to have one (named in the error when it has not)."""
+    from dskd.losses.base import LOSS_REGISTRY, term_type
+
+    return next((f"losses.{name}" for name, spec in losses.items()
+                 if getattr(LOSS_REGISTRY.get(term_type(name, spec)), "reads_teacher_head", False)), None)

@@ -17,7 +17,7 @@ from torch import nn
 from dskd import data, models
 from dskd.config import ExperimentConfig, TrainingConfig, resolve_path
 from dskd.errors import DskdError
-from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for, term_type, uses_mlm
+from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for, teacher_head_reader, uses_mlm
 from dskd.methods import Method, enabled_methods
 from dskd.models.capture import QKCapture
 from dskd.runtime import dist
@@ -115,8 +115,8 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
                         "`teacher.cache` only serves `dskd distill`")
     tokenizer = models.load_tokenizer(cfg.teacher)
     prep, train_set, dev_set = _load_data(cfg, role, task, tokenizer, methods)
-    head_needed_by = next((f"losses.{name}" for name, spec in losses.items() if term_type(name, spec) == "mlm_kd"), None)
-    teacher = load_teacher(cfg, task, tokenizer, for_finetune=role == "finetune", head_needed_by=head_needed_by)
+    teacher = load_teacher(cfg, task, tokenizer, for_finetune=role == "finetune",
+                           head_needed_by=teacher_head_reader(losses))
     check_positions(cfg.data.max_length, teacher.config, "teacher")
     if role == "finetune":
         job = Job(**common, tokenizer=tokenizer, train_set=train_set, dev_set=dev_set, model=teacher, teacher=None,
