@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -207,16 +208,32 @@ def _evaluate(args) -> dict:
 
 def _train(args, role: str) -> int:
     from dskd.methods import load_experiment
-    from dskd.training import engine
+    from dskd.training import engine, run_dir, run_lock
     from dskd.training.job import prepare
     from dskd.training.loop import run
+    from dskd.training.preemption import EXIT_PREEMPTED, StopRequest
 
     cfg = load_experiment(args.config, args.overrides)
-    job = prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
-    result = run(job, sys.argv)
+    stop = StopRequest()  # from here on, SIGTERM/SIGUSR1 stop the run cleanly, even during start-up
+    try:
+        job = prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
+        result = run(job, sys.argv, stop)
+    except DskdError as exc:
+        run_dir.fail(str(exc))
+        raise
+    except OSError as exc:
+        error = DskdError(_io_error(exc, args.output)) if exc.errno in IO_ERRNOS else None
+        run_dir.fail(str(error or f"{type(exc).__name__}: {exc}"))
+        if error is None:
+            raise
+        raise error from None
+    except BaseException as exc:
+        run_dir.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        run_lock.release()
+        stop.restore()
     if result.get("preempted"):
-        from dskd.training.preemption import EXIT_PREEMPTED
-
         return EXIT_PREEMPTED
     if engine.rank() == 0 and not result.get("halted"):
         out = args.output
@@ -227,6 +244,19 @@ def _train(args, role: str) -> int:
         print(f"run folder: {out}  (metrics.json, model/, checkpoints/)")
         print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
     return 0
+
+
+IO_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.ENOTDIR, errno.EACCES, errno.EDQUOT, errno.EIO, errno.EPERM}
+
+
+def _io_error(exc: OSError, out) -> str:
+    """One line for a file system refusing a write: the file, the cause, what to do."""
+    where = exc.filename or out
+    fix = {errno.ENOSPC: "free space there or choose another --output (`dskd plan` estimates a checkpoint's size)",
+           errno.EDQUOT: "your disk quota is used up; free space or choose another --output",
+           errno.EROFS: "the file system is read-only; choose another --output"}.get(
+        exc.errno, "check the path and its permissions, or choose another --output")
+    return f"cannot write {where}: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)}); {fix}"
 
 
 def _plan(args) -> int:
@@ -343,6 +373,16 @@ def run_and_exit() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    exit_file = os.environ.get("DSKD_EXIT_FILE")
+    if exit_file and code in (0, 2, 85):
+        # Under launchers/*.sh: rank 0 reports the code in a file and every rank exits 0, so
+        # torchrun/mpirun print no failure report for a clean stop (an input error, preemption);
+        # the launcher script exits with the reported code. Crashes keep their code, so the
+        # launcher still stops the other ranks.
+        if os.environ.get("RANK", "0") == "0":
+            with open(exit_file, "w") as fh:
+                fh.write(f"{code}\n")
+        code = 0
     # ZeRO-3 runs can abort at interpreter exit in a gloo worker thread after all work
     # is done (notes: 12 of 45 runs); skipping interpreter teardown avoids it.
     os._exit(code)

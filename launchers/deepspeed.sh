@@ -2,6 +2,7 @@
 # dskd under the deepspeed launcher, one node:  launchers/deepspeed.sh 4 distill --config C --output runs/x
 # (several nodes: pass a hostfile, see `deepspeed --help`; under Slurm use slurm/*.sbatch instead.)
 set -euo pipefail
+source "$(dirname "$0")/_ranks.sh"
 if [ $# -lt 2 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
   echo "usage: $0 NPROC <dskd subcommand> [args...]" >&2
   exit 2
@@ -13,4 +14,4 @@ if ! "$python" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() els
   export DS_ACCELERATOR=cpu LOCAL_SIZE="$nproc" GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
 fi
 # --no_local_rank: dskd reads LOCAL_RANK from the environment, not from a --local_rank argument.
-exec "$python" -m deepspeed.launcher.runner --num_gpus "$nproc" --no_local_rank --module dskd "$@"
+run_reporting "$python" -m deepspeed.launcher.runner --num_gpus "$nproc" --no_local_rank --module dskd "$@"

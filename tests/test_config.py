@@ -41,7 +41,7 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
         ({"losses.soft_kd.temprature": 2}, r"unknown key `losses.soft_kd.temprature` for loss 'soft_kd'"),
         ({"losses.soft_kd.temperature": 0}, r"`losses.soft_kd`: temperature must be positive"),
         ({"losses.extra": {"weight": 1}}, r"`losses.extra` has unknown loss type 'extra'"),
-        ({"losses.hard_ce.weight": -1}, r"`losses.hard_ce.weight` must be a non-negative number"),
+        ({"losses.hard_ce.weight": -1}, r"`losses.hard_ce.weight` must be a finite non-negative number"),
         ({"training.warmup_ratio": 1.5}, r"`training.warmup_ratio` must be in \[0, 1\)"),
         ({"data.train_limit": 0}, r"`data.train_limit` must be at least 1"),
         ({"schedule": [{"name": "a", "epochs": 1, "steps": 3}]}, r"`schedule\[0\]` \(a\) needs exactly one of"),

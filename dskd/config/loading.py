@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -85,15 +86,19 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         raise wrong()
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML follows YAML 1.1, which reads `3e-5` (no dot) as a string.
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML follows YAML 1.1, which reads `3e-5` (no dot) as a string.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise wrong()
+        if number is None:
+            raise wrong()
+        if not math.isfinite(number):  # .inf / .nan train to NaN weights and still say "completed"
+            raise DskdError(f"{source}: `{key}` must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -141,6 +146,42 @@ def build_dataclass(cls: type, data: dict, source: str, prefix: str = "") -> Any
     return cls(**kwargs)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently, so half of an edited config would be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DskdError(f"line {key_node.start_mark.line + 1}: key `{key}` is given twice in one mapping "
+                                f"(first on line {seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, flag: str, expected: str):
+    """A YAML file as data, or one error naming the file: missing, a folder, not UTF-8, not
+    YAML, a key given twice."""
+    if path.is_dir():
+        raise DskdError(f"{flag} {path} is a folder; pass {expected}")
+    if not path.is_file():
+        raise DskdError(f"config file {path} does not exist; pass {flag} with {expected}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DskdError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DskdError as exc:
+        raise DskdError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise DskdError(f"{path}: not valid YAML: {exc}") from None
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``--set a.b.c=value`` to the raw mapping; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -149,6 +190,12 @@ def apply_override(raw: dict, assignment: str) -> None:
     parts = dotted.strip().split(".")
     if not all(parts):
         raise DskdError(f"--set {assignment!r}: empty key part in `{dotted}`")
+    try:
+        value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DskdError(f"--set {assignment!r}: the value is not valid YAML ({problem}); quote strings, "
+                        "e.g. --set 'data.path=\"a b\"'") from None
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -157,7 +204,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise DskdError(f"--set {assignment!r}: `{part}` is not a mapping, cannot set `{dotted}`")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
@@ -171,12 +218,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise DskdError(f"config file {p} does not exist; pass --config with a YAML file such as configs/tiny.yaml")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise DskdError(f"{p}: not valid YAML: {exc}") from None
+        loaded = read_yaml(p, "--config", "a YAML file such as configs/tiny.yaml")
         if loaded is not None and not isinstance(loaded, dict):
             raise DskdError(f"{p}: the top level must be a mapping of sections (data, teacher, ...)")
         raw = loaded or {}

@@ -226,6 +226,10 @@ class TrainingConfig:
     save_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     log_every: int = 10  # optimizer steps
     keep_checkpoints: int = 2
+    # How a resume checks a checkpoint against its manifest: every file's SHA-256 (`full`,
+    # about 1 s per GB) or only sizes and presence (`sizes`: catches truncation and deletion,
+    # not flipped bytes). A checkpoint that fails is skipped for the next older one.
+    checkpoint_check: Literal["full", "sizes"] = "full"
     # Stop (as a preempted job would) after this many optimizer steps, after saving a
     # checkpoint; `--resume` continues from there. For time-boxed jobs and tests.
     halt_after_steps: Optional[int] = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dskd.config.schema import ExperimentConfig, StudentConfig
 from dskd.errors import DskdError
 
+MAX_SEED = 2**32 - 1 - 4096  # room for `seed + rank` and the per-purpose offsets added to it
+
 
 def validate(cfg: ExperimentConfig, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
@@ -57,6 +59,13 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         for name in ("epochs", "lr"):
             if hasattr(obj, name) and getattr(obj, name) <= 0:
                 fail(f"`{section}.{name}` must be positive, got {getattr(obj, name)}")
+        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every"):
+            if hasattr(obj, name) and getattr(obj, name) < 0:
+                meaning = {"max_grad_norm": " (0 turns clipping off)", "eval_every": " (0: every epoch)",
+                           "save_every": " (0: every epoch)"}.get(name, "")
+                fail(f"`{section}.{name}` must be 0 or more{meaning}, got {getattr(obj, name)}")
+        if hasattr(obj, "log_every") and obj.log_every < 1:
+            fail(f"`{section}.log_every` must be at least 1 (optimizer steps between log lines), got {obj.log_every}")
         if getattr(obj, "warmup_steps", None) is not None and obj.warmup_steps < 0:
             fail(f"`{section}.warmup_steps` must be 0 or more (or null), got {obj.warmup_steps}")
         if getattr(obj, "max_steps", None) is not None and section == "training" and cfg.schedule:
@@ -75,6 +84,12 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
                 fail(f"`{section}.swa.lr_high` must be positive, got {swa.lr_high}")
             if swa.lr == "cyclic" and not 0 <= swa.lr_low <= swa.lr_high:
                 fail(f"`{section}.swa.lr_low` must be in [0, lr_high={swa.lr_high}] for a cyclic LR, got {swa.lr_low}")
+    for key, seed in (("seed", cfg.seed), ("data.label_noise.seed", getattr(cfg.data.label_noise, "seed", 0))):
+        if not 0 <= seed <= MAX_SEED:  # numpy's generators take seeds in [0, 2**32); ranks add their rank
+            fail(f"`{key}` must be in [0, {MAX_SEED}], got {seed}")
+    for key, arch in (("teacher.arch", cfg.teacher.arch), ("student.arch", student.arch)):
+        if arch is not None:
+            _validate_arch(arch, key, fail)
     if cfg.data.corpus is not None:
         _validate_corpus(cfg, fail)
     if not 0 <= cfg.data.holdout < 1:
@@ -136,6 +151,16 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     for section in ("training", "finetune"):
         if getattr(cfg, section).attention_images < 0:
             fail(f"`{section}.attention_images` must be 0 (off) or more, got {getattr(cfg, section).attention_images}")
+
+
+def _validate_arch(arch, key: str, fail) -> None:
+    for name in ("layers", "hidden", "heads", "intermediate", "max_position"):
+        if getattr(arch, name) < 1:
+            fail(f"`{key}.{name}` must be at least 1, got {getattr(arch, name)}")
+    if arch.hidden % arch.heads:
+        fail(f"`{key}.hidden` ({arch.hidden}) must be a multiple of `{key}.heads` ({arch.heads})")
+    if not 0 <= arch.dropout < 1:
+        fail(f"`{key}.dropout` is a probability; it must be in [0, 1), got {arch.dropout}")
 
 
 def _validate_student_init(student: StudentConfig, fail) -> None:

@@ -24,6 +24,7 @@ New terms register with ``@register_loss("name")`` and become usable from YAML a
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -164,8 +165,8 @@ def validate_loss_terms(losses: dict[str, dict], source: str) -> None:
                 f"registered: {', '.join(sorted(LOSS_REGISTRY))} (set `type:` to pick one)"
             )
         weight = spec.get("weight")
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
-            raise DskdError(f"{source}: `losses.{term}.weight` must be a non-negative number, got {weight!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
+            raise DskdError(f"{source}: `losses.{term}.weight` must be a finite non-negative number, got {weight!r}")
         params = inspect.signature(LOSS_REGISTRY[kind].__init__).parameters
         hints = typing.get_type_hints(LOSS_REGISTRY[kind].__init__)
         for key, value in spec.items():
@@ -179,6 +180,8 @@ def validate_loss_terms(losses: dict[str, dict], source: str) -> None:
             expected = hints.get(key)
             if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DskdError(f"{source}: `losses.{term}.{key}` must be a number, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DskdError(f"{source}: `losses.{term}.{key}` must be a finite number, got {value!r}")
             if expected is str and not isinstance(value, str):
                 raise DskdError(f"{source}: `losses.{term}.{key}` must be a string, got {value!r}")
             if expected is int and (isinstance(value, bool) or not isinstance(value, int)):

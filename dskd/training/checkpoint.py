@@ -1,31 +1,43 @@
-"""Crash-safe DeepSpeed checkpoints with everything needed for an exact resume.
+"""Write-once, verified DeepSpeed checkpoints with everything needed for an exact resume.
 
 Layout under ``<run>/checkpoints``::
 
     step00000120/            DeepSpeed's files (model, ZeRO optimizer partitions)
         rng_rank{r}.pt       each rank's RNG streams (client_state is written by rank 0 only)
-        COMPLETE             written after every rank finished writing
-    latest                   tag of the newest COMPLETE checkpoint, replaced atomically
+        COMPLETE             the manifest: size and SHA-256 of every file above, all ranks'
+    latest                   tag of the newest complete checkpoint, replaced atomically
 
-A crash during a save leaves a tag folder without ``COMPLETE`` and ``latest`` still
-pointing at the previous good checkpoint. DeepSpeed's own ``latest`` is not used: it is
-written before all ranks are known to have finished.
+A checkpoint is written under ``step00000120.partial`` and renamed once every rank has
+finished and the manifest is on disk, so a folder without ``.partial`` is never half
+written, and a complete checkpoint is never written again (a run that is resumed at a step
+it already saved keeps that checkpoint as it is). On resume the newest checkpoint whose
+files match their manifest is used; older ones are the fallback when a file was truncated,
+garbled or deleted. Checkpoints of dskd before manifests (``COMPLETE`` reads ``ok``) are
+accepted unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dskd.errors import DskdError
 from dskd.runtime import dist as eng
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+PARTIAL = ".partial"
+DAMAGED = ".damaged"  # a checkpoint that failed its manifest, kept for inspection, never loaded
+TAG = re.compile(r"step\d{8}")
+MANIFEST_FORMAT = 1
 
 
 def tag_for(step: int) -> str:
@@ -33,9 +45,12 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
+    """Every RNG stream as tensors and plain numbers, so it loads with ``weights_only=True``."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -44,8 +59,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -60,34 +77,118 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": eng.world_size(), "files": files}
+    _atomic_write(folder / COMPLETE, json.dumps(manifest, indent=1) + "\n")
+
+
+def verify(folder: Path, full: bool = True) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be trusted, or None when it can. ``full``: compare
+    every file's SHA-256 with the manifest; else sizes only (catches truncation and deletion)."""
+    try:
+        text = (folder / COMPLETE).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"its {COMPLETE} marker cannot be read ({exc})"
+    if text.strip() == "ok":  # before manifests: nothing to compare against
+        return None
+    try:
+        manifest = json.loads(text)
+        expected = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {COMPLETE} manifest is not valid JSON"
+    for name, meta in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != meta["size"]:
+            return f"{name} has {size} bytes, the manifest says {meta['size']}"
+        if full and _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (the file was changed or damaged)"
+    extra = sorted(set(str(p.relative_to(folder)) for p in _files(folder)) - set(expected))
+    if extra:
+        return f"{extra[0]} is not in the manifest"
+    return None
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
+    return sorted(p.name for p in ckpt_dir.iterdir() if TAG.fullmatch(p.name) and (p / COMPLETE).is_file())
+
+
+def set_aside_newer(ckpt_dir: Path, tag: str) -> list[str]:
+    """Rename the complete checkpoints newer than ``tag`` (those a resume skipped as damaged) to
+    ``<tag>.damaged``, so the resumed run writes its own at those steps (rank 0)."""
+    moved = []
+    for newer in [t for t in complete_tags(ckpt_dir) if t > tag]:
+        target = ckpt_dir / f"{newer}{DAMAGED}"
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(ckpt_dir / newer, target)
+        moved.append(target.name)
+    return moved
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag ``latest`` names if that checkpoint is complete, else the newest complete one."""
-    pointer = ckpt_dir / LATEST
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (ckpt_dir / tag / COMPLETE).is_file():
-            return tag
+    """The newest complete checkpoint (not verified: see ``newest_verified``)."""
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
 
 
+def newest_verified(ckpt_dir: Path, full: bool = True) -> tuple[str | None, list[str]]:
+    """The newest checkpoint whose files match their manifest, and a line for each newer one
+    skipped (which file, and why). Rank 0 reads the files; the others get its answer."""
+    answer = [None, []]
+    if eng.rank() == 0:
+        for tag in reversed(complete_tags(ckpt_dir)):
+            problem = verify(ckpt_dir / tag, full)
+            if problem is None:
+                answer[0] = tag
+                break
+            answer[1].append(f"checkpoint {tag} skipped: {problem}")
+    if torch.distributed.is_initialized() and eng.world_size() > 1:
+        torch.distributed.broadcast_object_list(answer, src=0)
+    return answer[0], answer[1]
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, write_extra=None) -> str:
     """Collective: every rank must call it. ``write_extra(tag_dir)``, called on every rank
-    before the checkpoint is marked complete, adds files of our own (a method's state, `Method.save_state`)."""
+    before the checkpoint is marked complete, adds files of our own (a method's state,
+    `Method.save_state`). A complete checkpoint of this step is kept, not rewritten."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{eng.rank()}.pt")
-    if write_extra is not None:
-        write_extra(ckpt_dir / tag)
+    final, partial = ckpt_dir / tag, ckpt_dir / (tag + PARTIAL)
+    if (final / COMPLETE).is_file():
+        return tag
     eng.barrier()
     if eng.rank() == 0:
-        _atomic_write(ckpt_dir / tag / COMPLETE, "ok\n")
+        shutil.rmtree(partial, ignore_errors=True)  # a save killed earlier
+    eng.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), partial / f"rng_rank{eng.rank()}.pt")
+    if write_extra is not None:
+        write_extra(partial)
+    eng.barrier()
+    if eng.rank() == 0:
+        for name in os.listdir(partial):
+            _fsync(partial / name)
+        write_manifest(partial, step)
+        if final.exists():  # a folder of this step without a marker: a save killed before this format
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(ckpt_dir)
         _atomic_write(ckpt_dir / LATEST, tag + "\n")
         for old in complete_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -95,13 +196,44 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, write
     return tag
 
 
+def _fsync(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> dict:
     """Restore engine, optimizer, scheduler and this rank's RNG; return our client state."""
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client is None or "dskd" not in client:
+        raise DskdError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint (no model states for this "
+                        "rank); resume with the number of ranks it was written by")
     rng_file = ckpt_dir / tag / f"rng_rank{eng.rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        if is_legacy(ckpt_dir / tag):  # dskd before manifests pickled numpy arrays
+            set_rng_state(_legacy_rng(torch.load(rng_file, weights_only=False)))
+        else:
+            set_rng_state(torch.load(rng_file, weights_only=True))
     return client["dskd"]
+
+
+def is_legacy(folder: Path) -> bool:
+    return (folder / COMPLETE).read_text(errors="replace").strip() == "ok"
+
+
+def _legacy_rng(state: dict) -> dict:
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    version, mt, gauss = state["python"]
+    return dict(state, python=[version, list(mt), gauss],
+                numpy=[kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, cached])
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:

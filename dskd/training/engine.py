@@ -16,6 +16,7 @@ import torch
 
 from dskd.config import PROJECT_ROOT, TrainingConfig
 from dskd.errors import DskdError
+from dskd.training import deepspeed_json
 from dskd.runtime.dist import (  # noqa: F401  (the loop reads them through this module)
     barrier, device, init_distributed, is_cpu, prepare_environment, rank, world_size,
 )
@@ -43,15 +44,29 @@ def resolve_ds_config_path(path: str) -> Path:
     )
 
 
+def _unique_keys(file: Path):
+    def pairs(items: list) -> dict:
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise DskdError(f"{file}: key `{twice[0]}` is given twice in one object; keep one")
+        return dict(items)
+
+    return pairs
+
+
 def load_ds_config(path: str, training: TrainingConfig) -> tuple[dict, Path]:
     """Read the DeepSpeed JSON and fill in what the experiment config owns."""
     file = resolve_ds_config_path(path)
     try:
-        ds = json.loads(file.read_text())
+        ds = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys(file))
+    except UnicodeDecodeError:
+        raise DskdError(f"{file}: not UTF-8 text; save it as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise DskdError(f"{file}: not valid JSON: {exc}") from None
     if not isinstance(ds, dict):
         raise DskdError(f"{file}: the top level must be a JSON object")
+    deepspeed_json.check(ds, file)
     for key in ("optimizer", "scheduler", "train_batch_size"):
         if key in ds:
             raise DskdError(

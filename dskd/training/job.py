@@ -103,7 +103,7 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     if role == "finetune" and cfg.data.corpus is not None:
         raise DskdError("`dskd finetune` trains a teacher on a labelled task, but `data.corpus` makes this a corpus "
                         "job; distil on the corpus with `dskd distill`, or fine-tune on a GLUE task (drop data.corpus)")
-    resume_tag = check_output_dir(out, resume, overwrite, cfg, auto_resume)
+    resume_tag = check_output_dir(out, resume, overwrite, cfg, auto_resume, training.checkpoint_check)
     task = data.task_for(cfg, uses_mlm(losses))
     methods = enabled_methods(cfg, role)
     common = dict(cfg=cfg, role=role, out=out, training=training, losses=losses, ds_config=ds_config,

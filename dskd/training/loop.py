@@ -32,7 +32,7 @@ from dskd.training.job import Job
 from dskd.training.module import DistillationModule, train_step
 from dskd.training.monitor import Monitor
 from dskd.training.preemption import EXIT_PREEMPTED, StopRequest
-from dskd.training.run_dir import METRICS_FILE, RUN_FILE, init_output_dir, set_status, write_json
+from dskd.training.run_dir import METRICS_FILE, RUN_FILE, discard_replaced, init_output_dir, set_status, write_json
 from dskd.training.stages import Stage, lr_factor, plan_stages, refresh_lr, shorten_stage, stage_pairs
 
 
@@ -89,8 +89,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(job: Job, argv: list[str]) -> dict:
-    """Train; return the final metrics (with ``halted: true`` when stopped by halt_after_steps)."""
+def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
+    """Train; return the final metrics (with ``halted: true`` when stopped by halt_after_steps,
+    ``preempted: true`` on a scheduler signal). ``stop``: the signal handler, installed by the
+    caller before start-up so that a signal then is a clean stop too; signals that arrive after
+    the last step are ignored, and the run finishes."""
     cfg, training, task, out = job.cfg, job.training, job.task, job.out
     rank, world = eng.rank(), eng.world_size()
     device = eng.device()
@@ -157,6 +160,7 @@ def run(job: Job, argv: list[str]) -> dict:
 
         tag = checkpoint.save(engine, out / "checkpoints", state["step"], {"dskd": dict(state)},
                               training.keep_checkpoints, save_methods if job.methods else None)
+        discard_replaced(out)
         for method in job.methods:
             method.after_save(view, tag)
 
@@ -169,8 +173,10 @@ def run(job: Job, argv: list[str]) -> dict:
     current_stage = stage_at(state["step"]).name if state["step"] < stages[-1].end else None
     entered = None  # the stage whose `Method.on_stage` hooks have run
     halted = preempted = False
-    stop = StopRequest()
+    stop = stop or StopRequest()
     engine.train()
+    if state["step"] < stages[-1].end and stop.agreed(device)[0]:  # a signal during start-up: nothing to save
+        preempted = True
 
     while state["step"] < stages[-1].end and not halted and not preempted:
         batches = data.epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
@@ -203,6 +209,11 @@ def run(job: Job, argv: list[str]) -> dict:
             if state["batch_in_epoch"] % training.grad_accum:
                 continue
 
+            # One collective per optimizer step, before anything is evaluated or saved: a NaN/inf
+            # loss on any rank, and a scheduler signal on any rank.
+            signalled, non_finite = stop.agreed(device, not torch.isfinite(sums["total"]))
+            if non_finite:
+                _non_finite(sums, state, out)
             state["step"] += 1
             window_steps += 1
             step = state["step"]
@@ -269,7 +280,7 @@ def run(job: Job, argv: list[str]) -> dict:
             if halting:
                 halted = True
                 break
-            if stop.agreed(device):  # a scheduler signal on any rank: checkpoint this step and leave
+            if signalled:  # a scheduler signal on any rank: checkpoint this step and leave
                 if last_save_step != step:
                     save()
                     last_save_step = step
@@ -281,12 +292,13 @@ def run(job: Job, argv: list[str]) -> dict:
         final = {f"hparams/{k}": v for k, v in state["last_eval"].items() if k != "step"}
         monitor.hparams(flatten(to_dict(cfg)), final)
     monitor.close()
-    stop.restore()
 
     if preempted:
         set_status(out, "preempted")
         if rank == 0:
-            print(f"[preempt] {stop.name()}: checkpoint at step {state['step']}; exiting with code "
+            where = f"checkpoint at step {state['step']}" if last_save_step == state["step"] else \
+                f"stopped before training (step {state['step']}), no new checkpoint"
+            print(f"[preempt] {stop.name()}: {where}; exiting with code "
                   f"{EXIT_PREEMPTED} so the job is requeued (continue with --auto-resume or --resume)",
                   file=sys.stderr, flush=True)
         return {"preempted": True, "step": state["step"]}
@@ -310,6 +322,18 @@ def run(job: Job, argv: list[str]) -> dict:
     set_status(out, "completed")
     eng.barrier()
     return result
+
+
+def _non_finite(values: dict, state: dict, out) -> None:
+    """Stop before a NaN/inf loss reaches the weights or a checkpoint (backward and step have run
+    on this micro-step, but no checkpoint is written after it)."""
+    bad = [name for name, value in values.items() if not torch.isfinite(value).all()]
+    newest = checkpoint.latest_tag(out / "checkpoints")
+    raise DskdError(
+        f"the loss is not finite at step {state['step'] + 1} (term(s): {', '.join(bad) or 'the weighted total'}); "
+        f"the run stops, and its newest checkpoint ({newest or 'none yet'}) is kept. Lower training.lr, check "
+        "the loss weights and the data, or use bf16 instead of fp16; then --resume (or start again)"
+    )
 
 
 def _announce(job: Job, view: RunView, steps_per_epoch: int) -> None:

@@ -31,12 +31,13 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self, device) -> bool:
-        """True on every rank once any rank has received a signal."""
-        flag = torch.tensor([1 if self.received is not None else 0], device=device)
+    def agreed(self, device, local_flag: bool = False) -> tuple[bool, bool]:
+        """(a signal reached any rank, ``local_flag`` is set on any rank): one all-reduce for both,
+        so every rank takes the same branch after the same step."""
+        flags = torch.tensor([1 if self.received is not None else 0, int(bool(local_flag))], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
