@@ -207,15 +207,16 @@ def _evaluate(args) -> dict:
 
 
 def _train(args, role: str) -> int:
+    from dskd.training.preemption import EXIT_PREEMPTED, StopRequest
+
+    stop = StopRequest()  # first of all: from here on SIGTERM/SIGUSR1 stop the run cleanly, even during start-up
     from dskd.methods import load_experiment
     from dskd.training import engine, run_dir, run_lock
     from dskd.training.job import prepare
     from dskd.training.loop import run
-    from dskd.training.preemption import EXIT_PREEMPTED, StopRequest
 
-    cfg = load_experiment(args.config, args.overrides)
-    stop = StopRequest()  # from here on, SIGTERM/SIGUSR1 stop the run cleanly, even during start-up
     try:
+        cfg = load_experiment(args.config, args.overrides)
         job = prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
         result = run(job, sys.argv, stop)
     except DskdError as exc:

@@ -98,3 +98,15 @@ def tree_digest(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dskd")
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(session_tmp) -> Path:
+    """TINY distilled on two ranks with ZeRO-2, uninterrupted: what resumed and killed two-rank
+    runs of the same data and optimizer settings must end equal to."""
+    out = session_tmp / "full-zero2_fp32"
+    cfg = write_config(session_tmp / "resume-zero2_fp32.yaml", {"training.save_every": 3})
+    proc = run_dskd(["distill", "--config", cfg, "--deepspeed", "ds_configs/zero2_fp32.json", "--output", out],
+                    session_tmp, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out

@@ -143,7 +143,23 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
             "student_bytes": student_bytes(student_params, run_dtype, zero, world),
             "memory_bank_bytes": bank,
         },
+        "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
+
+
+def disk_plan(params: int, run_dtype: torch.dtype, zero: int, keep: int) -> dict:
+    """What the run folder takes: the figures the run's own free-space check uses."""
+    from dskd.training.checkpoint import checkpoint_bytes
+
+    one = checkpoint_bytes(params, run_dtype, zero)
+    return {"checkpoint_bytes": one, "keep_checkpoints": keep, "export_bytes": params * 4,
+            "peak_bytes": one * (keep + 1) + params * 4}
+
+
+def format_disk(d: dict) -> list[str]:
+    return ["", f"disk (run folder): a checkpoint {cache.human(d['checkpoint_bytes'])}, the exported model "
+                f"{cache.human(d['export_bytes'])}; at most {cache.human(d['peak_bytes'])} with keep_checkpoints "
+                f"{d['keep_checkpoints']} (one more is written before the oldest is deleted)"]
 
 
 def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, world: int, store_dtype: str) -> dict:
@@ -197,6 +213,7 @@ def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, w
             "teacher_bytes_online": teacher_params * torch.tensor([], dtype=run_dtype).element_size(),
             "student_params": student_params, "student_bytes": student_bytes(student_params, run_dtype, zero, world),
         },
+        "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
 
 
@@ -230,7 +247,7 @@ def format_corpus_plan(plan: dict) -> str:
         "on every rank)",
         f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
         f"{cache.human(sb['weights'])}, gradients {cache.human(sb['gradients'])}, optimizer {cache.human(sb['optimizer'])})",
-    ])
+    ] + format_disk(plan["disk"]))
 
 
 def format_plan(plan: dict) -> str:
@@ -260,4 +277,4 @@ def format_plan(plan: dict) -> str:
     ]
     if m["memory_bank_bytes"]:
         lines.append(f"  CoDIR memory banks (student + teacher side, on every rank): {cache.human(m['memory_bank_bytes'])}")
-    return "\n".join(lines)
+    return "\n".join(lines + format_disk(plan["disk"]))

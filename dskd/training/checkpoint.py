@@ -18,6 +18,7 @@ accepted unverified.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import torch
 
 from dskd.errors import DskdError
 from dskd.runtime import dist as eng
+from dskd.teacher.cache import human
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -124,6 +126,30 @@ def verify(folder: Path, full: bool = True) -> str | None:
     return None
 
 
+def checkpoint_bytes(params: int, dtype: torch.dtype, zero_stage: int) -> int:
+    """One checkpoint's size: the module's weights in the run dtype, and Adam's two fp32 moments;
+    ZeRO (and mixed precision) also store fp32 master weights. Measured within 1% on the tiny
+    runs of tests/test_checkpoints.py."""
+    weights = params * torch.finfo(dtype).bits // 8
+    master = params * 4 if zero_stage > 0 or dtype != torch.float32 else 0
+    return weights + master + params * 8
+
+
+def check_free_space(out: Path, params: int, dtype: torch.dtype, zero_stage: int, keep: int) -> str | None:
+    """Refuse to train when the output file system cannot take one checkpoint and the exported
+    model; return a warning when it cannot take the ``keep + 1`` a run holds at its peak."""
+    one = checkpoint_bytes(params, dtype, zero_stage)
+    free = shutil.disk_usage(out).free
+    if free < one + params * 4:
+        raise DskdError(f"{out}: {human(free)} free, but one checkpoint of this run takes about {human(one)} (and the "
+                        f"exported model {human(params * 4)}); free space or choose another --output")
+    peak = one * (keep + 1) + params * 4
+    if free < peak:
+        return (f"[disk] {out}: {human(free)} free; with training.keep_checkpoints={keep} the run needs about "
+                f"{human(peak)} at its peak, so it may fail when the disk fills")
+    return None
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
@@ -176,10 +202,20 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, write
     if eng.rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # a save killed earlier
     eng.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), partial / f"rng_rank{eng.rank()}.pt")
-    if write_extra is not None:
-        write_extra(partial)
+    failure = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), partial / f"rng_rank{eng.rank()}.pt")
+        if write_extra is not None:
+            write_extra(partial)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        failure = exc
+    if _on_any_rank(failure is not None):
+        error = _write_error(failure, partial)  # before the space is freed: a full disk is how it is told
+        eng.barrier()
+        if eng.rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees the space it took, so run.json can still be written
+        raise error
     eng.barrier()
     if eng.rank() == 0:
         for name in os.listdir(partial):
@@ -194,6 +230,25 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int, write
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     eng.barrier()
     return tag
+
+
+def _on_any_rank(flag: bool) -> bool:
+    if not (torch.distributed.is_initialized() and eng.world_size() > 1):
+        return flag
+    tensor = torch.tensor([int(flag)], device=eng.device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _write_error(exc: Exception | None, partial: Path) -> Exception:
+    """An OSError naming the checkpoint folder when the disk is full, the error itself otherwise.
+    (A failure on another rank only: that rank names it.)"""
+    if exc is None:
+        return DskdError(f"another rank could not write its part of {partial.name}; see its error above")
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(partial.parent).free < 2**20
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial.parent / partial.name.removesuffix(PARTIAL)))
+    return exc
 
 
 def _fsync(path: Path) -> None:

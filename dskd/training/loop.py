@@ -121,6 +121,10 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     seed_everything(cfg.seed + rank)
     module = DistillationModule(job.model, job.terms, job.needs, job.student_capture)
     engine = eng.initialize(module, job.ds_config, training, lambda step: lr_factor(step, stages, training, job.methods))
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    space = checkpoint.check_free_space(out, params, job.dtype, job.zero_stage, training.keep_checkpoints)
+    if space and rank == 0:
+        print(space, file=sys.stderr, flush=True)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "teacher_metrics": None,
              "stage_bounds": [[st.start, st.end] for st in stages], "plateau": None}
@@ -152,6 +156,11 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
         return next(st for st in stages if st.start <= step < st.end)
 
     def save() -> None:
+        # A finite loss can still be followed by an update to inf/NaN weights: never checkpoint
+        # those (ZeRO-3 parameters are checked on their local partition).
+        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+        if stop.agreed(device, not finite)[1]:
+            _non_finite({}, state, out, "the weights are not finite after step")
         state["stage_bounds"] = [[st.start, st.end] for st in stages]
 
         def save_methods(folder) -> None:
@@ -324,13 +333,13 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     return result
 
 
-def _non_finite(values: dict, state: dict, out) -> None:
-    """Stop before a NaN/inf loss reaches the weights or a checkpoint (backward and step have run
-    on this micro-step, but no checkpoint is written after it)."""
+def _non_finite(values: dict, state: dict, out, what: str = "the loss is not finite at step") -> None:
+    """Stop before NaN/inf weights reach a checkpoint: the newest checkpoint stays the last good one."""
     bad = [name for name, value in values.items() if not torch.isfinite(value).all()]
     newest = checkpoint.latest_tag(out / "checkpoints")
+    step = state["step"] + (1 if values else 0)
     raise DskdError(
-        f"the loss is not finite at step {state['step'] + 1} (term(s): {', '.join(bad) or 'the weighted total'}); "
+        f"{what} {step}" + (f" (term(s): {', '.join(bad)})" if bad else "") + "; "
         f"the run stops, and its newest checkpoint ({newest or 'none yet'}) is kept. Lower training.lr, check "
         "the loss weights and the data, or use bf16 instead of fp16; then --resume (or start again)"
     )

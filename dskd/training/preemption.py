@@ -14,8 +14,6 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-
 EXIT_PREEMPTED = 85  # "checkpointed on a signal: requeue me"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -34,6 +32,8 @@ class StopRequest:
     def agreed(self, device, local_flag: bool = False) -> tuple[bool, bool]:
         """(a signal reached any rank, ``local_flag`` is set on any rank): one all-reduce for both,
         so every rank takes the same branch after the same step."""
+        import torch  # not at import time: the handler is installed before torch loads
+
         flags = torch.tensor([1 if self.received is not None else 0, int(bool(local_flag))], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)

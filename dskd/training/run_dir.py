@@ -158,7 +158,11 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: ExperimentCo
 
 def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 
