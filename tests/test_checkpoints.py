@@ -194,6 +194,9 @@ def test_no_checkpoint_left_to_trust_is_one_line_and_nothing_is_touched(referenc
         assert proc.returncode == 2 and len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
         assert tree_digest(folder) == before
+    exported = run_dskd(["export", "--run", run, "--out", session_tmp / "all-damaged-export"], session_tmp)
+    assert exported.returncode == 2 and re.search(r"dskd: error: --run .*: checkpoint step00000016 does not match its "
+                                                  r"manifest \(rng_rank0.pt is missing\)", exported.stderr)
 
 
 # ------------------------------------------------------------------ kill -9

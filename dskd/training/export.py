@@ -10,6 +10,7 @@ Auto class (``AutoModelForSequenceClassification`` for GLUE) loads it anywhere.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import transformers
@@ -23,15 +24,25 @@ from dskd.training.run_dir import MODEL_CONFIG_DIR, RUN_FILE
 MODEL_PREFIX = "model."
 
 
-def export_run(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = True) -> Path:
+    """``verify``: check the checkpoint against its manifest first (the newest that passes when
+    no ``tag`` is given); a run exporting the checkpoint it has just written skips it."""
     models.register_model_types()  # model_config/ may name one of dskd's own model classes
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / RUN_FILE).is_file():
         raise DskdError(f"--run {run_dir} is not a dskd run folder (no {RUN_FILE}); pass the --output of a run")
     ckpt_dir = run_dir / "checkpoints"
+    if tag is None and verify:
+        tag, skipped = checkpoint.newest_verified(ckpt_dir)
+        for line in skipped:
+            print(f"[export] {line}", file=sys.stderr)
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag / checkpoint.COMPLETE).is_file():
         raise DskdError(f"--run {run_dir}: no complete checkpoint{' ' + tag if tag else ''} in {ckpt_dir}")
+    problem = checkpoint.verify(ckpt_dir / tag) if verify else None
+    if problem:
+        raise DskdError(f"--run {run_dir}: checkpoint {tag} does not match its manifest ({problem}); export an "
+                        f"older one with --tag (complete: {', '.join(checkpoint.complete_tags(ckpt_dir))})")
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise DskdError(f"--out {out} exists and is not a model folder; choose an empty or new folder")
     info = json.loads((run_dir / RUN_FILE).read_text())

@@ -80,7 +80,7 @@ class RunView:
         """Export checkpoint ``tag`` of this run as a Hugging Face folder ``dest`` (rank 0 only)."""
         from dskd.training.export import export_run
 
-        export_run(self.job.out, dest, tag)
+        export_run(self.job.out, dest, tag, verify=False)  # the checkpoint this run has just written
 
 
 def seed_everything(seed: int) -> None:
