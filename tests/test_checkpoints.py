@@ -279,6 +279,22 @@ def test_a_signal_during_start_up_is_a_clean_preemption(reference, session_tmp):
 
 
 @pytest.mark.slow
+def test_a_signal_after_the_last_step_lets_the_run_finish(reference, session_tmp):
+    out = session_tmp / "late-signal"
+    proc = _start(["distill", "--config", reference[0], "--output", out], session_tmp)
+    deadline = time.monotonic() + 240
+    while STEPS[-1] not in checkpoint.complete_tags(out / "checkpoints") and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before the signal could be sent"
+    os.killpg(proc.pid, signal.SIGTERM)  # the final checkpoint is written; export and metrics are not yet
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert _status(out) == "completed"
+    assert_same_run(reference[1], out)
+
+
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(reference, session_tmp):
     run = session_tmp / "overwritten"
     shutil.copytree(reference[1], run)
@@ -335,6 +351,29 @@ SETS = {
     "unparsable --set value": ("training.lr=[", r"--set 'training.lr=\[': the value is not valid YAML"),
 }
 
+# Config mistakes caught before the run folder is touched (config overrides, extra arguments).
+CONFIG_CASES = {
+    "misspelled key": ({"training.lr_rate": 0.1}, [], r"unknown key `training.lr_rate`; did you mean `training.lr`"),
+    "wrong type": ({"training.batch_size": "many"}, [], r"`training.batch_size` must be an integer, got 'many'"),
+    "missing teacher": ({"teacher.path": "/no/teacher"}, [],
+                        r"`teacher.path` points to /no/teacher, which does not exist"),
+    "missing data": ({"data.path": "/no/glue"}, [], r"data.path: /no/glue does not exist"),
+    "unknown task": ({"data.task": "sst"}, [], r"data.task.*sst2"),
+    "layer out of range": ({"student.layers": None, "student.teacher_layers": [1, 3]}, [],
+                           r"`student.teacher_layers\[1\]` is 3, out of range: the teacher has 2 layers"),
+    "student too deep": ({"student.layers": 3}, [], r"`student.layers` is 3, .* 1 to 2 layers"),
+    "fp16 on cpu": ({}, ["--deepspeed", "ds_configs/zero2_fp16.json"], r"zero2_fp16.json enables fp16"),
+    "heads cannot be grouped": (
+        {"student.init_from_teacher": False, "student.layers": None, "losses.attention_kl": {"weight": 1.0},
+         "student.arch": {"layers": 1, "hidden": 24, "heads": 3, "intermediate": 48}}, [],
+        r"`losses.attention_kl`: the student has 3 attention heads and the teacher 2.*Set `heads: mean`"),
+    "layer map out of range": ({"losses.cls_cosine": {"weight": 1.0}, "layer_map": [3]}, [],
+                               r"`layer_map\[0\]` is 3, out of range: the teacher has 2 layers"),
+    "stage layer not mapped": (
+        {"losses.cls_cosine": {"weight": 1.0}, "schedule": [{"name": "a", "epochs": 1, "layers": [2]}]}, [],
+        r"`schedule\[0\].layers\[0\]` \(a\) is student layer 2, which is not mapped"),
+}
+
 
 def _bad_cases(tmp: Path, cfg: Path, previous: Path) -> dict:
     """name -> (argv, the message's pattern); every one is run with --overwrite on `previous`
@@ -346,6 +385,11 @@ def _bad_cases(tmp: Path, cfg: Path, previous: Path) -> dict:
         cases[name] = (["--deepspeed", str(path)], message)
     for name, (assignment, message) in SETS.items():
         cases[name] = (["--set", assignment], message)
+    for name, (overrides, extra, message) in CONFIG_CASES.items():
+        if name == "fp16 on cpu" and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            continue  # this CPU trains fp16
+        path = write_config(tmp / f"{name.replace(' ', '-')}.yaml", {**REF, **overrides})
+        cases[name] = (["--config", str(path), *extra], message)
     latin = tmp / "latin1.yaml"
     latin.write_bytes(cfg.read_bytes() + "# résumé\n".encode("latin-1"))
     twice = tmp / "twice.yaml"
@@ -373,7 +417,7 @@ def test_bad_input_is_one_line_and_the_previous_run_is_untouched(reference, sess
     previous = session_tmp / "bad-input-previous"
     shutil.copytree(reference[1], previous)
     cases = _bad_cases(tmp_path, reference[0], previous)
-    assert len(cases) >= 26
+    assert len(cases) >= 36
     batch = []
     for name, (extra, _) in cases.items():
         argv = ["distill", "--config", str(reference[0]), "--output", str(previous), "--overwrite"]
