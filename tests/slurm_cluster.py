@@ -53,6 +53,8 @@ class Cluster:
         # Count-only GPUs are not accepted by slurmd 22.05; any character device will do.
         (root / "gres.conf").write_text("".join(f"NodeName={host} Name=gpu File={dev}\n"
                                                 for dev in ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")))
+        # cred_expire is also how long a requeued job waits before it may start again (default 120 s):
+        # 10 s keeps the requeue tests from idling two minutes each.
         self.conf.write_text(f"""ClusterName=dskdtest
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
@@ -61,7 +63,7 @@ SlurmctldPort=16817
 SlurmdPort=16818
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge}/munge.socket.2
+AuthInfo=socket={munge}/munge.socket.2,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/slurmd.%n
 SlurmctldPidFile={root}/slurmctld.pid
