@@ -111,6 +111,9 @@ def verify(folder: Path, full: bool = True) -> str | None:
         expected = manifest["files"]
     except (ValueError, KeyError, TypeError):
         return f"its {COMPLETE} manifest is not valid JSON"
+    if not isinstance(expected, dict) or not all(isinstance(m, dict) and {"size", "sha256"} <= set(m)
+                                                 for m in expected.values()):
+        return f"its {COMPLETE} manifest is not a manifest of dskd (no size and SHA-256 per file)"
     for name, meta in expected.items():
         path = folder / name
         if not path.is_file():
@@ -186,7 +189,7 @@ def newest_verified(ckpt_dir: Path, full: bool = True) -> tuple[str | None, list
                 break
             answer[1].append(f"checkpoint {tag} skipped: {problem}")
     if torch.distributed.is_initialized() and eng.world_size() > 1:
-        torch.distributed.broadcast_object_list(answer, src=0)
+        torch.distributed.broadcast_object_list(answer, src=0, device=eng.device())  # NCCL: this rank's GPU
     return answer[0], answer[1]
 
 
