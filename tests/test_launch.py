@@ -72,3 +72,44 @@ def test_launcher_scripts_start_two_ranks(script, name, session_tmp):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[launch] {name}: 2 rank(s), this is rank 0 (local 0)" in proc.stderr
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["local.sh", "torchrun.sh", "deepspeed.sh"])
+def test_launchers_exit_with_the_ranks_code_and_one_line(script, session_tmp, tmp_path):
+    """An input error exits 2 with dskd's one line and no launcher failure report (no torchrun
+    ChildFailedError traceback)."""
+    import subprocess
+
+    from conftest import REPO, dskd_env
+
+    proc = subprocess.run(["timeout", "-k", "5", "300", "bash", f"launchers/{script}", "2", "distill", "--config",
+                           "configs/tiny.yaml", "--output", str(tmp_path / "run"), "--set", "training.lr=-1"],
+                          cwd=REPO, env=dskd_env(session_tmp), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("dskd: error: configs/tiny.yaml (with --set): `training.lr` must be positive") == 1
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_local_launcher_passes_a_signal_on_and_exits_85(session_tmp):
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO, dskd_env
+
+    out = session_tmp / "launcher-signal"
+    proc = subprocess.Popen(["bash", "launchers/local.sh", "2", "distill", "--config", "configs/tiny.yaml", "--output",
+                             str(out), "--set", "training.epochs=3"], cwd=REPO, env=dskd_env(session_tmp),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((out / "checkpoints").glob("step*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # training has reached its first checkpoint (end of epoch 1)
+    os.kill(proc.pid, signal.SIGUSR1)  # to the launcher only, as `kill -USR1 <pid>` or `scancel -b` would
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 85, err[-3000:]
+    assert "[launch] the ranks checkpointed on a signal; exit 85" in err
+    assert json.loads((out / "run.json").read_text())["status"] == "preempted"
