@@ -36,6 +36,9 @@ from dskd.training.run_dir import METRICS_FILE, RUN_FILE, discard_replaced, init
 from dskd.training.stages import Stage, lr_factor, plan_stages, refresh_lr, shorten_stage, stage_pairs
 
 
+NONFINITE_FP16_STREAK = 10
+
+
 @dataclass
 class StepContext:
     """What ``LossTerm.before_micro_step`` is told about the micro-step about to run."""
@@ -174,6 +177,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             method.after_save(view, tag)
 
     sums: dict[str, torch.Tensor] = {}
+    step_total, streak = 0.0, 0  # this step's loss; optimizer steps in a row with a non-finite loss
     micro_count = tokens = 0  # micro-steps and real tokens of this rank since the last log
     flops_per_token = throughput.flops_per_token(job)
     window_start, window_steps = time.perf_counter(), 0
@@ -212,6 +216,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()
+            step_total = step_total + total.detach().float()  # this optimizer step's micro-steps only
             tokens = tokens + batch["attention_mask"].sum()  # a tensor: no device sync per micro-step
             micro_count += 1
             state["batch_in_epoch"] += 1
@@ -219,8 +224,14 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                 continue
 
             # One collective per optimizer step, before anything is evaluated or saved: a NaN/inf
-            # loss on any rank, and a scheduler signal on any rank.
-            signalled, non_finite = stop.agreed(device, not torch.isfinite(sums["total"]))
+            # loss on any rank, and a scheduler signal on any rank. (DeepSpeed's ZeRO optimizers skip
+            # a step whose gradients are not finite, in fp32 too, so without this a diverged run
+            # would "complete".) fp16 overflows now and then while its loss scale settles: there
+            # only a streak of NONFINITE_FP16_STREAK steps stops the run.
+            streak = streak + 1 if not bool(torch.isfinite(step_total)) else 0
+            bad_loss = streak >= (NONFINITE_FP16_STREAK if job.dtype == torch.float16 else 1)
+            step_total = 0.0
+            signalled, non_finite = stop.agreed(device, bad_loss)
             if non_finite:
                 _non_finite(sums, state, out)
             state["step"] += 1
