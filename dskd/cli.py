@@ -232,6 +232,7 @@ def _train(args, role: str) -> int:
         run_dir.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        run_dir.forget()
         run_lock.release()
         stop.restore()
     if result.get("preempted"):

@@ -161,8 +161,8 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     def save() -> None:
         # A finite loss can still be followed by an update to inf/NaN weights: never checkpoint
         # those (ZeRO-3 parameters are checked on their local partition).
-        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-        if stop.agreed(device, not finite)[1]:
+        finite = torch.stack([torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters()])
+        if stop.agreed(device, ~finite.all())[1]:
             _non_finite({}, state, out, "the weights are not finite after step")
         state["stage_bounds"] = [[st.start, st.end] for st in stages]
 
@@ -228,11 +228,10 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             # a step whose gradients are not finite, in fp32 too, so without this a diverged run
             # would "complete".) fp16 overflows now and then while its loss scale settles: there
             # only a streak of NONFINITE_FP16_STREAK steps stops the run.
-            streak = streak + 1 if not bool(torch.isfinite(step_total)) else 0
-            bad_loss = streak >= (NONFINITE_FP16_STREAK if job.dtype == torch.float16 else 1)
+            signalled, not_finite = stop.agreed(device, ~torch.isfinite(torch.as_tensor(step_total)))
             step_total = 0.0
-            signalled, non_finite = stop.agreed(device, bad_loss)
-            if non_finite:
+            streak = streak + 1 if not_finite else 0
+            if streak >= (NONFINITE_FP16_STREAK if job.dtype == torch.float16 else 1):
                 _non_finite(sums, state, out)
             state["step"] += 1
             window_steps += 1

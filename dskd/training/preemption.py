@@ -29,15 +29,18 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self, device, local_flag: bool = False) -> tuple[bool, bool]:
-        """(a signal reached any rank, ``local_flag`` is set on any rank): one all-reduce for both,
-        so every rank takes the same branch after the same step."""
+    def agreed(self, device, local_flag=False) -> tuple[bool, bool]:
+        """(a signal reached any rank, ``local_flag`` is set on any rank): one all-reduce and one
+        host sync for both, so every rank takes the same branch after the same step.
+        ``local_flag`` may be a bool or a 0-dim bool tensor (kept on the device until then)."""
         import torch  # not at import time: the handler is installed before torch loads
 
-        flags = torch.tensor([1 if self.received is not None else 0, int(bool(local_flag))], device=device)
+        flags = torch.stack([torch.tensor(self.received is not None, device=device),
+                             torch.as_tensor(local_flag, device=device).reshape(())]).to(torch.int32)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return bool(flags[0].item()), bool(flags[1].item())
+        signalled, flagged = flags.tolist()
+        return bool(signalled), bool(flagged)
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"

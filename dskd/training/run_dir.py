@@ -63,6 +63,9 @@ def saved_config(out: Path) -> dict:
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DskdError(f"{path} is damaged ({type(exc).__name__}); restore it from a copy, or start again with "
                         "--overwrite") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise DskdError(f"{path} is damaged (not a mapping of sections); restore it from a copy, or start again "
+                        "with --overwrite")
     try:
         return to_dict(build_dataclass(ExperimentConfig, raw or {}, str(path)))
     except DskdError:  # a key this version no longer knows: compare as written
@@ -261,6 +264,12 @@ def fail(error: str) -> None:
             set_status(out, "failed", error=error)
         except (OSError, ValueError):
             pass
+
+
+def forget() -> None:
+    """This command is over: the next one in the same process (tests) starts with a clean slate."""
+    _replacing.clear()
+    _written.clear()
 
 
 def set_status(out: Path, status: str, **extra) -> None:
