@@ -13,5 +13,6 @@ if [ "${NNODES:-1}" -gt 1 ]; then
   : "${RDZV:?set RDZV=host:port of the rendezvous (the first node) for NNODES > 1}"
   run_reporting "$python" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$nproc" \
     --rdzv_backend c10d --rdzv_endpoint "$RDZV" -m dskd "$@"
+else
+  run_reporting "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m dskd "$@"
 fi
-run_reporting "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m dskd "$@"

@@ -113,3 +113,18 @@ def test_local_launcher_passes_a_signal_on_and_exits_85(session_tmp):
     assert proc.returncode == 85, err[-3000:]
     assert "[launch] the ranks checkpointed on a signal; exit 85" in err
     assert json.loads((out / "run.json").read_text())["status"] == "preempted"
+
+
+def test_the_launch_line_shows_the_cpus_and_warns_when_threads_outnumber_them(monkeypatch):
+    import dskd.runtime.launch as launch_module
+
+    monkeypatch.setattr(launch_module, "cpu_count", lambda: 1)  # a task srun bound to one core
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "5",
+           "SLURM_STEP_NODELIST": "vm", "MASTER_ADDR": "vm"}
+    launch = detect(dict(env, OMP_NUM_THREADS="8"))
+    assert launch.describe().endswith("master vm:20005, 1 CPU(s), OMP_NUM_THREADS=8")
+    assert launch.cpu_warning() == (
+        "[launch] warning: rank 0 may run on 1 CPU(s) but OMP_NUM_THREADS=8, so its threads share cores; under "
+        "Slurm give srun --cpus-per-task (slurm/lib.sh does), elsewhere lower OMP_NUM_THREADS")
+    assert detect(dict(env, OMP_NUM_THREADS="1")).cpu_warning() is None
+    assert detect(env).cpu_warning() is None and detect(env).describe().endswith("OMP_NUM_THREADS=unset")

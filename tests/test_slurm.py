@@ -60,6 +60,9 @@ def test_a_two_task_job_completes_with_both_ranks(cluster, tmp_path):
     text = log.read_text(errors="replace")
     assert state["JobState"] == "COMPLETED", text[-3000:]
     assert "[launch] srun: 2 rank(s), this is rank 0 (local 0), master" in text
+    # srun got --cpus-per-task from slurm/lib.sh and the cluster binds tasks (task/affinity): each
+    # rank runs on the one CPU it asked for, with one OpenMP thread (env.sh), and none warns.
+    assert ", 1 CPU(s), OMP_NUM_THREADS=1" in text and "[launch] warning" not in text
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["status"] == "completed"
     assert json.loads((out / "metrics.json").read_text())["step"] == 32

@@ -20,10 +20,12 @@ def prepare_environment(announce: bool = False) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     detected = launch.detect()
     launch.apply(detected)
-    if announce and detected.rank == 0:
+    if announce:
         import sys
 
-        print(detected.describe(), file=sys.stderr, flush=True)
+        warning = detected.cpu_warning()
+        for line in ([detected.describe()] if detected.rank == 0 else []) + ([warning] if warning else []):
+            print(line, file=sys.stderr, flush=True)
 
 
 def is_cpu() -> bool:

@@ -21,6 +21,7 @@ batch script of a multi-task Slurm job running dskd without ``srun``) stop with 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -38,10 +39,22 @@ class Launch:
     local_rank: int
     master_addr: str
     master_port: int
+    cpus: int = 0  # the CPUs this process may run on (its affinity mask; what Slurm bound the task to)
+    threads: str | None = None  # OMP_NUM_THREADS as given
 
     def describe(self) -> str:
         return (f"[launch] {self.launcher}: {self.world} rank(s), this is rank {self.rank} (local {self.local_rank}), "
-                f"master {self.master_addr}:{self.master_port}")
+                f"master {self.master_addr}:{self.master_port}, {self.cpus} CPU(s), "
+                f"OMP_NUM_THREADS={self.threads or 'unset'}")
+
+    def cpu_warning(self) -> str | None:
+        """More OpenMP threads than CPUs: the threads of this rank share cores (an `srun` without
+        --cpus-per-task under Slurm 22.05-23.02 binds each task to one core)."""
+        if self.threads is None or not self.threads.isdigit() or int(self.threads) <= self.cpus:
+            return None
+        return (f"[launch] warning: rank {self.rank} may run on {self.cpus} CPU(s) but OMP_NUM_THREADS={self.threads}, "
+                "so its threads share cores; under Slurm give srun --cpus-per-task (slurm/lib.sh does), elsewhere "
+                "lower OMP_NUM_THREADS")
 
 
 def _int(env, name: str) -> int:
@@ -125,8 +138,16 @@ def _from_srun(env) -> Launch:
     return Launch("srun", rank, world, local, addr, port)
 
 
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def detect(env=None) -> Launch:
     env = os.environ if env is None else env
+    return dataclasses.replace(_detect(env), cpus=cpu_count(), threads=env.get("OMP_NUM_THREADS"))
+
+
+def _detect(env) -> Launch:
     if "RANK" in env:
         launch = _from_env(env)
     elif "OMPI_COMM_WORLD_RANK" in env:
