@@ -133,5 +133,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
                     break
                 time.sleep(0.1)
             else:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended just now
+                    pass
         self.run("munged", "--stop", f"--socket={self.root}/munge/munge.socket.2", check=False)

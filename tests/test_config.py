@@ -59,6 +59,11 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
         ({"losses.attention_kl": {"weight": 1.0, "heads": "max"}}, r"`losses.attention_kl`: heads must be 'auto' or 'mean'"),
         ({"training.lr_schedule": "cosine"}, r"`training.lr_schedule` must be 'global' or 'per_stage'"),
         ({"losses.hard_ce.weight": 0, "losses.soft_kd.weight": 0}, r"every term in `losses` has weight 0"),
+        ({"training.global_batch_size": 0}, r"`training.global_batch_size` must be at least 1"),
+        ({"training.global_batch_size": 64, "training.grad_accum": 2},
+         r"`training.global_batch_size` derives `training.grad_accum` from the number of ranks; set one of them"),
+        ({"finetune.global_batch_size": 40}, r"`finetune.global_batch_size` \(40\) must be a multiple of "
+                                              r"`finetune.batch_size` \(16\)"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, overrides, message):
@@ -95,3 +100,22 @@ def test_pypkg_paths_resolve_inside_installed_packages():
     assert Path(resolve_path("pypkg://dskd/resources/bert-base-uncased/vocab.txt")).is_file()
     with pytest.raises(DskdError, match=r"pypkg://no_such_pkg/model: Python package 'no_such_pkg' is not installed"):
         resolve_path("pypkg://no_such_pkg/model")
+
+
+def test_global_batch_size_derives_grad_accum_for_each_world_size(tmp_path):
+    from dskd.training.engine import at_world_size, describe_batch
+
+    training = load_experiment(write_config(tmp_path / "c.yaml", {"training.global_batch_size": 256})).training
+    # batch_size 16: 256 = world x 16 x grad_accum, from 1 to 16 ranks
+    assert {w: at_world_size(training, w).grad_accum for w in (1, 2, 4, 8, 16)} == {1: 16, 2: 8, 4: 4, 8: 2, 16: 1}
+    assert describe_batch(at_world_size(training, 4), 4) == (
+        "global batch 256 = 4 rank(s) x batch_size 16 x grad_accum 4 (derived from training.global_batch_size)")
+    with pytest.raises(DskdError, match=r"`training.global_batch_size` 256 is not a multiple of 32 rank\(s\) x "
+                                        r"`training.batch_size` 16 = 512, .* \(e.g. 512\)"):
+        at_world_size(training, 32)
+    with pytest.raises(DskdError, match=r"not a multiple of 3 rank\(s\) x `training.batch_size` 16 = 48, .*"
+                                        r"multiple of 48 \(e.g. 240 or 288\)"):
+        at_world_size(training, 3)
+    plain = load_experiment(write_config(tmp_path / "d.yaml")).training  # null: grad_accum as given
+    assert at_world_size(plain, 8) is plain
+    assert describe_batch(plain, 8) == "global batch 128 = 8 rank(s) x batch_size 16 x grad_accum 1"

@@ -72,11 +72,11 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     from dskd.losses import mapped_pairs, spec_for
     from dskd.training import engine as eng
 
-    training = cfg.training
+    world = world or eng.world_size()
+    training = eng.at_world_size(cfg.training, world)
     ds_config, _ = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
     run_dtype = eng.run_dtype(ds_config)
     zero = eng.zero_stage(ds_config)
-    world = world or eng.world_size()
     store_dtype = cache.storage_dtype(dtype or str(run_dtype).replace("torch.", ""))
     if cfg.data.corpus is not None:
         return make_corpus_plan(cfg, run_dtype, zero, world, store_dtype)
@@ -167,8 +167,9 @@ def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, w
     and what a teacher cache of it would take (none is written: docs/general.md says why)."""
     from dskd import data, models
     from dskd.losses import mapped_pairs, uses_mlm
+    from dskd.training import engine as eng
 
-    training = cfg.training
+    training = eng.at_world_size(cfg.training, world)
     task = data.task_for(cfg, uses_mlm(cfg.losses))
     tokenizer = models.load_tokenizer(cfg.teacher)
     if cfg.teacher.path is not None:

@@ -217,6 +217,10 @@ class TrainingConfig:
     max_steps: Optional[int] = None
     batch_size: int = 32  # per rank and micro-step
     grad_accum: int = 1
+    # Keep the global batch (ranks x batch_size x grad_accum, examples per optimizer step) fixed
+    # whatever the number of ranks: grad_accum is then derived as global_batch_size / (ranks x
+    # batch_size) at launch; null: grad_accum as given, so the global batch grows with the ranks.
+    global_batch_size: Optional[int] = None
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1

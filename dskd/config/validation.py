@@ -52,6 +52,15 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints"):
             if hasattr(obj, name) and getattr(obj, name) < 1:
                 fail(f"`{section}.{name}` must be at least 1, got {getattr(obj, name)}")
+        if getattr(obj, "global_batch_size", None) is not None:
+            if obj.global_batch_size < 1:
+                fail(f"`{section}.global_batch_size` must be at least 1 (or null), got {obj.global_batch_size}")
+            if obj.grad_accum != 1:
+                fail(f"`{section}.global_batch_size` derives `{section}.grad_accum` from the number of ranks; "
+                     f"set one of them, not both (grad_accum is {obj.grad_accum})")
+            if obj.global_batch_size % obj.batch_size:
+                fail(f"`{section}.global_batch_size` ({obj.global_batch_size}) must be a multiple of "
+                     f"`{section}.batch_size` ({obj.batch_size}), the examples of one rank's micro-step")
         for name in ("train_limit", "dev_limit", "halt_after_steps", "max_steps"):
             value = getattr(obj, name, None)
             if value is not None and value < 1:

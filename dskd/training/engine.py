@@ -8,6 +8,7 @@ that sets them to something else is rejected rather than silently overridden.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,31 @@ MANAGED_KEYS = {
     "gradient_accumulation_steps": "training.grad_accum",
     "gradient_clipping": "training.max_grad_norm",
 }
+
+
+def at_world_size(training: TrainingConfig, world: int, section: str = "training") -> TrainingConfig:
+    """``training`` with ``grad_accum`` derived from ``global_batch_size`` for ``world`` ranks (as
+    given when it is null). The global batch is ``world x batch_size x grad_accum``."""
+    if training.global_batch_size is None:
+        return training
+    per_step = world * training.batch_size
+    if training.global_batch_size % per_step:
+        lower = training.global_batch_size // per_step * per_step
+        hint = f"{lower} or {lower + per_step}" if lower else f"{per_step}"
+        raise DskdError(
+            f"`{section}.global_batch_size` {training.global_batch_size} is not a multiple of {world} rank(s) x "
+            f"`{section}.batch_size` {training.batch_size} = {per_step}, so no whole `{section}.grad_accum` gives it; "
+            f"set global_batch_size to a multiple of {per_step} (e.g. {hint}), or change batch_size or the ranks"
+        )
+    return dataclasses.replace(training, grad_accum=training.global_batch_size // per_step)
+
+
+def describe_batch(training: TrainingConfig, world: int, section: str = "training") -> str:
+    """The global batch and how it is made, for the run's opening line."""
+    total = world * training.batch_size * training.grad_accum
+    derived = f" (derived from {section}.global_batch_size)" if training.global_batch_size is not None else ""
+    return (f"global batch {total} = {world} rank(s) x batch_size {training.batch_size} x grad_accum "
+            f"{training.grad_accum}{derived}")
 
 
 def resolve_ds_config_path(path: str) -> Path:

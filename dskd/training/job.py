@@ -96,7 +96,8 @@ class Job:
 def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | None, resume: bool, overwrite: bool,
             auto_resume: bool = False) -> Job:
     eng.init_distributed()
-    training = cfg.finetune if role == "finetune" else cfg.training
+    section = "finetune" if role == "finetune" else "training"
+    training = eng.at_world_size(getattr(cfg, section), eng.world_size(), section)
     losses = {"hard_ce": {"weight": 1.0}} if role == "finetune" else cfg.losses
     ds_config, ds_file = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
     eng.check_precision_supported(ds_config, ds_file)

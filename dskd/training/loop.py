@@ -372,7 +372,8 @@ def _announce(job: Job, view: RunView, steps_per_epoch: int) -> None:
     for line in job.notes + [line for method in job.methods for line in method.describe(job)]:
         monitor.line(line)
     monitor.line(
-        f"[{job.role}] {len(job.train_set)} train / {len(job.dev_set)} {job.task.units}, {eng.world_size()} rank(s), "
+        f"[{job.role}] {len(job.train_set)} train / {len(job.dev_set)} {job.task.units}, "
+        f"{eng.describe_batch(job.training, eng.world_size(), 'finetune' if job.role == 'finetune' else 'training')}, "
         f"{steps_per_epoch} steps/epoch, {stages[-1].end} steps, stages: {describe}"
         + (f", layer map (student, teacher): {list(job.pairs)}" if job.pairs else "")
     )
