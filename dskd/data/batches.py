@@ -45,11 +45,15 @@ def collate(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
     return dict(DataCollatorWithPadding(tokenizer, return_tensors="pt")(rows))
 
 
-def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_size: int, grad_accum: int):
-    """This rank's micro-batches for one epoch: a seeded permutation, equal work on every rank."""
+def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_size: int, grad_accum: int,
+                  skip: int = 0):
+    """This rank's micro-batches for one epoch: a seeded permutation, equal work on every rank.
+    After ``k`` micro-batches per rank the first ``k x batch_size x world`` examples of the order
+    have been used, whatever ``world`` is; ``skip`` leaves out such a prefix (a run resumed on
+    another number of ranks, ``dskd.training.rescale``)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    mine = order[rank::world][: n // world]
+    order = torch.randperm(n, generator=generator).tolist()[skip:]
+    mine = order[rank::world][: len(order) // world]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
     return batches[: len(batches) // grad_accum * grad_accum]
 

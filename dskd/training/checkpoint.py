@@ -268,9 +268,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict:
-    """Restore engine, optimizer, scheduler and this rank's RNG; return our client state."""
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+def load(engine, ckpt_dir: Path, tag: str, engine_tag: str | None = None) -> dict:
+    """Restore engine, optimizer, scheduler and this rank's RNG; return our client state.
+    ``engine_tag``: the folder DeepSpeed reads instead of ``tag`` (its universal conversion)."""
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=engine_tag or tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
     if client is None or "dskd" not in client:
         raise DskdError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint (no model states for this "
                         "rank); resume with the number of ranks it was written by")

@@ -25,7 +25,8 @@ from dskd.teacher import cache
 from dskd.teacher.cache_reader import TeacherCache
 from dskd.teacher.online import TeacherSide, cache_tokenizer, load_teacher
 from dskd.training import engine as eng
-from dskd.training.run_dir import check_output_dir
+from dskd.training import rescale
+from dskd.training.run_dir import check_output_dir, read_run_info
 from dskd.training.stages import check_stage_layers
 
 CAPTURED = {"attention_qk", "attention_v"}  # needs read by forward hooks (dskd.models.capture), not from outputs
@@ -70,6 +71,7 @@ class Job:
     methods: list[Method] = field(default_factory=list)  # the enabled run-level plugins
     extras: dict = field(default_factory=dict)  # data added by the data config or methods: "holdout", ...
     notes: list[str] = field(default_factory=list)  # what was done to the data, logged at the start
+    resume_world: int | None = None  # the ranks that wrote the resumed checkpoint, when not this job's
 
     @property
     def needs(self) -> frozenset[str]:
@@ -105,10 +107,17 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
         raise DskdError("`dskd finetune` trains a teacher on a labelled task, but `data.corpus` makes this a corpus "
                         "job; distil on the corpus with `dskd distill`, or fine-tune on a GLUE task (drop data.corpus)")
     resume_tag = check_output_dir(out, resume, overwrite, cfg, auto_resume, training.checkpoint_check)
+    resume_world = None  # the ranks that wrote the checkpoint, when not this job's
+    if resume_tag is not None:
+        folder = out / "checkpoints" / resume_tag
+        resume_world = rescale.check(folder, rescale.written_by(folder, read_run_info(out).get("world_size")),
+                                     training, getattr(cfg, section), section)
+        if resume_world is not None and rescale.partitioned(folder):
+            ds_config = rescale.universal_config(ds_config)
     task = data.task_for(cfg, uses_mlm(losses))
     methods = enabled_methods(cfg, role)
     common = dict(cfg=cfg, role=role, out=out, training=training, losses=losses, ds_config=ds_config,
-                  ds_file=ds_file, task=task, resume_tag=resume_tag, methods=methods)
+                  ds_file=ds_file, task=task, resume_tag=resume_tag, methods=methods, resume_world=resume_world)
     if role == "distill" and cfg.teacher.cache is not None:
         return _prepare_cached(common)
     if role == "finetune" and cfg.teacher.path is None and cfg.teacher.arch is None:

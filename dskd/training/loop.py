@@ -22,7 +22,7 @@ from dskd import data
 from dskd.config import to_dict
 from dskd.errors import DskdError
 from dskd.losses import AttentionKL
-from dskd.training import checkpoint, throughput
+from dskd.training import checkpoint, rescale, throughput
 from dskd.training import engine as eng
 from dskd.training.evaluation import (
     attention_snapshot, evaluate, evaluate_student, format_metrics, held_out_loss, keep_stage_best, mean_over_ranks,
@@ -130,11 +130,16 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
         print(space, file=sys.stderr, flush=True)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "teacher_metrics": None,
-             "stage_bounds": [[st.start, st.end] for st in stages], "plateau": None}
+             "stage_bounds": [[st.start, st.end] for st in stages], "plateau": None,
+             "epoch_offset": 0}  # examples of this epoch's order used before a change of world size
     for method in job.methods:
         method.bind_engine(engine)
     if job.resume_tag is not None:
-        state.update(checkpoint.load(engine, out / "checkpoints", job.resume_tag))
+        if job.resume_world is None:
+            state.update(checkpoint.load(engine, out / "checkpoints", job.resume_tag))
+        else:  # written by another number of ranks
+            state.update(rescale.load(engine, out / "checkpoints", job.resume_tag, job.resume_world,
+                                      training.batch_size))
         for method in job.methods:
             method.load_state(out / "checkpoints" / job.resume_tag)
         # Plateau rules may have ended stages early; the checkpoint holds where they really ended.
@@ -193,7 +198,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
 
     while state["step"] < stages[-1].end and not halted and not preempted:
         batches = data.epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
-                                     training.batch_size, training.grad_accum)
+                                     training.batch_size, training.grad_accum, state["epoch_offset"])
         loader = data.loader(job.train_set, batches[state["batch_in_epoch"] :], job.tokenizer,
                              task.collator(job.tokenizer, state["epoch"]))
         for batch in loader:
@@ -239,7 +244,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             end_of_epoch = state["batch_in_epoch"] == len(batches)
             if end_of_epoch:
                 state["epoch"] += 1
-                state["batch_in_epoch"] = 0
+                state["batch_in_epoch"] = state["epoch_offset"] = 0
             monitor.advance()
             for method in job.methods:
                 method.after_step(view, step)

@@ -87,6 +87,20 @@ def _diff_configs(old: dict, new: dict, prefix: tuple = ()) -> list[str]:
     return diffs
 
 
+def _as_global_batch(saved: dict, new: dict, world: int | None) -> dict:
+    """``saved`` with ``global_batch_size`` taken as given when ``new`` states the global batch the
+    run already had (``world x batch_size x grad_accum``): so a run started without it can be
+    resumed with it, on another number of ranks (``dskd.training.rescale``)."""
+    saved = {**saved}
+    for section in ("training", "finetune"):
+        old, now = saved.get(section) or {}, new.get(section) or {}
+        if old.get("global_batch_size") is None and now.get("global_batch_size") is not None and world \
+                and old.get("batch_size") == now.get("batch_size") \
+                and world * old["batch_size"] * old.get("grad_accum", 1) == now["global_batch_size"]:
+            saved[section] = dict(old, global_batch_size=now["global_batch_size"], grad_accum=now.get("grad_accum"))
+    return saved
+
+
 def check_writable(out: Path) -> None:
     """The output path can be created and written: no file on the way, the nearest existing
     folder accepts a new file (read-only mounts, permissions, a full disk)."""
@@ -138,16 +152,11 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, cfg: ExperimentCo
     if not checkpoint.complete_tags(ckpt_dir):
         raise DskdError(f"--resume: {ckpt_dir} holds no complete checkpoint to resume from")
     run = read_run_info(out)
-    diffs = _diff_configs(saved_config(out), to_dict(cfg))
+    diffs = _diff_configs(_as_global_batch(saved_config(out), to_dict(cfg), run.get("world_size")), to_dict(cfg))
     if diffs:
         raise DskdError(
             f"--resume: the config differs from the one {out} was started with ({'; '.join(diffs)}); "
             "resume with the same config, or start a new run"
-        )
-    if run.get("world_size") != dist.world_size():
-        raise DskdError(
-            f"--resume: {out} was trained on {run.get('world_size')} ranks, this job has {dist.world_size()}; "
-            "resume with the same number of ranks (ZeRO partitions and the data order depend on it)"
         )
     tag, skipped = checkpoint.newest_verified(ckpt_dir, check == "full")
     if dist.rank() == 0:
