@@ -128,3 +128,32 @@ def test_the_launch_line_shows_the_cpus_and_warns_when_threads_outnumber_them(mo
         "Slurm give srun --cpus-per-task (slurm/lib.sh does), elsewhere lower OMP_NUM_THREADS")
     assert detect(dict(env, OMP_NUM_THREADS="1")).cpu_warning() is None
     assert detect(env).cpu_warning() is None and detect(env).describe().endswith("OMP_NUM_THREADS=unset")
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_rank_end_where_one_node_of_two_ranks_ends(two_rank_reference, session_tmp):
+    """Multi-node launch on this one machine: two torchrun agents (`launchers/torchrun.sh` with
+    NNODES=2), one rank each, meeting at a c10d rendezvous on 127.0.0.1, train the same job as
+    two ranks of one node (`two_rank_reference`, launchers/local.sh) and end on the same bits."""
+    import json
+    import socket
+    import subprocess
+
+    from conftest import REPO, assert_same_run, dskd_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = session_tmp / "two-nodes"
+    env = dict(dskd_env(session_tmp), NNODES="2", RDZV=f"127.0.0.1:{port}")
+    cmd = ["timeout", "-k", "5", "300", "bash", "launchers/torchrun.sh", "1", "distill", "--config",
+           str(session_tmp / "resume-zero2_fp32.yaml"), "--deepspeed", "ds_configs/zero2_fp32.json", "--output", str(out)]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [node.communicate(timeout=330)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n---\n".join(e[-3000:] for e in errs)
+    log = "".join(errs)
+    assert "[launch] torchrun: 2 rank(s), this is rank 0 (local 0)" in log  # each node's one rank is local 0
+    assert log.count("[launch] torchrun:") == 1  # rank 0 only: the job ran once, not again standalone
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert_same_run(out, two_rank_reference)
