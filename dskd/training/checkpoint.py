@@ -270,7 +270,7 @@ def _fsync_dir(path: Path) -> None:
 
 def load(engine, ckpt_dir: Path, tag: str, engine_tag: str | None = None) -> dict:
     """Restore engine, optimizer, scheduler and this rank's RNG; return our client state.
-    ``engine_tag``: the folder DeepSpeed reads instead of ``tag`` (its universal conversion)."""
+    ``engine_tag``: the folder DeepSpeed reads instead of ``tag`` (its conversion for another world size)."""
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=engine_tag or tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if client is None or "dskd" not in client:

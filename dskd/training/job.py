@@ -20,7 +20,7 @@ from dskd.errors import DskdError
 from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for, teacher_head_reader, uses_mlm
 from dskd.methods import Method, enabled_methods
 from dskd.models.capture import QKCapture
-from dskd.runtime import dist
+from dskd.runtime import dist, reshard
 from dskd.teacher import cache
 from dskd.teacher.cache_reader import TeacherCache
 from dskd.teacher.online import TeacherSide, cache_tokenizer, load_teacher
@@ -112,8 +112,8 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
         folder = out / "checkpoints" / resume_tag
         resume_world = rescale.check(folder, rescale.written_by(folder, read_run_info(out).get("world_size")),
                                      training, getattr(cfg, section), section)
-        if resume_world is not None and rescale.partitioned(folder):
-            ds_config = rescale.universal_config(ds_config)
+        if resume_world is not None and reshard.partitioned(folder):
+            ds_config = reshard.reload_config(ds_config)  # re-partitions the optimizer state on load
     task = data.task_for(cfg, uses_mlm(losses))
     methods = enabled_methods(cfg, role)
     common = dict(cfg=cfg, role=role, out=out, training=training, losses=losses, ds_config=ds_config,

@@ -2,12 +2,10 @@
 
 What moves, and how exactly:
 
-* **Weights and optimizer.** ZeRO 1-3 (and DeepSpeed's bf16 optimizer) store the fp32 master
-  weights and Adam's moments in one partition per rank. Such a checkpoint is converted once
-  with DeepSpeed's own ``ds_to_universal`` into per-parameter files (``<tag>.universal/``,
-  deleted after the load) and loaded with ``checkpoint.load_universal``, which re-partitions
-  them for this world size; Adam's step count and moments carry over. Without partitions
-  (ZeRO-0 fp32) DeepSpeed's checkpoint is whole and loads as it is.
+* **Weights and optimizer.** ZeRO 1-3 store the fp32 master weights and Adam's moments in one
+  partition per rank. Such a checkpoint is converted once by DeepSpeed into one folder per
+  parameter and re-partitioned for this world size on load (``dskd.runtime.reshard``); Adam's
+  step count and moments carry over. ZeRO-0 checkpoints hold whole state and load as they are.
 * **Data position.** Rank ``r`` of ``W`` takes positions ``r, r+W, ...`` of the epoch's seeded
   order in batches of ``batch_size``, so after ``k`` micro-batches per rank exactly the first
   ``k x batch_size x W`` examples of the order have been trained on, whatever ``W`` was. The
@@ -24,18 +22,14 @@ What moves, and how exactly:
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 from dskd.config import TrainingConfig
 from dskd.errors import DskdError
-from dskd.runtime import dist
+from dskd.runtime import dist, reshard
 from dskd.training import checkpoint
 from dskd.training.engine import at_world_size
-
-UNIVERSAL = ".universal"  # beside the checkpoint: its conversion, never a resume candidate itself
 
 
 def written_by(folder: Path, run_world: int | None) -> int | None:
@@ -45,11 +39,6 @@ def written_by(folder: Path, run_world: int | None) -> int | None:
         return int(json.loads((folder / checkpoint.COMPLETE).read_text())["world_size"])
     except (ValueError, KeyError, TypeError, OSError):
         return run_world
-
-
-def partitioned(folder: Path) -> bool:
-    """Whether the optimizer state is split into one file per rank (ZeRO 1-3, the bf16 optimizer)."""
-    return any(folder.glob("*zero_pp_rank_*_optim_states.pt"))
 
 
 def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: TrainingConfig,
@@ -74,54 +63,17 @@ def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: Tr
     return old_world
 
 
-def universal_config(ds_config: dict) -> dict:
-    """The DeepSpeed config that loads a universal checkpoint (re-partitioned for this world size)."""
-    return dict(ds_config, checkpoint=dict(ds_config.get("checkpoint", {}), load_universal=True))
-
-
-def convert(folder: Path) -> Path:
-    """``folder`` as a DeepSpeed universal checkpoint in ``<folder>.universal`` (rank 0 converts,
-    every rank returns its path). A conversion left half done by a killed job is redone."""
-    target = folder.with_name(folder.name + UNIVERSAL)
-    if dist.rank() == 0:
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        shutil.rmtree(target, ignore_errors=True)
-        args = Namespace(input_folder=str(folder), output_folder=str(target), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        try:
-            _quietly(ds_to_universal, args)
-        except Exception as exc:  # noqa: BLE001 - DeepSpeed raises plain assertions and errors
-            shutil.rmtree(target, ignore_errors=True)
-            raise DskdError(f"--resume: DeepSpeed could not convert {folder} for a new number of ranks "
-                            f"({type(exc).__name__}: {exc}); resume on the ranks that wrote it") from exc
-    dist.barrier()
-    return target
-
-
-def _quietly(fn, *args) -> None:
-    """ds_to_universal prints a line per step and a progress bar per parameter: keep them out of
-    the run's log."""
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        fn(*args)
-
-
 def load(engine, ckpt_dir: Path, tag: str, old_world: int, batch_size: int) -> dict:
     """Restore checkpoint ``tag``, written by ``old_world`` ranks, on this world size; return the
     client state with the data position expressed for the new layout (see the module doc)."""
     folder = ckpt_dir / tag
-    how = "re-partitioned" if engine.load_universal_checkpoint() else "loaded whole (not partitioned)"
-    if engine.load_universal_checkpoint():
-        universal = convert(folder)
-        try:
-            state = checkpoint.load(engine, ckpt_dir, tag, engine_tag=universal.name)
-        finally:
-            dist.barrier()
-            if dist.rank() == 0:
-                shutil.rmtree(universal, ignore_errors=True)
+    how = "re-partitioned" if reshard.reloads(engine) else "loaded whole (not partitioned)"
+    if reshard.reloads(engine):
+        converted = reshard.convert(folder)
+        settings = reshard.group_settings(engine)
+        state = checkpoint.load(engine, ckpt_dir, tag, engine_tag=converted.name)
+        reshard.repair_after_load(engine, settings)
+        reshard.remove(converted)  # (a failed load leaves it; the next attempt converts again)
     else:
         state = checkpoint.load(engine, ckpt_dir, tag)
     consumed = state.get("epoch_offset", 0) + state["batch_in_epoch"] * batch_size * old_world
