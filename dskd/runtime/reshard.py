@@ -65,11 +65,10 @@ def group_settings(engine) -> list[dict]:
 
 def repair_after_load(engine, settings: list[dict]) -> None:
     """Undo two slips of DeepSpeed 0.19's ZeRO-3 loader of converted checkpoints (harmless for the
-    others, which load each group as it was): it copies the first
-    parameter group's settings onto every group (the biases and LayerNorm weights, which dskd
-    keeps out of weight decay, would decay), and it gives every group one shared ``step`` tensor,
-    which torch's AdamW then advances once per group and step (27 instead of 16 after 11 steps
-    from step 5, so Adam's bias correction goes wrong)."""
+    other stages, which load each group as it was): it copies the first parameter group's settings
+    onto every group (the biases and LayerNorm weights, which dskd keeps out of weight decay, would
+    decay), and it gives every group one shared ``step`` tensor, which torch's AdamW then advances
+    once per group and step (27 instead of 16 after 11 steps from step 5: a wrong bias correction)."""
     import torch
 
     optimizer = _inner(engine)
