@@ -141,7 +141,8 @@ def test_a_zero3_run_moved_from_two_ranks_to_one_keeps_adams_step(moved, stayed)
     """ZeRO-3 partitions the weights too. Its trajectory equals ZeRO-2's to float rounding
     (measured max|dW| 1.2e-7 between the two unmoved 2-rank runs), so the ZeRO-2 run that stayed
     is the reference. DeepSpeed's ZeRO-3 loader shares one Adam step between the parameter
-    groups (27 instead of 16 here, and 1.2e-4 away); dskd gives each its own."""
+    groups (27 instead of 16 here, 1.2e-4 away) and the first group's weight decay to all (4.4e-5
+    away); dskd undoes both, and the moved run ends 1.2e-7 away."""
     root, _, fixed = moved
     out = root / "zero3-two-to-one"
     zero3 = ["--set", "training.deepspeed=ds_configs/zero3_fp32.json"]
