@@ -42,6 +42,24 @@ def test_a_new_world_size_continues_the_epoch_without_repeating_or_skipping(old_
     assert after == before[steps_done:] and len(after) == 101 // 16 - steps_done
 
 
+def test_a_move_that_would_change_the_global_batch_is_refused_with_the_fix(tmp_path):
+    """This process is one rank; the checkpoint was written by 2."""
+    from dskd.errors import DskdError
+    from dskd.methods import load_experiment
+    from dskd.training import rescale
+    from dskd.training.engine import at_world_size
+
+    folder = tmp_path / "run" / "checkpoints" / "step00000005"
+    raw = load_experiment(write_config(tmp_path / "a.yaml", {"training.grad_accum": 2})).training
+    with pytest.raises(DskdError, match=r"trained on 2 rank\(s\) with a global batch of 64 \(2 x training.batch_size "
+                                        r"16 x training.grad_accum 2\); on 1 rank\(s\) it would be 32, .* Resume with "
+                                        r"`--set training.global_batch_size=64 --set training.grad_accum=1`"):
+        rescale.check(folder, 2, raw, raw, "training")
+    fixed = load_experiment(write_config(tmp_path / "b.yaml", {"training.global_batch_size": 64})).training
+    assert rescale.check(folder, 2, at_world_size(fixed, 1), fixed, "training") == 2  # 1 x 16 x 4 = 2 x 16 x 2
+    assert rescale.check(folder, 1, at_world_size(fixed, 1), fixed, "training") is None  # not moved
+
+
 # -------------------------------------------------------------- real runs, 2 -> 1 and 1 -> 2 ranks
 
 # No dropout (its per-rank RNG streams cannot move to other ranks); ZeRO-2, so the optimizer state

@@ -53,12 +53,13 @@ def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: Tr
     before = old_world * old.batch_size * old.grad_accum
     now = world * training.batch_size * training.grad_accum
     if before != now:
+        fix = f"--set {section}.global_batch_size={before}" + (f" --set {section}.grad_accum=1" if raw.grad_accum != 1
+                                                               else "")
         raise DskdError(
             f"--resume: {folder.parent.parent} was trained on {old_world} rank(s) with a global batch of {before} "
             f"({old_world} x {section}.batch_size {old.batch_size} x {section}.grad_accum {old.grad_accum}); on "
             f"{world} rank(s) it would be {now}, which changes the steps per epoch and the optimizer's trajectory. "
-            f"Resume with `--set {section}.global_batch_size={before}` (grad_accum is then derived for each world "
-            f"size), or on {old_world} rank(s)"
+            f"Resume with `{fix}` (grad_accum is then derived for each world size), or on {old_world} rank(s)"
         )
     return old_world
 
