@@ -214,9 +214,11 @@ def _train(args, role: str) -> int:
     from dskd.training import engine, run_dir, run_lock
     from dskd.training.job import prepare
     from dskd.training.loop import run
+    from dskd.training.monitor import quiet_bars_in_batch_logs
 
     try:
         cfg = load_experiment(args.config, args.overrides)
+        quiet_bars_in_batch_logs(cfg.finetune if role == "finetune" else cfg.training)
         job = prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
         result = run(job, sys.argv, stop)
     except DskdError as exc:

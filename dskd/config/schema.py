@@ -224,7 +224,14 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     save_every: int = 0  # optimizer steps; 0 = at the end of each epoch
-    log_every: int = 10  # optimizer steps
+    log_every: int = 10  # optimizer steps between logged losses (TensorBoard, and the log's [train] lines)
+    # The training log: `bar` (a progress bar showing the current loss), `log` (a [train] line
+    # with step, epoch, every loss term, lr, grad norm, throughput and ETA at each logging step),
+    # or `auto`: a bar on a terminal, lines when the output goes to a file (sbatch, `> run.log`).
+    progress: Literal["auto", "bar", "log"] = "auto"
+    # With `log` lines: also log when this many seconds passed without a line (0: only every
+    # `log_every` steps), so slow steps still show progress in a batch log.
+    log_every_seconds: float = 60.0
     keep_checkpoints: int = 2
     # How a resume checks a checkpoint against its manifest: every file's SHA-256 (`full`,
     # about 1 s per GB) or only sizes and presence (`sizes`: catches truncation and deletion,

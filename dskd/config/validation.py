@@ -59,10 +59,11 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         for name in ("epochs", "lr"):
             if hasattr(obj, name) and getattr(obj, name) <= 0:
                 fail(f"`{section}.{name}` must be positive, got {getattr(obj, name)}")
-        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every"):
+        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "log_every_seconds"):
             if hasattr(obj, name) and getattr(obj, name) < 0:
                 meaning = {"max_grad_norm": " (0 turns clipping off)", "eval_every": " (0: every epoch)",
-                           "save_every": " (0: every epoch)"}.get(name, "")
+                           "save_every": " (0: every epoch)",
+                           "log_every_seconds": " (0: only every log_every steps)"}.get(name, "")
                 fail(f"`{section}.{name}` must be 0 or more{meaning}, got {getattr(obj, name)}")
         if hasattr(obj, "log_every") and obj.log_every < 1:
             fail(f"`{section}.log_every` must be at least 1 (optimizer steps between log lines), got {obj.log_every}")

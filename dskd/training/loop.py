@@ -32,7 +32,7 @@ from dskd.training.job import Job
 from dskd.training.module import DistillationModule, train_step
 from dskd.training.monitor import Monitor
 from dskd.training.preemption import EXIT_PREEMPTED, StopRequest
-from dskd.training.run_dir import METRICS_FILE, RUN_FILE, discard_replaced, init_output_dir, set_status, write_json
+from dskd.training.run_dir import CONFIG_FILE, METRICS_FILE, RUN_FILE, discard_replaced, init_output_dir, set_status, write_json
 from dskd.training.stages import Stage, lr_factor, plan_stages, refresh_lr, shorten_stage, stage_pairs
 
 
@@ -99,7 +99,6 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     the last step are ignored, and the run finishes."""
     cfg, training, task, out = job.cfg, job.training, job.task, job.out
     rank, world = eng.rank(), eng.world_size()
-    device = eng.device()
 
     batches_0 = data.epoch_batches(len(job.train_set), 0, cfg.seed, rank, world, training.batch_size,
                                    training.grad_accum)
@@ -142,7 +141,32 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             st.start, st.end = start, end
 
     eval_batch = training.batch_size * 2
-    monitor = Monitor(out / "tensorboard", rank == 0, stages[-1].end, state["step"], job.role)
+    monitor = Monitor(out / "tensorboard", rank == 0, stages[-1].end, state["step"], job.role, training.progress,
+                      training.log_every_seconds)
+    monitor.start_session(to_dict(cfg), (out / CONFIG_FILE).read_text() if rank == 0 else "", job.role, argv, world,
+                          task, list(job.terms), sorted({k.split("/")[0] for k in _layer_tags(job)}))
+    try:
+        return _train(job, engine, monitor, stages, state, eval_batch, steps_per_epoch, stop)
+    except BaseException:
+        monitor.end_session(succeeded=False)
+        raise
+    finally:
+        monitor.close()
+
+
+def _layer_tags(job: Job) -> list[str]:
+    """``term/L<s>`` for every layer-wise term's per-layer part (what the layout overlays)."""
+    from dskd.losses import LayerwiseTerm
+
+    return [f"{name}/L{s}" for name, term in job.terms.items() if isinstance(term, LayerwiseTerm)
+            for s, _ in job.pairs]
+
+
+def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict, eval_batch: int,
+           steps_per_epoch: int, stop: StopRequest | None) -> dict:
+    cfg, training, task, out = job.cfg, job.training, job.task, job.out
+    rank, world = eng.rank(), eng.world_size()
+    device = eng.device()
     view = RunView(job, engine, monitor, stages, state, eval_batch)
     if job.teacher is not None and state["teacher_metrics"] is None:
         state["teacher_metrics"] = view.evaluate_teacher()
@@ -153,6 +177,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     if attention_terms and training.attention_images and job.teacher is not None:
         row = data.collate([job.dev_set[0]], job.tokenizer)
         snapshot_example = {k: v.to(device) for k, v in row.items()}
+        snapshot_tokens = job.tokenizer.convert_ids_to_tokens(row["input_ids"][0].tolist())
     held_out: dict[int, list[dict]] = {}  # plateau.batches -> the first dev batches
 
     def stage_at(step: int) -> Stage:
@@ -177,6 +202,8 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             method.after_save(view, tag)
 
     sums: dict[str, torch.Tensor] = {}
+    grad_norm = None  # the last optimizer step's (a device tensor until it is logged)
+    log_now = False  # the clock asked for a log line (every rank agrees, after a step)
     step_total, streak = 0.0, 0  # this step's loss; optimizer steps in a row with a non-finite loss
     micro_count = tokens = 0  # micro-steps and real tokens of this rank since the last log
     flops_per_token = throughput.flops_per_token(job)
@@ -212,7 +239,9 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                                   job.tokenizer)
             for name in stage.weights:  # per-step work of terms beside their loss (`LossTerm.before_micro_step`)
                 batch = engine.module.terms[name].before_micro_step(context, batch)
-            total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
+            total, values, norm = train_step(engine, job.teacher, batch, stage.weights,
+                                             stage_pairs(stage, job.pairs))
+            grad_norm = norm if norm is not None else grad_norm
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()
@@ -228,7 +257,8 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             # a step whose gradients are not finite, in fp32 too, so without this a diverged run
             # would "complete".) fp16 overflows now and then while its loss scale settles: there
             # only a streak of NONFINITE_FP16_STREAK steps stops the run.
-            signalled, not_finite = stop.agreed(device, ~torch.isfinite(torch.as_tensor(step_total)))
+            signalled, not_finite, log_now = stop.agreed(device, ~torch.isfinite(torch.as_tensor(step_total)),
+                                                         monitor.line_due())
             step_total = 0.0
             streak = streak + 1 if not_finite else 0
             if streak >= (NONFINITE_FP16_STREAK if job.dtype == torch.float16 else 1):
@@ -244,16 +274,23 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             for method in job.methods:
                 method.after_step(view, step)
 
-            if step % training.log_every == 0 or step == stages[-1].end:
+            if step % training.log_every == 0 or step == stages[-1].end or log_now:
                 names = sorted(sums)
                 means = mean_over_ranks([float(sums[n]) / micro_count for n in names] + [float(tokens)])
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                scalars = {f"train/loss/{n}": v for n, v in zip(names, means[:-1], strict=True)}
+                losses = dict(zip(names, means[:-1], strict=True))
+                scalars = {f"train/loss/{n}": v for n, v in losses.items()}
                 scalars["train/lr"] = engine.get_lr()[0]
+                norm = float(grad_norm) if grad_norm is not None else None  # identical on every rank
+                if norm is not None:
+                    scalars["train/grad_norm"] = norm
+                scalars["train/epoch"] = epoch = step / steps_per_epoch
                 scalars["train/samples_per_s"] = window_steps * samples_per_step / elapsed
                 scalars.update(throughput.scalars(means[-1] * world / elapsed, flops_per_token, device, job.dtype))
                 scalars["train/stage"] = float(stages.index(stage))
                 monitor.scalars(scalars, step)
+                monitor.train_progress(step, epoch, losses, scalars["train/lr"], norm, scalars["train/samples_per_s"],
+                                       means[-1] * world / elapsed)
                 sums, micro_count, tokens = {}, 0, 0
                 window_start, window_steps = time.perf_counter(), 0
 
@@ -269,16 +306,19 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                 with contextlib.ExitStack() as evaluating:
                     for method in job.methods:
                         evaluating.enter_context(method.evaluating())
-                    result = evaluate_student(engine, job, eval_batch)
+                    result, about = evaluate_student(engine, job, eval_batch)
                 engine.train()
+                monitor.scalars({f"eval/{k}": v for k, v in about.items()}, step)
                 main = result[task.main_metric]
                 if state["best"] is None or main > state["best"][task.main_metric]:
                     state["best"] = dict(result, step=step)
                 monitor.scalars({f"eval/{k}": v for k, v in result.items()}, step)
                 monitor.line(
                     f"[eval] step {step}/{stages[-1].end} epoch {step / steps_per_epoch:.2f} "
-                    f"{task.name}: {format_metrics(result)} (best {task.main_metric}="
-                    f"{state['best'][task.main_metric]:.4f} at step {state['best']['step']})"
+                    f"{task.name}: {format_metrics(result)}"
+                    + (f" loss={about['loss']:.4f}" if "loss" in about and "loss" not in result else "")
+                    + f" (best {task.main_metric}={state['best'][task.main_metric]:.4f} at step "
+                    f"{state['best']['step']}; {about['seconds']:.1f}s)"
                 )
                 state["last_eval"] = dict(result, step=step)
                 if stage.keep_best:
@@ -288,7 +328,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                         restore_stage_best(engine, out, state, stage, task.main_metric, monitor)
                 if snapshot_example is not None:
                     attention_snapshot(engine, job.teacher, snapshot_example, job.pairs, attention_terms[0].groups,
-                                       training.attention_images, monitor, step)
+                                       training.attention_images, monitor, step, snapshot_tokens)
             if (training.save_every and step % training.save_every == 0) or (
                 not training.save_every and end_of_epoch
             ) or finished or halting:
@@ -305,13 +345,6 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                     last_save_step = step
                 preempted = True
                 break
-    if not halted and not preempted and state.get("last_eval"):
-        from dskd.training.report import flatten
-
-        final = {f"hparams/{k}": v for k, v in state["last_eval"].items() if k != "step"}
-        monitor.hparams(flatten(to_dict(cfg)), final)
-    monitor.close()
-
     if preempted:
         set_status(out, "preempted")
         if rank == 0:
@@ -339,6 +372,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
         view.export(out / "model", None)
         write_json(out / METRICS_FILE, result)
     set_status(out, "completed")
+    monitor.end_session(succeeded=True)
     eng.barrier()
     return result
 
