@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import REPO, dskd_env, write_config
 
+pytestmark = pytest.mark.slow  # four real (tiny) runs in one process: about a minute with the checks
+
 ROBERTA_VOCAB = REPO.parent / "shared" / "data" / "vocab" / "roberta-base"
 LONG_TEXT = "a long and winding sentence about a film " * 120  # ~1000 tokens: past 512 positions
 TINY_RUN = {"data.train_limit": 32, "data.dev_limit": 16, "training.epochs": 1, "finetune.epochs": 1,
