@@ -18,7 +18,8 @@ import pytest
 import yaml
 from conftest import REPO, dskd_env, write_config
 
-pytestmark = pytest.mark.slow  # four real (tiny) runs in one process: about a minute with the checks
+# The tests on `runs` share four real (tiny) runs made in one process: about a minute in all.
+slow = pytest.mark.slow
 
 ROBERTA_VOCAB = REPO.parent / "shared" / "data" / "vocab" / "roberta-base"
 LONG_TEXT = "a long and winding sentence about a film " * 120  # ~1000 tokens: past 512 positions
@@ -67,6 +68,7 @@ def runs(session_tmp):
     return out
 
 
+@slow
 @pytest.mark.parametrize("kind", ["teacher", "student", "roberta"])
 def test_every_task_export_serves_a_pipeline_with_the_task_labels_and_truncates(runs, kind):
     from transformers import AutoTokenizer, pipeline
@@ -83,8 +85,11 @@ def test_every_task_export_serves_a_pipeline_with_the_task_labels_and_truncates(
         assert {s["label"] for s in scores} == {"negative", "positive"}
         assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-6)
     assert classify.model.config.label2id == {"negative": 0, "positive": 1}
+    card = (folder / "README.md").read_text()
+    assert "0 = `negative`, 1 = `positive`" in card and "truncates at the model's 512 positions" in card
 
 
+@slow
 def test_a_general_distillation_export_has_no_labels_and_loads_for_features(runs):
     from transformers import AutoModel, AutoTokenizer, pipeline
 
@@ -100,6 +105,7 @@ def test_a_general_distillation_export_has_no_labels_and_loads_for_features(runs
     assert f"| mlm_accuracy | {metrics['mlm_accuracy']!r} |" in card
 
 
+@slow
 def test_tokenizer_config_keeps_no_per_call_or_local_state(runs):
     for kind in ("teacher", "student", "roberta", "corpus"):
         folder = runs[kind] / "model"
@@ -113,6 +119,7 @@ def test_tokenizer_config_keeps_no_per_call_or_local_state(runs):
             assert str(runs[kind].parent) not in (folder / name).read_text(), (kind, name)
 
 
+@slow
 def test_model_card_holds_the_runs_metrics_teacher_loss_terms_and_command(runs):
     student = runs["student"]
     metrics = json.loads((student / "metrics.json").read_text())
@@ -145,6 +152,7 @@ def test_model_card_holds_the_runs_metrics_teacher_loss_terms_and_command(runs):
     assert f"| accuracy | {accuracy!r} |" in teacher_card
 
 
+@slow
 def test_a_mid_run_checkpoint_export_says_it_is_not_final_and_shows_its_own_evaluation(runs, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -164,6 +172,7 @@ def test_a_mid_run_checkpoint_export_says_it_is_not_final_and_shows_its_own_eval
     assert "Not the final model" not in (final / "README.md").read_text()
 
 
+@slow
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_exported_files_follow_the_umask(runs, tmp_path, umask):
     from dskd.training.export import export_run
@@ -180,3 +189,42 @@ def test_exported_files_follow_the_umask(runs, tmp_path, umask):
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     # The run's own model/ (written by the run under the default umask 022) is readable too.
     assert stat.S_IMODE((runs["student"] / "model" / "model.safetensors").stat().st_mode) & 0o044 == 0o044
+
+
+@pytest.mark.parametrize("task, pair, names", [
+    ("mrpc", True, ["not_equivalent", "equivalent"]),
+    ("rte", True, ["entailment", "not_entailment"]),
+    ("mnli", True, ["entailment", "neutral", "contradiction"]),
+    ("stsb", True, ["similarity"]),
+])
+def test_class_names_follow_the_hub_glue_label_ids(tmp_path, task, pair, names):
+    """id2label in label-id order, the order the data reader gives labels (RTE's TSV 'entailment'
+    is 0, as on the hub); STS-B's one output is a score, returned as is (no sigmoid)."""
+    import torch
+    from conftest import BERT_VOCAB
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast, pipeline
+
+    from dskd.data import get_task, glue
+    from dskd.training.export import name_classes, save_tokenizer
+
+    spec = get_task(task)
+    assert list(spec.class_names) == names
+    if spec.label_names is not None:  # the reader's label ids are positions in label_names
+        assert [glue._parse_label(spec, value, "test") for value in spec.label_names] == list(range(len(names)))
+    config = AutoConfig.for_model("bert", vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64, num_labels=spec.num_labels)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    name_classes(model.config, spec)
+    model.save_pretrained(tmp_path / "model")
+    BertTokenizerFast(vocab=str(BERT_VOCAB)).save_pretrained(tmp_path / "vocab")
+    save_tokenizer(tmp_path / "vocab", tmp_path / "model", 64)
+    classify = pipeline("text-classification", model=str(tmp_path / "model"))
+    scores = classify({"text": "one two " * 50, "text_pair": "three"}, truncation=True, top_k=None)
+    assert sorted(s["label"] for s in scores) == sorted(names)
+    if spec.is_regression:
+        with torch.no_grad():
+            inputs = classify.tokenizer("one two " * 50, "three", truncation=True, return_tensors="pt")
+            assert scores[0]["score"] == pytest.approx(model.eval()(**inputs).logits.item(), abs=1e-5)
+    else:
+        assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-6)

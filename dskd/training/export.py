@@ -82,8 +82,9 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = 
         name_classes(model.config, data.get_task(info["task"]))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    save_tokenizer(run_dir / MODEL_CONFIG_DIR, out, max_positions(model))
-    (out / CARD_FILE).write_text(model_card.render(run_dir, out, tag, model, info, final_metrics))
+    max_tokens = max_positions(model)
+    save_tokenizer(run_dir / MODEL_CONFIG_DIR, out, max_tokens)
+    (out / CARD_FILE).write_text(model_card.render(run_dir, out, tag, model, info, max_tokens, final_metrics))
     make_readable(out)
     return out
 
@@ -96,20 +97,22 @@ def name_classes(config, task: data.TaskSpec) -> None:
     config.problem_type = "regression" if task.is_regression else "single_label_classification"
 
 
-def max_positions(model) -> int:
+def max_positions(model) -> int | None:
     """How many tokens the model takes: its position table, less RoBERTa's offset (positions
-    start after the padding index, so 514 rows hold 512 tokens)."""
-    positions = model.config.max_position_embeddings
+    start after the padding index, so 514 rows hold 512 tokens); None if it has no such table."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
     padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
     return positions - (padding_idx + 1 if padding_idx is not None else 0)
 
 
-def save_tokenizer(source: Path, out: Path, positions: int) -> None:
+def save_tokenizer(source: Path, out: Path, positions: int | None) -> None:
     """The run's tokenizer, made portable: ``model_max_length`` is the model's positions (a vocabulary
     without a tokenizer_config.json gives 1e30, and `truncation=True` then overruns the position
     table), with no truncation or padding of a past call and no per-call or local-load keys."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    if not tokenizer.model_max_length or tokenizer.model_max_length > positions:
+    if positions is not None and (not tokenizer.model_max_length or tokenizer.model_max_length > positions):
         tokenizer.model_max_length = positions
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # tokenizer.json keeps the last call's truncation/padding
@@ -134,4 +137,7 @@ def make_readable(out: Path) -> None:
     for path in [out, *out.rglob("*")]:
         if path.is_symlink():
             continue
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        try:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        except OSError:  # another user's file left in the folder, or a file system without modes
+            pass

@@ -90,8 +90,10 @@ def _front_matter(pipeline_tag: str, task_name: str, glue: data.TaskSpec | None,
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
-def render(run_dir: Path, out: Path, tag: str, model, info: dict, final_metrics: dict | None = None) -> str:
-    """The card of ``model``, exported from checkpoint ``tag`` of ``run_dir`` into ``out``."""
+def render(run_dir: Path, out: Path, tag: str, model, info: dict, max_tokens: int,
+           final_metrics: dict | None = None) -> str:
+    """The card of ``model``, exported from checkpoint ``tag`` of ``run_dir`` into ``out``; its
+    tokenizer truncates at ``max_tokens``."""
     cfg = saved_config(run_dir)
     role = info.get("role", "distill")
     model_class = info.get("model_class") or data.TaskSpec.model_class
@@ -122,8 +124,7 @@ def render(run_dir: Path, out: Path, tag: str, model, info: dict, final_metrics:
         kind = "regression (one score)" if glue.is_regression else f"{glue.num_labels}-class classification"
         lines += [f"GLUE {glue.folder} (`{glue.name}`), {kind}: {labels}. Input: "
                   f"{' + '.join(glue.text_columns)}; trained with `data.max_length` {cfg['data'].get('max_length')}; "
-                  f"the tokenizer truncates at the model's {getattr(config, 'max_position_embeddings', '?')} "
-                  "positions (`model_max_length`).", ""]
+                  f"the tokenizer truncates at the model's {max_tokens} positions (`model_max_length`).", ""]
     else:
         corpus = cfg.get("data", {}).get("corpus") or {}
         source = corpus.get("files") or corpus.get("dataset")
@@ -136,7 +137,7 @@ def render(run_dir: Path, out: Path, tag: str, model, info: dict, final_metrics:
         lines += [f"From {origin}, at step {metrics.get('step', step)} (checkpoint `{tag}`)"
                   + (f", on the first {dev_limit} dev examples" if split_note else "") + ":", "", *_table(scores), ""]
         best = metrics.get("best")
-        if final and isinstance(best, dict) and best.get("step") != metrics.get("step"):
+        if final and isinstance(best, dict) and _scores(best) != scores:
             lines += [f"The run's best evaluation was at step {best.get('step')} ({_inline(_scores(best))}); "
                       "this export is the last step's model, not the best one.", ""]
     else:
@@ -149,11 +150,13 @@ def render(run_dir: Path, out: Path, tag: str, model, info: dict, final_metrics:
     if role == "finetune":
         lines += ["## Starting point", "", f"Fine-tuned from {_code(source)}.", ""]
     else:
-        lines += ["## Teacher", "", f"{_code(source)}" + (f", its outputs read from the cache {_code(info['teacher_cache'])}"
+        lines += ["## Teacher", "", f"Teacher: {_code(source)}" + (f", its outputs read from the cache {_code(info['teacher_cache'])}"
                                                           if info.get("teacher_cache") else "") + ".", ""]
         teacher_scores = _scores((metrics or {}).get("teacher"))
         if teacher_scores:
             lines += ["Teacher dev metrics (same dev set):", "", *_table(teacher_scores), ""]
+        if (cfg.get("student") or {}).get("init"):
+            lines += [f"The student started from `{cfg['student']['init']}` (`student.init`).", ""]
         layers = info.get("student_teacher_layers")
         if layers:
             lines += [f"Student layers initialised from teacher layers {layers}." if (cfg.get("student") or {}).get(
@@ -180,7 +183,7 @@ def render(run_dir: Path, out: Path, tag: str, model, info: dict, final_metrics:
     lines += ["## Use", "", "```python", "from transformers import pipeline", "",
               f'model = pipeline("{pipeline_tag}", model="path/to/{name}")',
               'print(model("A text.", truncation=True))' if pipeline_tag != "fill-mask"
-              else 'print(model("Paris is the [MASK] of France."))', "```", ""]
+              else 'print(model(f"Paris is the {model.tokenizer.mask_token} of France."))', "```", ""]
     lines += ["<details><summary>The run's resolved config (config.yaml)</summary>", "", "```yaml",
               yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines)
