@@ -160,10 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--batch-size", type=int, default=64)
 
-    p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder")
+    p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder with a model card (README.md)")
     p.add_argument("--run", required=True, type=Path, help="the --output folder of a finetune or distill run")
-    p.add_argument("--out", required=True, type=Path, help="folder to write (loads with AutoModelForSequenceClassification)")
-    p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder to write (transformers.pipeline and AutoModelForSequenceClassification load it)")
+    p.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: the newest complete one); the card of a "
+                                 "checkpoint before the run's end says it is not the final model")
     return parser
 
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, dskd_env, write_config
+from conftest import BERT_VOCAB, REPO, dskd_env, write_config
 
 # The tests on `runs` share four real (tiny) runs made in one process: about a minute in all.
 slow = pytest.mark.slow
@@ -201,7 +201,6 @@ def test_class_names_follow_the_hub_glue_label_ids(tmp_path, task, pair, names):
     """id2label in label-id order, the order the data reader gives labels (RTE's TSV 'entailment'
     is 0, as on the hub); STS-B's one output is a score, returned as is (no sigmoid)."""
     import torch
-    from conftest import BERT_VOCAB
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast, pipeline
 
     from dskd.data import get_task, glue

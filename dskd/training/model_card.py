@@ -217,11 +217,12 @@ def _method(cfg: dict, role: str) -> list[str]:
 
 def _methods(cfg: dict, role: str) -> list[str]:
     from dskd.config import ExperimentConfig, build_dataclass
+    from dskd.errors import DskdError
 
     try:
         experiment = build_dataclass(ExperimentConfig, cfg, "config.yaml")
         return [cls.name for cls in METHOD_REGISTRY.values() if cls.enabled(experiment, role)]
-    except Exception:  # a config of an older dskd: the card still names the loss terms
+    except DskdError:  # a config of an older dskd: the card still names the loss terms
         return []
 
 
