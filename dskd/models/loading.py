@@ -47,6 +47,13 @@ def _load_tokenizer(cfg: TeacherConfig, key: str | None):
         return BertTokenizerFast(vocab=str(p))
     if p.is_dir() and (p / "vocab.txt").is_file() and not (p / "tokenizer_config.json").is_file():
         return BertTokenizerFast(vocab=str(p / "vocab.txt"))
+    # A bare byte-level BPE vocabulary (vocab.json + merges.txt, nothing saying whose): of the
+    # model types dskd builds, RoBERTa's; AutoTokenizer cannot tell without a config.
+    if p.is_dir() and all((p / name).is_file() for name in ("vocab.json", "merges.txt")) \
+            and not any((p / name).is_file() for name in ("tokenizer_config.json", "config.json", "tokenizer.json")):
+        from transformers import RobertaTokenizerFast
+
+        return RobertaTokenizerFast(vocab=str(p / "vocab.json"), merges=str(p / "merges.txt"))
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # transformers raises many types for a bad folder or hub name

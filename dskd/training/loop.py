@@ -79,11 +79,12 @@ class RunView:
         return evaluate(lambda b: job.teacher.outputs(b, frozenset({"logits"}), (), "dev")["logits"], job.dev_set,
                         job.task, job.tokenizer, self.eval_batch, job.device)
 
-    def export(self, dest, tag: str) -> None:
-        """Export checkpoint ``tag`` of this run as a Hugging Face folder ``dest`` (rank 0 only)."""
+    def export(self, dest, tag: str, final_metrics: dict | None = None) -> None:
+        """Export checkpoint ``tag`` of this run as a Hugging Face folder ``dest`` (rank 0 only);
+        ``final_metrics``: the run's result, when this is its final model."""
         from dskd.training.export import export_run
 
-        export_run(self.job.out, dest, tag, verify=False)  # the checkpoint this run has just written
+        export_run(self.job.out, dest, tag, verify=False, final_metrics=final_metrics)  # the checkpoint just written
 
 
 def seed_everything(seed: int) -> None:
@@ -369,7 +370,7 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
     if state["teacher_metrics"]:
         result["teacher"] = {"task": task.name, **state["teacher_metrics"]}
     if rank == 0:
-        view.export(out / "model", None)
+        view.export(out / "model", None, result)
         write_json(out / METRICS_FILE, result)
     set_status(out, "completed")
     monitor.end_session(succeeded=True)
