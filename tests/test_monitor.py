@@ -192,7 +192,8 @@ def test_tensorboard_has_the_config_the_layout_and_a_finished_session(logged_run
     assert start.hparams["training.lr"].number_value == 0.002 and start.hparams["data.task"].string_value == "sst2"
     assert "finetune.lr" not in start.hparams
     experiment = next(r for tag, _, r in records if tag == "_hparams_/experiment").experiment
-    assert experiment.hparam_infos[0].name == "training.lr"  # the dashboard's first column: the swept key
+    # The swept key is marked as differing: the dashboard sorts those first, the rest by name.
+    assert [i.name for i in experiment.hparam_infos if i.differs] == ["training.lr"]
     assert [m.name.tag for m in experiment.metric_infos] == ["eval/accuracy", "eval/loss"]
     ends = [(name, r.session_end_info.status) for tag, name, r in records if tag == "_hparams_/session_end_info"]
     assert len(ends) == 1 and ends[0][0].endswith(hp.STATUS_SUFFIX) and ends[0][1] == api_pb2.STATUS_SUCCESS

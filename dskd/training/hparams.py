@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-# The keys listed for every run, after the swept ones; `{t}` is the training section of the
-# role (`training` for distill, `finetune` for finetune).
+# The keys listed for every run, after the swept ones; TRAINING_KEYS are read from the role's
+# section (`training` for distill, `finetune` for finetune).
 COMMON_KEYS = ("seed", "data.task", "data.max_length", "data.train_limit")
 TRAINING_KEYS = ("lr", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_ratio", "warmup_steps",
                  "weight_decay", "max_grad_norm", "deepspeed", "lr_schedule")
@@ -27,8 +27,9 @@ DISTILL_KEYS = ("teacher.path", "teacher.cache", "student.init", "student.layers
 STATUS_SUFFIX = ".dskd-status"  # the event file that holds the session-end record
 
 
-def swept_keys(argv: list[str]) -> list[str]:
-    """The config keys this command line set (`--set k=v`, `--set=k=v`; `--deepspeed`), in order."""
+def swept_keys(argv: list[str], role: str = "distill") -> list[str]:
+    """The config keys this command line set (`--set k=v`, `--set=k=v`; `--deepspeed` as the
+    role's `<section>.deepspeed`), in order."""
     keys = []
     for i, arg in enumerate(argv):
         value = None
@@ -37,7 +38,7 @@ def swept_keys(argv: list[str]) -> list[str]:
         elif arg.startswith("--set="):
             value = arg[len("--set="):]
         elif arg == "--deepspeed" or arg.startswith("--deepspeed="):
-            value = "training.deepspeed="
+            value = ("finetune" if role == "finetune" else "training") + ".deepspeed="
         if value and "=" in value:
             key = value.split("=", 1)[0].strip()
             if key and key not in keys:
@@ -49,9 +50,7 @@ def run_hparams(config: dict, role: str, argv: list[str], world_size: int) -> di
     """``{dotted key: value}`` for the dashboard: swept keys first, then the role's keys.
     Lists and mappings (a layer map, a stage list) become compact JSON text; nulls are left out."""
     section = "finetune" if role == "finetune" else "training"
-    keys = swept_keys(argv)
-    if role == "finetune" and "training.deepspeed" in keys:
-        keys[keys.index("training.deepspeed")] = "finetune.deepspeed"  # --deepspeed applies to the role
+    keys = swept_keys(argv, role)
     keys += list(COMMON_KEYS) + [f"{section}.{k}" for k in TRAINING_KEYS]
     if role != "finetune":
         keys += list(DISTILL_KEYS)
@@ -114,9 +113,10 @@ def _summary(tag: str, **plugin_data):
     return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
 
-def session_start(hparams: dict, metrics: list[str]) -> list:
+def session_start(hparams: dict, metrics: list[str], swept: frozenset[str] = frozenset()) -> list:
     """The experiment and session-start summaries (written at every start of the run; the
-    dashboard keeps the first, which a resume repeats unchanged)."""
+    dashboard keeps the first, which a resume repeats unchanged). ``swept`` keys are marked as
+    the ones that differ between runs: the dashboard sorts those first, the rest by name."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
     infos, start = [], plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
@@ -127,7 +127,7 @@ def session_start(hparams: dict, metrics: list[str]) -> list:
             kind, start.hparams[name].number_value = api_pb2.DATA_TYPE_FLOAT64, value
         else:
             kind, start.hparams[name].string_value = api_pb2.DATA_TYPE_STRING, str(value)
-        infos.append(api_pb2.HParamInfo(name=name, type=kind))
+        infos.append(api_pb2.HParamInfo(name=name, type=kind, differs=name in swept))
     experiment = api_pb2.Experiment(hparam_infos=infos,
                                     metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metrics])
     return [_summary(metadata.EXPERIMENT_TAG, experiment=experiment),

@@ -219,6 +219,7 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
     if state["step"] < stages[-1].end and stop.agreed(device)[0]:  # a signal during start-up: nothing to save
         preempted = True
 
+    monitor.begin_training()
     while state["step"] < stages[-1].end and not halted and not preempted:
         batches = data.epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
                                      training.batch_size, training.grad_accum)

@@ -118,7 +118,9 @@ class Monitor:
         self.writer.add_text("config", f"`{command}` on {world_size} rank(s)\n\n{indented}", self.first_step)
         self.writer.add_custom_scalars(scalars_layout(term_names, layerwise, hp.metric_tags(task)))
         hp.clear_status(self.log_dir)
-        for summary in hp.session_start(hp.run_hparams(config, role, argv, world_size), hp.metric_tags(task)):
+        values = hp.run_hparams(config, role, argv, world_size)
+        swept = frozenset(hp.swept_keys(argv, role)) & set(values)
+        for summary in hp.session_start(values, hp.metric_tags(task), swept):
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 
@@ -140,6 +142,11 @@ class Monitor:
                               dataformats="HWC")
 
     # -- the log --------------------------------------------------------------------------
+
+    def begin_training(self) -> None:
+        """The first step is about to run: the ETA's clock starts here, after start-up (loading,
+        the teacher's evaluation), which a rate per step should not include."""
+        self.started = self.last_line = time.perf_counter()
 
     def line_due(self) -> bool:
         """Whether ``log_every_seconds`` have passed since the last ``[train]`` line (rank 0's
