@@ -219,11 +219,11 @@ STATE_TERMS = {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperatu
                "tinybert_hidden": {"weight": 0.1, "embeddings": True}, "pkd": {"weight": 1.0}}
 
 
-def _family_config(tmp_path, model_type, losses, tokenizer="pkg://bert-base-uncased", student=None):
+def _family_config(tmp_path, name, model_type, losses, tokenizer="pkg://bert-base-uncased", student=None):
     arch = {"layers": 4, "hidden": 32, "heads": 2, "intermediate": 64, "model_type": model_type}
     if model_type in ("albert", "electra"):
         arch["embedding_size"] = 16
-    return write_config(tmp_path / f"{model_type}-{len(losses)}.yaml", {
+    return write_config(tmp_path / f"{name}.yaml", {
         "data.train_limit": 32, "data.dev_limit": 16, "data.max_length": 24,
         "teacher.arch": arch, "teacher.tokenizer": tokenizer,
         "student": student or {"init_from_teacher": True, "teacher_layers": [2, 4]},
@@ -232,6 +232,7 @@ def _family_config(tmp_path, model_type, losses, tokenizer="pkg://bert-base-unca
     })
 
 
+@pytest.mark.slow
 def test_every_family_finetunes_and_distils_with_every_term_it_supports(tmp_path):
     """Real `dskd finetune` + `dskd distill` for each family (one process, as tests/cli_batch.py
     runs commands): the state and logit terms everywhere, the attention terms where Q/K reproduce
@@ -241,19 +242,28 @@ def test_every_family_finetunes_and_distils_with_every_term_it_supports(tmp_path
     for model_type in FAMILIES:
         losses = dict(STATE_TERMS, **({} if model_type == "deberta-v2" else ATTENTION_TERMS))
         tokenizer = str(VOCAB / "albert-base-v2") if model_type == "albert" else "pkg://bert-base-uncased"
-        cfg = _family_config(tmp_path, model_type, losses, tokenizer)
+        cfg = _family_config(tmp_path, model_type, model_type, losses, tokenizer)
         teacher = tmp_path / f"{model_type}-teacher"
         cases += [[f"{model_type}/finetune", ["finetune", "--config", str(cfg), "--output", str(teacher)]],
                   [f"{model_type}/distill", ["distill", "--config", str(cfg), "--output", str(tmp_path / model_type),
                                              "--set", f"teacher.path={teacher}"]]]
-    refused = _family_config(tmp_path, "deberta-v2", dict(STATE_TERMS, attention_kl={"weight": 1.0}))
+    refused = _family_config(tmp_path, "refused", "deberta-v2", dict(STATE_TERMS, attention_kl={"weight": 1.0}))
     cases.append(["deberta-v2/attention", ["distill", "--config", str(refused), "--output", str(tmp_path / "refused"),
                                            "--set", f"teacher.path={tmp_path / 'deberta-v2-teacher'}"]])
-    mixed = _family_config(tmp_path, "bert", dict(STATE_TERMS, **ATTENTION_TERMS), student={
+    mixed = _family_config(tmp_path, "mixed", "bert", dict(STATE_TERMS, **ATTENTION_TERMS), student={
         "init_from_teacher": False, "arch": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64,
                                              "model_type": "distilbert"}})
     cases.append(["bert->distilbert", ["distill", "--config", str(mixed), "--output", str(tmp_path / "mixed"),
                                        "--set", f"teacher.path={tmp_path / 'bert-teacher'}", "--set", "layer_map=[2,4]"]])
+    # A DistilBERT teacher served from the teacher cache (its config names its width `dim`).
+    cached = _family_config(tmp_path, "cached", "distilbert", {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5},
+                                                               "cls_cosine": {"weight": 1.0},
+                                                               "attention_kl": {"weight": 1.0}})
+    teacher = f"teacher.path={tmp_path / 'distilbert-teacher'}"
+    cases += [["distilbert/cache", ["cache-teacher", "--config", str(cached), "--output", str(tmp_path / "cache"),
+                                    "--set", teacher]],
+              ["distilbert/cached", ["distill", "--config", str(cached), "--output", str(tmp_path / "cached"),
+                                     "--set", teacher, "--set", f"teacher.cache={tmp_path / 'cache'}"]]]
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py")], cwd=REPO, env=dskd_env(tmp_path),
                           input=json.dumps({"cases": cases, "watch": str(tmp_path / "none")}), capture_output=True,
                           text=True, timeout=900)
@@ -281,3 +291,5 @@ def test_every_family_finetunes_and_distils_with_every_term_it_supports(tmp_path
         config = json.loads((tmp_path / run / "model" / "config.json").read_text())
         assert config["model_type"] == family
         assert config.get("num_hidden_layers", config.get("n_layers")) == 2
+    cached = _scalars(tmp_path / "cached" / "tensorboard")
+    assert all(math.isfinite(v) for term in ("cls_cosine", "attention_kl") for _, v in cached[f"train/loss/{term}"])
