@@ -255,6 +255,11 @@ def test_every_family_finetunes_and_distils_with_every_term_it_supports(tmp_path
                                              "model_type": "distilbert"}})
     cases.append(["bert->distilbert", ["distill", "--config", str(mixed), "--output", str(tmp_path / "mixed"),
                                        "--set", f"teacher.path={tmp_path / 'bert-teacher'}", "--set", "layer_map=[2,4]"]])
+    # `student.init`: an ALBERT student started from the distilled ALBERT run's model.
+    albert = tmp_path / "albert.yaml"
+    cases.append(["albert/init", ["distill", "--config", str(albert), "--output", str(tmp_path / "albert-init"),
+                                  "--set", f"teacher.path={tmp_path / 'albert-teacher'}", "--set",
+                                  "student={init: " + str(tmp_path / "albert") + "}", "--set", "layer_map=[2,4]"]])
     # A DistilBERT teacher served from the teacher cache (its config names its width `dim`).
     cached = _family_config(tmp_path, "cached", "distilbert", {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5},
                                                                "cls_cosine": {"weight": 1.0},
@@ -279,7 +284,7 @@ def test_every_family_finetunes_and_distils_with_every_term_it_supports(tmp_path
         assert result["code"] == 0, (name, result["stderr"][-3000:])
     from test_e2e import _scalars
 
-    for run, family in [*((m, m) for m in FAMILIES), ("mixed", "distilbert")]:
+    for run, family in [*((m, m) for m in FAMILIES), ("mixed", "distilbert"), ("albert-init", "albert")]:
         scalars = _scalars(tmp_path / run / "tensorboard")
         terms = set(STATE_TERMS) | (set() if family == "deberta-v2" else set(ATTENTION_TERMS))
         for term in terms:
