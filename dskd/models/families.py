@@ -78,10 +78,7 @@ def family_of(config) -> Family | None:
 
 def _walk(module: nn.Module, path: str):
     for part in path.split("."):
-        module = getattr(module, part, None) if not part.isdigit() else (
-            module[int(part)] if isinstance(module, nn.ModuleList) and int(part) < len(module) else None)
-        if module is None:
-            return None
+        module = getattr(module, part, None)
     return module
 
 
@@ -108,7 +105,7 @@ def check_attention(config, who: str, terms: list[str]) -> None:
     named = ", ".join(f"`{term}`" for term in terms) or "the attention terms"
     raise DskdError(
         f"{named} recompute attention as softmax(Q Kᵀ/√d + padding mask), but the {who} is {model_type}, which "
-        f"uses {why}; drop {'them' if len(terms) > 1 else 'it'} and distil with hidden-state or [CLS] terms "
+        f"uses {why}; drop {'it' if len(terms) == 1 else 'them'} and distil with hidden-state or [CLS] terms "
         f"({ALTERNATIVES}), or use a {who} of a family whose attention they reproduce ({', '.join(EXACT_ATTENTION)})"
     )
 
