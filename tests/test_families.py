@@ -96,6 +96,15 @@ def test_student_of_another_family_reads_the_same_batch(model_type):
         {"input_ids", "attention_mask"} if model_type == "distilbert" else {"input_ids", "attention_mask", "token_type_ids"})
 
 
+@pytest.mark.parametrize("model_type", ["electra", "albert", "distilbert", "deberta-v2"])
+def test_kronecker_students_of_other_families_are_refused_with_the_fix(model_type):
+    from dskd.models.kronecker import kroneckerize
+
+    with pytest.raises(DskdError, match=rf"`student.kronecker` supports BERT and RoBERTa students; this student is "
+                                        rf"'{model_type}': drop `student.kronecker`, or distil into a BERT"):
+        kroneckerize(tiny(model_type, layers=2), {"attention": [2, 2]})
+
+
 def _eager_twin(model):
     twin = type(model)(model.config.__class__.from_dict(model.config.to_dict()))
     twin.load_state_dict(model.state_dict())
