@@ -202,7 +202,7 @@ def _evaluate(args) -> dict:
     raw = data.load_split(task, cfg.data.path, "dev", cfg.data.dev_limit)
     dev = data.tokenize_split(raw, tokenizer, cfg.data.max_length)
     result = evaluate(
-        lambda b: getattr(model(**models.model_inputs(b)), task.prediction), dev, task, tokenizer, args.batch_size,
+        lambda b: getattr(model(**models.model_inputs(b, model)), task.prediction), dev, task, tokenizer, args.batch_size,
         "cpu",
     )
     return {"task": task.name, **result}

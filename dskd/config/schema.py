@@ -44,9 +44,12 @@ class ArchConfig:
     hidden: int
     heads: int
     intermediate: int
-    model_type: Literal["bert", "roberta"] = "bert"
+    # The encoder family (tests/test_families.py runs each): its transformers model type.
+    model_type: Literal["bert", "roberta", "electra", "albert", "distilbert", "deberta-v2"] = "bert"
     max_position: int = 512
     dropout: float = 0.1
+    # ALBERT and ELECTRA: width of the token embeddings, projected to `hidden` (null: `hidden`).
+    embedding_size: Optional[int] = None
 
 
 @dataclass

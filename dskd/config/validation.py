@@ -162,6 +162,12 @@ def _validate_arch(arch, key: str, fail) -> None:
         fail(f"`{key}.hidden` ({arch.hidden}) must be a multiple of `{key}.heads` ({arch.heads})")
     if not 0 <= arch.dropout < 1:
         fail(f"`{key}.dropout` is a probability; it must be in [0, 1), got {arch.dropout}")
+    if arch.embedding_size is not None:
+        if arch.model_type not in ("albert", "electra"):
+            fail(f"`{key}.embedding_size` is for ALBERT and ELECTRA, whose embeddings are projected to the hidden "
+                 f"width; a {arch.model_type} embeds at `{key}.hidden`: drop it")
+        if arch.embedding_size < 1:
+            fail(f"`{key}.embedding_size` must be at least 1, got {arch.embedding_size}")
 
 
 def _validate_student_init(student: StudentConfig, fail) -> None:

@@ -19,6 +19,7 @@ from dskd.config import ExperimentConfig, TrainingConfig, resolve_path
 from dskd.errors import DskdError
 from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for, teacher_head_reader, uses_mlm
 from dskd.methods import Method, enabled_methods
+from dskd.models import families
 from dskd.models.capture import QKCapture
 from dskd.runtime import dist
 from dskd.teacher import cache
@@ -177,8 +178,19 @@ def _finish(job: Job) -> Job:
     for name, term in job.terms.items():
         term.bind_job(job, f"losses.{name}")
     if job.needs & CAPTURED and job.role == "distill":
+        _check_attention_families(job)
         job.student_capture = QKCapture(job.model, [s for s, _ in job.pairs], "student")
     return job
+
+
+def _check_attention_families(job: Job) -> None:
+    """Terms that recompute attention from Q/K (/V) only serve families whose attention that
+    reproduces; refuse the others by term and family before anything is written."""
+    terms = [f"losses.{name}" for name, term in job.terms.items() if term.needs & CAPTURED]
+    teacher = job.teacher.model.config if isinstance(job.teacher, TeacherSide) else \
+        SimpleNamespace(**job.teacher.teacher_config)
+    for who, config in (("student", job.model.config), ("teacher", teacher)):
+        families.check_attention(config, who, terms)
 
 
 def _prepare_cached(common: dict) -> Job:
