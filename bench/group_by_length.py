@@ -12,6 +12,7 @@ per optimizer step, times the steps of an epoch. The dev metric is the run's fin
 
     python bench/group_by_length.py --teachers runs/results --root runs-bench/gbl --seeds 1 2 3
     python bench/group_by_length.py ... --train-limit 200 --epochs 1 --seeds 1   # smoke test
+    python bench/group_by_length.py --teachers runs/results --steps 30    # the training steps alone
 
 The teachers are those of bench/results.py (``ROOT/TASK/teacher``). Prints one JSON object.
 """
@@ -84,6 +85,67 @@ def train_seconds_per_step(tb_dir: Path) -> float:
     return (logs[-1].wall_time - logs[0].wall_time - eval_time) / (logs[-1].step - logs[0].step)
 
 
+def step_times(args, task: str) -> dict:
+    """``--steps N``: the compute alone, without start-up and evaluation. N micro-batches drawn at
+    random from an epoch's random batches and N from its grouped ones, each one soft-KD training
+    step (teacher forward, student forward and backward, AdamW) of its own student copy, timed
+    alternately batch by batch so load drift hits both sides alike. The mean step times, times
+    the (equal) number of steps per epoch, give the epoch-time ratio."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification
+
+    from dskd import data, models
+    from dskd.config import StudentConfig, TeacherConfig
+
+    torch.manual_seed(0)
+    spec = get_task(task)
+    teacher_dir = args.teachers / task / "teacher" / "model"
+    tokenizer = models.load_tokenizer(TeacherConfig(path=str(teacher_dir)))
+    limit = args.train_limit if args.train_limit is not None else TASKS[task]["train_limit"]
+    train = data.tokenize_split(data.load_split(spec, str(REPO.parent / "shared" / "data" / "glue"), "train", limit),
+                                tokenizer, TASKS[task]["max_length"], in_memory=True)
+    lengths = data.example_lengths(train)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    picks = np.random.default_rng(0)
+    sides = {}
+    for name, grouped in (("random", None), ("grouped", lengths)):
+        batches = data.epoch_batches(len(train), 0, 1, 0, 1, 32, 1, grouped)
+        student, _ = models.build_student(StudentConfig(layers=3), teacher, spec.num_labels, tokenizer.pad_token_id, 1)
+        chosen = [batches[i] for i in picks.choice(len(batches), args.steps + 2, replace=False)]
+        sides[name] = {"student": student.train(), "optimizer": torch.optim.AdamW(student.parameters(), lr=1e-4),
+                       "batches": [data.collate([train[i] for i in b], tokenizer) for b in chosen],
+                       "epoch_share": data.padding_efficiency(batches, lengths), "steps_per_epoch": len(batches),
+                       "times": []}
+
+    def step(side, batch):
+        inputs = models.model_inputs(batch)
+        with torch.no_grad():
+            target = teacher(**inputs).logits
+        logits = side["student"](**inputs).logits
+        kd = F.kl_div(F.log_softmax(logits / 2, -1), F.log_softmax(target / 2, -1), reduction="batchmean",
+                      log_target=True)
+        (0.5 * F.cross_entropy(logits, batch["labels"]) + 2 * kd).backward()
+        side["optimizer"].step()
+        side["optimizer"].zero_grad(set_to_none=True)
+
+    for i in range(args.steps + 2):
+        for name in (("random", "grouped") if i % 2 == 0 else ("grouped", "random")):
+            start = time.perf_counter()
+            step(sides[name], sides[name]["batches"][i])
+            if i >= 2:  # the first two are warm-up
+                sides[name]["times"].append(time.perf_counter() - start)
+    result = {"task": task, "train_examples": len(train), "steps_timed": args.steps}
+    for name, side in sides.items():
+        result[name] = {"step_ms_mean": round(1000 * statistics.fmean(side["times"]), 1),
+                        "epoch_s": round(statistics.fmean(side["times"]) * side["steps_per_epoch"], 1),
+                        "real_token_share": round(side["epoch_share"], 3)}
+    result["epoch_time_ratio_grouped_over_random"] = round(result["grouped"]["epoch_s"] / result["random"]["epoch_s"], 3)
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
 def summarise(runs: list[dict]) -> dict:
     summary = {}
     for task in dict.fromkeys(r["task"] for r in runs):
@@ -122,7 +184,18 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=None, help="instead of each task's (SST-2 8000, MRPC all)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--keep", action="store_true", help="keep the run folders")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="time N training steps of each side in one process instead of whole runs")
     args = parser.parse_args()
+    if args.steps is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        results = [step_times(args, task) for task in args.tasks]
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        print(json.dumps({"steps": results, "config": config, "machine": {"cpus": os.cpu_count(),
+                          "load_avg_at_end": os.getloadavg()}}, indent=2))
+        return
     args.metric = {task: get_task(task).main_metric for task in args.tasks}
     runs = []
     for i, seed in enumerate(args.seeds):
