@@ -9,6 +9,8 @@ import pytest
 
 from conftest import SHARED_GLUE, assert_same_run, run_dskd, write_config
 from dskd.data import epoch_batches, example_lengths, padding_efficiency
+from dskd.errors import DskdError
+from dskd.methods import load_experiment
 
 LENGTHS = np.random.default_rng(0).integers(3, 60, 1003)
 
@@ -63,6 +65,15 @@ def test_every_micro_step_is_striped_across_ranks_so_they_pad_alike():
         for step in zip(*per_rank, strict=True):
             together = sorted((LENGTHS[i] for batch in step for i in batch), reverse=True)
             assert [max(LENGTHS[batch]) for batch in step] == together[:4]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"training.group_by_length_megabatch": 0}, r"`training.group_by_length_megabatch` must be at least 1, got 0"),
+    ({"finetune.group_by_length": "yes"}, r"`finetune.group_by_length`"),
+])
+def test_bad_grouping_keys_are_named(tmp_path, overrides, message):
+    with pytest.raises(DskdError, match=message):
+        load_experiment(write_config(tmp_path / "c.yaml", overrides))
 
 
 @pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="needs ../shared/data/glue")
