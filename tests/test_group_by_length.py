@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_GLUE, assert_same_run, run_dskd, write_config
+
 from dskd.data import epoch_batches, example_lengths, padding_efficiency
 from dskd.errors import DskdError
 from dskd.methods import load_experiment
@@ -78,9 +78,9 @@ def test_bad_grouping_keys_are_named(tmp_path, overrides, message):
 
 @pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="needs ../shared/data/glue")
 def test_padding_on_the_real_sst2_train_file():
+    from dskd.config import TeacherConfig
     from dskd.data import get_task, load_split, tokenize_split
     from dskd.models import load_tokenizer
-    from dskd.config import TeacherConfig
 
     tokenizer = load_tokenizer(TeacherConfig(tokenizer="pkg://bert-base-uncased"))
     raw = load_split(get_task("sst2"), str(SHARED_GLUE), "train", None)
