@@ -220,6 +220,12 @@ class TrainingConfig:
     max_steps: Optional[int] = None
     batch_size: int = 32  # per rank and micro-step
     grad_accum: int = 1
+    # Put examples of similar length into the same micro-step (less padding, as Hugging Face's
+    # `group_by_length`): each window of `group_by_length_megabatch` micro-steps of the epoch's
+    # seeded permutation is sorted by length; the micro-steps still run in a seeded random order,
+    # the longest first. The same examples per epoch as random batches; a no-op on a corpus.
+    group_by_length: bool = False
+    group_by_length_megabatch: int = 50
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1

@@ -49,7 +49,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         _validate_kronecker(student, fail)
     for section in ("data", "training", "finetune"):
         obj = getattr(cfg, section)
-        for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints"):
+        for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints", "group_by_length_megabatch"):
             if hasattr(obj, name) and getattr(obj, name) < 1:
                 fail(f"`{section}.{name}` must be at least 1, got {getattr(obj, name)}")
         for name in ("train_limit", "dev_limit", "halt_after_steps", "max_steps"):

@@ -101,8 +101,12 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     cfg, training, task, out = job.cfg, job.training, job.task, job.out
     rank, world = eng.rank(), eng.world_size()
 
+    lengths = data.example_lengths(job.train_set) if training.group_by_length else None
+    if lengths is not None:
+        job.notes.append(data.grouping_note(lengths, cfg.seed, rank, world, training.batch_size, training.grad_accum,
+                                            training.group_by_length_megabatch))
     batches_0 = data.epoch_batches(len(job.train_set), 0, cfg.seed, rank, world, training.batch_size,
-                                   training.grad_accum)
+                                   training.grad_accum, lengths, training.group_by_length_megabatch)
     steps_per_epoch = len(batches_0) // training.grad_accum
     if steps_per_epoch == 0:
         raise DskdError(
@@ -222,7 +226,8 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
     monitor.begin_training()
     while state["step"] < stages[-1].end and not halted and not preempted:
         batches = data.epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
-                                     training.batch_size, training.grad_accum)
+                                     training.batch_size, training.grad_accum, lengths,
+                                     training.group_by_length_megabatch)
         loader = data.loader(job.train_set, batches[state["batch_in_epoch"] :], job.tokenizer,
                              task.collator(job.tokenizer, state["epoch"]))
         for batch in loader:
