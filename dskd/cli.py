@@ -160,10 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--batch-size", type=int, default=64)
 
-    p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder")
+    p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder with a model card (README.md)")
     p.add_argument("--run", required=True, type=Path, help="the --output folder of a finetune or distill run")
-    p.add_argument("--out", required=True, type=Path, help="folder to write (loads with AutoModelForSequenceClassification)")
-    p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder to write (transformers.pipeline and AutoModelForSequenceClassification load it)")
+    p.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: the newest complete one); the card of a "
+                                 "checkpoint before the run's end says it is not the final model")
     return parser
 
 
@@ -200,7 +202,7 @@ def _evaluate(args) -> dict:
     raw = data.load_split(task, cfg.data.path, "dev", cfg.data.dev_limit)
     dev = data.tokenize_split(raw, tokenizer, cfg.data.max_length)
     result = evaluate(
-        lambda b: getattr(model(**models.model_inputs(b)), task.prediction), dev, task, tokenizer, args.batch_size,
+        lambda b: getattr(model(**models.model_inputs(b, model)), task.prediction), dev, task, tokenizer, args.batch_size,
         "cpu",
     )
     return {"task": task.name, **result}
@@ -214,11 +216,13 @@ def _train(args, role: str) -> int:
     from dskd.training import engine, run_dir, run_lock
     from dskd.training.job import prepare
     from dskd.training.loop import run
+    from dskd.training.monitor import quiet_bars_in_batch_logs
 
     try:
         cfg = load_experiment(args.config, args.overrides)
+        quiet_bars_in_batch_logs(cfg.finetune if role == "finetune" else cfg.training)
         job = prepare(cfg, role, args.output, args.deepspeed, args.resume, args.overwrite, args.auto_resume)
-        result = run(job, sys.argv, stop)
+        result = run(job, args.argv, stop)
     except DskdError as exc:
         run_dir.fail(str(exc))
         raise
@@ -284,7 +288,7 @@ def _cache_teacher(args) -> int:
     _glue_only(cfg, args.config, "cache-teacher", "stores a teacher's outputs on a GLUE task; a corpus job runs its "
                "teacher online (docs/general.md, 'Teacher cache')")
     manifest = cache_teacher(cfg, args.output, args.deepspeed, args.dtype, args.batch_size, args.overwrite,
-                                   sys.argv)
+                                   args.argv)
     if engine.rank() == 0:
         examples = {split: sum(s["examples"] for s in shards) for split, shards in manifest["shards"].items()}
         size = cache.cache_size(args.output)
@@ -303,7 +307,7 @@ def _augment(args) -> int:
     cfg = load_experiment(args.config, args.overrides)
     _glue_only(cfg, args.config, "augment", "writes Glitter's candidates of a GLUE task's training examples")
     manifest = augment(cfg, args.output, args.candidates, args.seed, args.method, args.alpha, args.ops,
-                       args.mask_rate, args.top_k, args.overwrite, sys.argv)
+                       args.mask_rate, args.top_k, args.overwrite, args.argv)
     print(f"candidate pool: {args.output} ({manifest['source']['examples']} examples x {manifest['candidates']} "
           f"candidates, {manifest['method']}, seed {manifest['seed']}, fingerprint {manifest['fingerprint']})")
     print(f"use it with: dskd cache-teacher ... --set data.augment={args.output}, then dskd distill ... "
@@ -318,7 +322,7 @@ def _train_probes(args) -> int:
     cfg = load_experiment(args.config, args.overrides)
     _glue_only(cfg, args.config, "train-probes", "fits Universal-KD's pseudo-classifiers on a GLUE task's labels")
     manifest = train_probes(cfg, args.output, args.batch_size, args.epochs, args.lr, args.fit_batch_size,
-                            args.layers, args.overwrite, sys.argv)
+                            args.layers, args.overwrite, args.argv)
     for layer, accuracy in manifest["dev_accuracy"].items():
         print(f"probe {layer}: dev accuracy {accuracy:.4f}  (train {manifest['train_accuracy'][layer]:.4f})")
     print(f"teacher probes dev: {json.dumps(manifest['dev_accuracy'])}")
@@ -329,6 +333,8 @@ def _train_probes(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What run.json records as the command: the arguments given, also when called in-process.
+    args.argv = list(sys.argv) if argv is None else ["dskd", *map(str, argv)]
     _quiet_libraries()
     try:
         if args.command in ("finetune", "distill"):

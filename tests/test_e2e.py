@@ -274,9 +274,14 @@ def test_internal_kd_across_widths_and_heads_on_two_ranks_zero3(session_tmp):
     assert sorted(acc.Tags()["images"]) == ["attention/student_L1_teacher_L2", "attention/student_L2_teacher_L4"]
     images = acc.Images("attention/student_L2_teacher_L4")
     assert [e.step for e in images] == [4, 8]
-    # Two heads stacked with a gap row (2n + 1 tokens high), each row teacher | gap | student
-    # (2n + 1 tokens wide): a square.
-    assert images[0].width == images[0].height > 0
+    # A colour figure (teacher | student, two head rows, colour bars): not a grey map.
+    import io
+
+    from matplotlib.image import imread
+
+    pixels = imread(io.BytesIO(images[0].encoded_image_string), format="png")
+    assert pixels.shape[2] >= 3 and images[0].width > 200 and images[0].height > 200
+    assert (abs(pixels[..., 0] - pixels[..., 2]) > 0.2).mean() > 0.05
     scalars = _scalars(out / "tensorboard")
     assert {"train/loss/attention_kl/L1", "train/loss/cls_cosine/L2"} <= set(scalars)
 

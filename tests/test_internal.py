@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,23 +296,22 @@ def test_refresh_lr_applies_the_shortened_stage_table_to_the_next_step():
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0) and scheduler.get_last_lr() == [pytest.approx(1.0)]
 
 
-def test_attention_grid_draws_teacher_left_student_right_over_real_tokens():
+def test_attention_figure_draws_the_compared_distributions_over_real_tokens():
     from dskd.losses import attention_log_probs
-    from dskd.training.monitor import MAP_PIXELS, attention_grid
+    from dskd.training.attention_figure import attention_figure, attention_maps, head_label
 
     mask = torch.tensor([[1, 1, 1, 0]])
-    s_qk, t_qk = _qk(1, 2, 4, 4, 9), _qk(1, 2, 4, 4, 10)
-    image = attention_grid(s_qk, t_qk, mask, (1, 1), heads=2)
-    scale = min(16, MAP_PIXELS // 3)
-    assert image.shape == (7 * scale, 7 * scale)  # 2 heads x 3 tokens + gap, teacher | gap | student
-    cells = image[::scale, ::scale]
-    for head in range(2):
-        for side, (q, k) in ((0, t_qk), (4, s_qk)):
-            probs = attention_log_probs(q, k, mask.bool()).exp()[0, head, :3, :3]
-            expected = (probs / probs.max()).numpy()
-            rows = slice(4 * head, 4 * head + 3)
-            assert cells[rows, side : side + 3] == pytest.approx(expected, rel=1e-5)
-    assert (cells[3] == 1).all() and (cells[:, 3] == 1).all()  # white gaps
+    s_qk, t_qk = _qk(1, 2, 4, 4, 9), _qk(1, 4, 4, 4, 10)  # teacher heads averaged in pairs
+    teacher, student = attention_maps(s_qk, t_qk, mask, (1, 2), heads=2)
+    assert teacher.shape == student.shape == (2, 3, 3)  # 2 compared heads over the 3 real tokens
+    t_probs = attention_log_probs(*t_qk, mask.bool()).exp()[0, :, :3, :3]
+    torch.testing.assert_close(torch.from_numpy(teacher), (t_probs[0::2] + t_probs[1::2]) / 2)
+    torch.testing.assert_close(torch.from_numpy(student), attention_log_probs(*s_qk, mask.bool()).exp()[0, :, :3, :3])
+    assert teacher.sum(-1) == pytest.approx(1.0, rel=1e-5)
+    assert (head_label(0, 1), head_label(1, 2)) == ("head 1", "heads 3-4")
+    image = attention_figure(teacher, student, ["[CLS]", "a", "[SEP]", "[PAD]"], (2, 4), (1, 2))
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert (np.abs(image[..., 0].astype(int) - image[..., 2]) > 50).mean() > 0.05  # a colour map, not grey
 
 
 def test_layer_options_without_a_layer_wise_term_are_refused_by_name():

@@ -28,7 +28,7 @@ def test_a_new_world_size_continues_the_epoch_without_repeating_or_skipping(old_
     n, seed, size, steps_done = 101, 7, 4, 3
 
     def steps(world: int, accum: int, skip: int) -> list[set[int]]:
-        per_rank = [epoch_batches(n, 0, seed, r, world, size, accum, skip) for r in range(world)]
+        per_rank = [epoch_batches(n, 0, seed, r, world, size, accum, skip=skip) for r in range(world)]
         return [{i for rank in per_rank for batch in rank[s * accum:(s + 1) * accum] for i in batch}
                 for s in range(len(per_rank[0]) // accum)]
 
@@ -58,6 +58,14 @@ def test_a_move_that_would_change_the_global_batch_is_refused_with_the_fix(tmp_p
     fixed = load_experiment(write_config(tmp_path / "b.yaml", {"training.global_batch_size": 64})).training
     assert rescale.check(folder, 2, at_world_size(fixed, 1), fixed, "training") == 2  # 1 x 16 x 4 = 2 x 16 x 2
     assert rescale.check(folder, 1, at_world_size(fixed, 1), fixed, "training") is None  # not moved
+    # Length-grouped batches: only from the end of an epoch.
+    folder.mkdir(parents=True)
+    torch.save({"dskd": {"epoch": 0, "batch_in_epoch": 10, "epoch_offset": 0}}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(DskdError, match=r"step00000005 is in the middle of epoch 0, and with `training.group_by_length`"
+                                        r".* resume on 2 rank\(s\), or from a checkpoint at the end of an epoch"):
+        rescale.check(folder, 2, at_world_size(fixed, 1), fixed, "training", grouped=True)
+    torch.save({"dskd": {"epoch": 1, "batch_in_epoch": 0, "epoch_offset": 0}}, folder / "mp_rank_00_model_states.pt")
+    assert rescale.check(folder, 2, at_world_size(fixed, 1), fixed, "training", grouped=True) == 2
 
 
 # -------------------------------------------------------------- real runs, 2 -> 1 and 1 -> 2 ranks
@@ -169,3 +177,13 @@ def test_a_zero3_run_moved_from_two_ranks_to_one_keeps_adams_step(moved, stayed)
     _ok(run_dskd(["distill", "--config", fixed, "--output", out, "--resume", *zero3], root))
     _assert_ends_like(out, stayed, 1)
     shutil.rmtree(out)
+
+
+def test_length_grouped_batches_refuse_a_prefix_to_skip():
+    """Grouped micro-steps depend on the rank layout (rescale refuses such a move mid-epoch)."""
+    lengths = list(range(1, 33))
+    assert epoch_batches(32, 0, 7, 0, 2, 4, 1, lengths, skip=0)
+    with pytest.raises(ValueError, match="skip works with random batches only"):
+        epoch_batches(32, 0, 7, 0, 2, 4, 1, lengths, skip=8)
+    # Equal lengths (a corpus job's blocks) batch at random, so a prefix can be skipped there.
+    assert epoch_batches(32, 0, 7, 0, 2, 4, 1, [5] * 32, skip=8) == epoch_batches(32, 0, 7, 0, 2, 4, 1, skip=8)

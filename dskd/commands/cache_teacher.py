@@ -44,8 +44,11 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
     pairs = mapped_pairs(cfg, cfg.losses, init_layers, n_student, model.config.num_hidden_layers)
     spec = spec_for(cfg.losses, pairs)
     identity = identity_for(cfg, tokenizer, fingerprints, teacher_fingerprint(cfg.teacher, cfg.seed))
-    # num_labels is implied by id2label in the JSON; the reader wants it spelled out.
-    teacher_config = {**json.loads(model.config.to_json_string()), "num_labels": model.config.num_labels}
+    # num_labels is implied by id2label in the JSON, and a family may name its geometry otherwise
+    # (DistilBERT: dim, n_heads, n_layers); the reader wants them spelled out.
+    geometry = ("num_labels", "hidden_size", "num_attention_heads", "num_hidden_layers")
+    teacher_config = {**json.loads(model.config.to_json_string()),
+                      **{name: getattr(model.config, name) for name in geometry}}
     model = models.freeze(model, compute, eng.device())
     capture = QKCapture(model, list(spec.layers), "teacher") if "attention_qk" in spec.fields else None
     layout = {"fields": list(spec.fields), "layers": list(spec.layers), "dtype": store,

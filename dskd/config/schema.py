@@ -44,9 +44,12 @@ class ArchConfig:
     hidden: int
     heads: int
     intermediate: int
-    model_type: Literal["bert", "roberta"] = "bert"
+    # The encoder family (tests/test_families.py runs each): its transformers model type.
+    model_type: Literal["bert", "roberta", "electra", "albert", "distilbert", "deberta-v2"] = "bert"
     max_position: int = 512
     dropout: float = 0.1
+    # ALBERT and ELECTRA: width of the token embeddings, projected to `hidden` (null: `hidden`).
+    embedding_size: Optional[int] = None
 
 
 @dataclass
@@ -221,6 +224,12 @@ class TrainingConfig:
     # whatever the number of ranks: grad_accum is then derived as global_batch_size / (ranks x
     # batch_size) at launch; null: grad_accum as given, so the global batch grows with the ranks.
     global_batch_size: Optional[int] = None
+    # Put examples of similar length into the same micro-step (less padding, as Hugging Face's
+    # `group_by_length`): each window of `group_by_length_megabatch` micro-steps of the epoch's
+    # seeded permutation is sorted by length; the micro-steps still run in a seeded random order,
+    # the longest first. The same examples per epoch as random batches; a no-op on a corpus.
+    group_by_length: bool = False
+    group_by_length_megabatch: int = 50
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -228,7 +237,14 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     save_every: int = 0  # optimizer steps; 0 = at the end of each epoch
-    log_every: int = 10  # optimizer steps
+    log_every: int = 10  # optimizer steps between logged losses (TensorBoard, and the log's [train] lines)
+    # The training log: `bar` (a progress bar showing the current loss), `log` (a [train] line
+    # with step, epoch, every loss term, lr, grad norm, throughput and ETA at each logging step),
+    # or `auto`: a bar on a terminal, lines when the output goes to a file (sbatch, `> run.log`).
+    progress: Literal["auto", "bar", "log"] = "auto"
+    # With `log` lines: also log when this many seconds passed without a line (0: only every
+    # `log_every` steps), so slow steps still show progress in a batch log.
+    log_every_seconds: float = 60.0
     keep_checkpoints: int = 2
     # How a resume checks a checkpoint against its manifest: every file's SHA-256 (`full`,
     # about 1 s per GB) or only sizes and presence (`sizes`: catches truncation and deletion,

@@ -49,7 +49,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         _validate_kronecker(student, fail)
     for section in ("data", "training", "finetune"):
         obj = getattr(cfg, section)
-        for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints"):
+        for name in ("max_length", "batch_size", "grad_accum", "keep_checkpoints", "group_by_length_megabatch"):
             if hasattr(obj, name) and getattr(obj, name) < 1:
                 fail(f"`{section}.{name}` must be at least 1, got {getattr(obj, name)}")
         if getattr(obj, "global_batch_size", None) is not None:
@@ -68,10 +68,11 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         for name in ("epochs", "lr"):
             if hasattr(obj, name) and getattr(obj, name) <= 0:
                 fail(f"`{section}.{name}` must be positive, got {getattr(obj, name)}")
-        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every"):
+        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "log_every_seconds"):
             if hasattr(obj, name) and getattr(obj, name) < 0:
                 meaning = {"max_grad_norm": " (0 turns clipping off)", "eval_every": " (0: every epoch)",
-                           "save_every": " (0: every epoch)"}.get(name, "")
+                           "save_every": " (0: every epoch)",
+                           "log_every_seconds": " (0: only every log_every steps)"}.get(name, "")
                 fail(f"`{section}.{name}` must be 0 or more{meaning}, got {getattr(obj, name)}")
         if hasattr(obj, "log_every") and obj.log_every < 1:
             fail(f"`{section}.log_every` must be at least 1 (optimizer steps between log lines), got {obj.log_every}")
@@ -170,6 +171,12 @@ def _validate_arch(arch, key: str, fail) -> None:
         fail(f"`{key}.hidden` ({arch.hidden}) must be a multiple of `{key}.heads` ({arch.heads})")
     if not 0 <= arch.dropout < 1:
         fail(f"`{key}.dropout` is a probability; it must be in [0, 1), got {arch.dropout}")
+    if arch.embedding_size is not None:
+        if arch.model_type not in ("albert", "electra"):
+            fail(f"`{key}.embedding_size` is for ALBERT and ELECTRA, whose embeddings are projected to the hidden "
+                 f"width; a {arch.model_type} embeds at `{key}.hidden`: drop it")
+        if arch.embedding_size < 1:
+            fail(f"`{key}.embedding_size` must be at least 1, got {arch.embedding_size}")
 
 
 def _validate_student_init(student: StudentConfig, fail) -> None:

@@ -2,7 +2,10 @@
 training split's transforms. Everything here is plain data work; nothing knows about
 models, teachers or losses."""
 
-from dskd.data.batches import collate, epoch_batches, eval_loader, first_batches, loader, tokenize_split
+from dskd.data.batches import (
+    collate, epoch_batches, eval_loader, example_lengths, first_batches, grouping_note, loader, padding_efficiency,
+    tokenize_split,
+)
 from dskd.data.glue import load_split, read_glue_tsv
 from dskd.data.corpus import CorpusTask
 from dskd.data.loading import data_fingerprint, load_data, task_for, training_split
@@ -11,6 +14,6 @@ from dskd.data.tasks import GLUE_TASKS, SPLITS, TaskSpec, get_task
 
 __all__ = [
     "GLUE_TASKS", "SPLITS", "CorpusTask", "TaskSpec", "apply_label_noise", "collate", "data_fingerprint", "epoch_batches",
-    "eval_loader", "first_batches", "get_task", "label_noise", "load_data", "load_split", "loader",
-    "read_glue_tsv", "split_holdout", "task_for", "tokenize_split", "training_split",
+    "eval_loader", "example_lengths", "first_batches", "get_task", "grouping_note", "label_noise", "load_data",
+    "load_split", "loader", "padding_efficiency", "read_glue_tsv", "split_holdout", "task_for", "tokenize_split", "training_split",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import torch
 
 
@@ -46,16 +47,76 @@ def collate(features: list[dict], tokenizer) -> dict[str, torch.Tensor]:
 
 
 def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_size: int, grad_accum: int,
-                  skip: int = 0):
+                  lengths=None, megabatch: int = 50, skip: int = 0):
     """This rank's micro-batches for one epoch: a seeded permutation, equal work on every rank.
-    After ``k`` micro-batches per rank the first ``k x batch_size x world`` examples of the order
-    have been used, whatever ``world`` is; ``skip`` leaves out such a prefix (a run resumed on
-    another number of ranks, ``dskd.training.rescale``)."""
+
+    ``lengths`` (token counts per example, :func:`example_lengths`): group examples of similar
+    length into the same micro-step (``training.group_by_length``). The examples are those random
+    batching uses in this epoch; each window of ``megabatch`` micro-steps of the permutation (across
+    all ranks) is sorted by length and cut into micro-steps, each split across the ranks by striding,
+    so every rank's micro-batch pads to about the same length. The micro-steps then run in a seeded
+    random order, the one holding the longest example first (an out-of-memory error shows at once).
+    Equal lengths (a corpus job's blocks) give exactly the random batches.
+
+    After ``k`` random micro-batches per rank the first ``k x batch_size x world`` examples of the
+    order have been used, whatever ``world`` is; ``skip`` leaves out such a prefix (a run resumed
+    on another number of ranks, ``dskd.training.rescale``; random batches only)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()[skip:]
-    mine = order[rank::world][: len(order) // world]
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
-    return batches[: len(batches) // grad_accum * grad_accum]
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} examples")
+    if lengths is None or n == 0 or lengths.min() == lengths.max():
+        rest = order[skip:]
+        mine = rest[rank::world][: len(rest) // world]
+        batches = [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+        return batches[: len(batches) // grad_accum * grad_accum]
+    if skip:  # grouped micro-steps depend on the rank layout: no prefix of the order is "done"
+        raise ValueError("skip works with random batches only, not with training.group_by_length")
+    span = world * batch_size  # one micro-step's examples, all ranks together
+    micro_steps = (n // world) // batch_size // grad_accum * grad_accum
+    # The random batches above use exactly order[: micro_steps * span]: the same examples here.
+    used = np.asarray(order[: micro_steps * span], dtype=np.int64)
+    steps = []
+    for start in range(0, len(used), megabatch * span):
+        window = used[start : start + megabatch * span]
+        window = window[np.argsort(-lengths[window], kind="stable")]
+        steps += [window[i : i + span] for i in range(0, len(window), span)]
+    if not steps:
+        return []
+    longest = int(np.argmax([lengths[step[0]] for step in steps]))  # a window's first step holds its longest
+    shuffled = [j for j in torch.randperm(len(steps), generator=generator).tolist() if j != longest]
+    return [steps[j][rank::world].tolist() for j in [longest] + shuffled]
+
+
+def grouping_note(lengths, seed: int, rank: int, world: int, batch_size: int, grad_accum: int,
+                  megabatch: int) -> str:
+    """The log line of ``training.group_by_length``: this rank's padding in epoch 0, grouped and random."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.min() == lengths.max():
+        return (f"[data] training.group_by_length changes nothing here: every training example has "
+                f"{lengths[0]} tokens (a corpus job's blocks)")
+    shares = [padding_efficiency(epoch_batches(len(lengths), 0, seed, rank, world, batch_size, grad_accum, grouped,
+                                               megabatch), lengths) for grouped in (lengths, None)]
+    return (f"[data] micro-batches grouped by length (training.group_by_length, windows of {megabatch} micro-steps): "
+            f"{shares[0]:.0%} of the padded tokens are real in epoch 0 (random batches: {shares[1]:.0%})")
+
+
+def example_lengths(dataset) -> np.ndarray:
+    """Token count of every example of a tokenised split (read from the Arrow column, through
+    any ``select``ed index mapping, without decoding the rows)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy()
+
+
+def padding_efficiency(batches: list[list[int]], lengths) -> float:
+    """Real tokens over padded tokens (each batch padded to its longest) of ``batches``."""
+    lengths = np.asarray(lengths)
+    real = sum(int(lengths[b].sum()) for b in batches)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    return real / max(padded, 1)
 
 
 def loader(dataset, batches: list[list[int]], tokenizer, collate_fn=None):

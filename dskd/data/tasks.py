@@ -35,6 +35,8 @@ class TaskSpec:
     train_file: str = "train.tsv"
     dev_file: str = "dev.tsv"
     headerless_columns: tuple[str, ...] | None = None
+    # What each output of the model means, by index (a regression's one output has one name).
+    class_names: tuple[str, ...] = ()
     # The hub's GLUE copy renames some text columns (MRPC, MNLI); None means the
     # hub uses the same names as the TSV header.
     hub_text_columns: tuple[str, ...] | None = None
@@ -78,18 +80,20 @@ class TaskSpec:
         return self.train_file if split == "train" else self.dev_file
 
 
-# The nine GLUE tasks: name, folder, TSV text columns, label column, label names (None: a
-# regression score), metrics and the main one; then what differs from the defaults.
+# The nine GLUE tasks: name, folder, TSV text columns, label column, label values as the TSV
+# writes them (class id = position; "-": a regression score), the classes' names in that order
+# (the hub's GLUE ClassLabel names; what an export's id2label says), metrics and the main one;
+# then what differs from the defaults.
 _TABLE = """
-cola  CoLA   sentence            label        0,1                                matthews_corrcoef  matthews_corrcoef
-sst2  SST-2  sentence            label        0,1                                accuracy           accuracy
-mrpc  MRPC   #1_String,#2_String Quality      0,1                                f1,accuracy        f1
-qqp   QQP    question1,question2 is_duplicate 0,1                                f1,accuracy        accuracy
-stsb  STS-B  sentence1,sentence2 score        -                                  pearson,spearman   pearson
-mnli  MNLI   sentence1,sentence2 gold_label   entailment,neutral,contradiction   accuracy           accuracy
-qnli  QNLI   question,sentence   label        entailment,not_entailment          accuracy           accuracy
-rte   RTE    sentence1,sentence2 label        entailment,not_entailment          accuracy           accuracy
-wnli  WNLI   sentence1,sentence2 label        0,1                                accuracy           accuracy
+cola  CoLA   sentence            label        0,1                                unacceptable,acceptable            matthews_corrcoef  matthews_corrcoef
+sst2  SST-2  sentence            label        0,1                                negative,positive                  accuracy           accuracy
+mrpc  MRPC   #1_String,#2_String Quality      0,1                                not_equivalent,equivalent          f1,accuracy        f1
+qqp   QQP    question1,question2 is_duplicate 0,1                                not_duplicate,duplicate            f1,accuracy        accuracy
+stsb  STS-B  sentence1,sentence2 score        -                                  similarity                         pearson,spearman   pearson
+mnli  MNLI   sentence1,sentence2 gold_label   entailment,neutral,contradiction   entailment,neutral,contradiction   accuracy           accuracy
+qnli  QNLI   question,sentence   label        entailment,not_entailment          entailment,not_entailment          accuracy           accuracy
+rte   RTE    sentence1,sentence2 label        entailment,not_entailment          entailment,not_entailment          accuracy           accuracy
+wnli  WNLI   sentence1,sentence2 label        0,1                                not_entailment,entailment          accuracy           accuracy
 """
 _SPECIAL = {
     "cola": {"headerless_columns": ("source", "label", "notation", "sentence")},
@@ -101,11 +105,11 @@ _SPECIAL = {
 def _parse_table() -> dict[str, TaskSpec]:
     tasks = {}
     for row in _TABLE.strip().splitlines():
-        name, folder, texts, label, names, metrics, main = row.split()
+        name, folder, texts, label, names, classes, metrics, main = row.split()
         tasks[name] = TaskSpec(
             name, folder, tuple(c.replace("_", " ") for c in texts.split(",")), label,
             None if names == "-" else tuple(names.split(",")), tuple(metrics.split(",")), main,
-            **_SPECIAL.get(name, {}),
+            class_names=tuple(classes.split(",")), **_SPECIAL.get(name, {}),
         )
     return tasks
 

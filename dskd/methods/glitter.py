@@ -104,7 +104,7 @@ class Glitter(LossTerm):
         """The student on the candidates (train mode, with grad), inside the DeepSpeed module."""
         if "augment" not in batch:
             return {}
-        return {"augment": {"logits": model(**model_inputs(batch["augment"]))["logits"]}}
+        return {"augment": {"logits": model(**model_inputs(batch["augment"], model))["logits"]}}
 
     def teacher_extras(self, teacher, batch: dict) -> dict:
         """The teacher's logits of the candidates: the cache's `augment` split (by candidate id), or online."""

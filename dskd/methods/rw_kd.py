@@ -148,12 +148,12 @@ class ReweightedKD(LossTerm):
         buffers = dict(student.named_buffers())
         eta = self.inner_lr or student_lr
         with sdpa_kernel(SDPBackend.MATH):
-            zs = functional_call(student, {**params, **buffers}, args=(), kwargs=model_inputs(batch))["logits"]
+            zs = functional_call(student, {**params, **buffers}, args=(), kwargs=model_inputs(batch, student))["logits"]
             loss, _ = self.mixed(zs, teacher_logits, batch["labels"], detach_weights=False)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
             ahead = {n: p if g is None else p - eta * g for (n, p), g in zip(params.items(), grads, strict=True)}
             meta_logits = functional_call(student, {**ahead, **buffers}, args=(),
-                                          kwargs=model_inputs(meta_batch))["logits"]
+                                          kwargs=model_inputs(meta_batch, student))["logits"]
             meta_loss = F.cross_entropy(_at_least_fp32(meta_logits), meta_batch["labels"])
         meta_grads = torch.autograd.grad(meta_loss, list(self.learner.parameters()))
         if dist.world_size() > 1:

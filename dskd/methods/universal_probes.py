@@ -47,7 +47,7 @@ def collect_cls(model: nn.Module, dataset, tokenizer, batch_size: int, layers: l
 
     feats, labels = [], []
     for batch in data.eval_loader(dataset, tokenizer, batch_size):
-        inputs = {k: v.to(device) for k, v in models.model_inputs(batch).items()}
+        inputs = {k: v.to(device) for k, v in models.model_inputs(batch, model).items()}
         states = model(**inputs, output_hidden_states=True).hidden_states
         feats.append(torch.stack([states[i][:, 0] for i in layers], 1).float().cpu())
         labels.append(batch["labels"])

@@ -1,5 +1,6 @@
 """Teacher and student models (``loading``: tokenizers, models, the frozen teacher; ``students``:
-the student and its layer map; ``capture``: forward hooks on Q/K; ``kronecker``: KroneckerBERT).
+the student and its layer map; ``capture``: forward hooks on Q/K; ``families``: what each encoder
+family keeps where, and which attention terms it serves; ``kronecker``: KroneckerBERT).
 
 The teacher is loaded (or built from config), frozen (``eval()``, no gradients), cast
 to the run's dtype and kept outside the DeepSpeed engine: it never enters DDP, ZeRO

@@ -12,8 +12,10 @@ projections (MiniLM's value relation, need ``attention_v``) make the capture hoo
 ``value`` too, on first use only, so runs that never ask for V pay nothing for it.
 
 This is exact for encoders whose attention scores are ``Q K^T / sqrt(head_dim)`` plus the
-padding mask (BERT, RoBERTa, ELECTRA-style with absolute positions); ``encoder_blocks``
-refuses models it cannot read this way.
+padding mask: BERT, RoBERTa, ELECTRA, ALBERT and DistilBERT (``dskd.models.families`` says where
+each keeps its layers and projections); the others are refused by name (DeBERTa's disentangled
+attention). ALBERT's layers share one module, so its hooks count calls: the k-th call in a
+forward is layer k.
 """
 
 from __future__ import annotations
@@ -22,31 +24,7 @@ import torch
 from torch import nn
 
 from dskd.errors import DskdError
-
-
-def encoder_blocks(model: nn.Module, who: str) -> nn.ModuleList:
-    """The Transformer layers of a BERT-style encoder (``<base>.encoder.layer``)."""
-    base = getattr(model, model.base_model_prefix, model)
-    blocks = getattr(getattr(base, "encoder", None), "layer", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise DskdError(
-            f"the {who} ({type(model).__name__}) has no `encoder.layer` blocks; internal-representation "
-            "losses support BERT-style encoders (BERT, RoBERTa, ...)"
-        )
-    position_type = getattr(model.config, "position_embedding_type", "absolute")
-    if position_type not in (None, "absolute"):
-        raise DskdError(
-            f"the {who} uses position_embedding_type={position_type!r}; attention is recomputed from Q and K, "
-            "which is exact only for absolute position embeddings"
-        )
-    return blocks
-
-
-def self_attention(block: nn.Module, who: str, layer: int) -> nn.Module:
-    attn = getattr(getattr(block, "attention", None), "self", None)
-    if attn is None or not all(hasattr(attn, name) for name in ("query", "key", "attention_head_size")):
-        raise DskdError(f"layer {layer} of the {who} has no BERT-style self-attention (attention.self.query/key)")
-    return attn
+from dskd.models import families
 
 
 class QKCapture:
@@ -59,41 +37,58 @@ class QKCapture:
     """
 
     def __init__(self, model: nn.Module, layers: list[int], who: str):
-        blocks = encoder_blocks(model, who)
+        families.check_attention(model.config, who, [])
+        modules, self.shared = families.attention_layers(model, who)
+        depth = model.config.num_hidden_layers if self.shared else len(modules)
         self.who = who
         self.layers = sorted(set(layers))
-        self.active: set[int] = set()
+        self._active: set[int] = set()
+        self._calls: dict[str, int] = {}  # shared layers: calls of each projection in this forward
         self._store: dict[tuple[int, str], torch.Tensor] = {}
         self._handles = []
-        self._attention: dict[int, nn.Module] = {}
+        self._names = (families.family_of(model.config) or families.BERT_LIKE).projections
         self._values_hooked = False
         for layer in self.layers:
-            if not 1 <= layer <= len(blocks):
-                raise DskdError(f"the {who} has {len(blocks)} layers; layer {layer} does not exist")
-            attn = self_attention(blocks[layer - 1], who, layer)
-            self._attention[layer] = attn
-            head_dim = int(attn.attention_head_size)
-            for part in ("q", "k"):
-                module = attn.query if part == "q" else attn.key
-                self._handles.append(module.register_forward_hook(self._hook(layer, part, head_dim)))
+            if not 1 <= layer <= depth:
+                raise DskdError(f"the {who} has {depth} layers; layer {layer} does not exist")
+        # Shared: every distinct module is hooked once and tells layers apart by its call count.
+        self._attention = dict(enumerate({id(m): m for m in modules}.values())) if self.shared else \
+            {layer: modules[layer - 1] for layer in self.layers}
+        for layer, attn in self._attention.items():
+            for part, name in zip("qk", self._names[:2]):
+                self._handles.append(getattr(attn, name).register_forward_hook(
+                    self._hook(layer, part, int(attn.attention_head_size))))
+
+    @property
+    def active(self) -> set[int]:
+        return self._active
+
+    @active.setter
+    def active(self, layers) -> None:
+        """Set before each forward: the layers to keep; restarts the shared layers' call count."""
+        self._active = set(layers)
+        self._calls.clear()
 
     def hook_values(self) -> None:
-        """Also keep the value projections (``attention.self.value``) of the active layers; idempotent."""
+        """Also keep the value projections of the active layers; idempotent."""
         if self._values_hooked:
             return
+        name = self._names[2]
         for layer, attn in self._attention.items():
-            if not isinstance(getattr(attn, "value", None), nn.Module):
-                raise DskdError(f"layer {layer} of the {self.who} has no BERT-style value projection "
-                                "(attention.self.value)")
-            hook = self._hook(layer, "v", int(attn.attention_head_size))
-            self._handles.append(attn.value.register_forward_hook(hook))
+            if not isinstance(getattr(attn, name, None), nn.Module):
+                raise DskdError(f"layer {layer} of the {self.who} has no value projection (`{name}`)")
+            self._handles.append(getattr(attn, name).register_forward_hook(
+                self._hook(layer, "v", int(attn.attention_head_size))))
         self._values_hooked = True
 
     def _hook(self, layer: int, part: str, head_dim: int):
         def hook(module, inputs, output):
-            if layer in self.active:
+            at = layer
+            if self.shared:
+                at = self._calls[part] = self._calls.get(part, 0) + 1
+            if at in self._active:
                 b, s, _ = output.shape
-                self._store[(layer, part)] = output.view(b, s, -1, head_dim).transpose(1, 2)
+                self._store[(at, part)] = output.view(b, s, -1, head_dim).transpose(1, 2)
 
         return hook
 
@@ -161,7 +156,8 @@ def forward_with_layers(model: nn.Module, inputs: dict, needs: frozenset[str], c
     vocabulary_head = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
     runner = getattr(model, model.base_model_prefix, model) if vocabulary_head and "logits" not in needs else model
     try:
-        out = runner(**inputs, output_hidden_states=bool(layers) and bool(needs & set(STATES)))
+        want_states = bool(layers) and bool(needs & set(STATES))
+        out = runner(**families.accepted_inputs(runner, inputs), output_hidden_states=want_states)
     finally:
         if capture is not None:
             capture.active = set()

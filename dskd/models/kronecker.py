@@ -367,7 +367,8 @@ def kronecker_config(config, spec):
     """The KroneckerBERT config of a dense BERT/RoBERTa config (shapes checked against the spec)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in CLASSES:
-        raise DskdError(f"`{KEY}` supports BERT and RoBERTa students; this student is {model_type!r}")
+        raise DskdError(f"`{KEY}` supports BERT and RoBERTa students; this student is {model_type!r}: drop "
+                        f"`{KEY}`, or distil into a BERT or RoBERTa student (`student.arch.model_type`)")
     spec = spec_dict(spec)
     shapes = _layer_shapes(config)
     for kind in KINDS:

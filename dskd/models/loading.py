@@ -11,6 +11,7 @@ from torch import nn
 
 from dskd.config import ArchConfig, TeacherConfig, resolve_path
 from dskd.errors import DskdError
+from dskd.models import families
 
 
 def resolve_model_path(path: str) -> str:
@@ -33,24 +34,86 @@ def load_tokenizer(cfg: TeacherConfig, key: str | None = None):
     return tokenizer
 
 
+# Bare vocabulary files (no tokenizer_config.json / tokenizer.json) -> the transformers class that
+# reads them. WordPiece covers BERT, ELECTRA and DistilBERT; byte-level BPE RoBERTa; sentencepiece
+# ALBERT (spiece.model) and DeBERTa-v2/v3 (spm.model).
+BARE_VOCABULARIES = (
+    (("vocab.txt",), "BertTokenizerFast"),
+    (("vocab.json", "merges.txt"), "RobertaTokenizer"),
+    (("spiece.model",), "AlbertTokenizer"),
+    (("spm.model",), "DebertaV2Tokenizer"),
+)
+SENTENCEPIECE_FILES = ("spiece.model", "spm.model")
+
+
 def _load_tokenizer(cfg: TeacherConfig, key: str | None):
-    from transformers import AutoTokenizer, BertTokenizerFast
+    from transformers import AutoTokenizer
 
     key = key or ("teacher.tokenizer" if cfg.tokenizer else "teacher.path")
     source = resolve_model_path(cfg.tokenizer or cfg.path)
     p = Path(source)
     if _looks_local(source) and not p.exists():
-        raise DskdError(f"`{key}` points to {source}, which does not exist; give a tokenizer folder or vocab.txt")
-    # A bare WordPiece vocabulary (a vocab.txt, or a folder holding only one).
-    # transformers 5 ignores `vocab_file=`, giving a 5-token vocabulary; `vocab=` works.
-    if p.is_file() and p.name.endswith(".txt"):
-        return BertTokenizerFast(vocab=str(p))
-    if p.is_dir() and (p / "vocab.txt").is_file() and not (p / "tokenizer_config.json").is_file():
-        return BertTokenizerFast(vocab=str(p / "vocab.txt"))
+        raise DskdError(f"`{key}` points to {source}, which does not exist; give a tokenizer folder, a vocab.txt "
+                        "or a sentencepiece .model file")
+    if p.is_file() and p.suffix in (".txt", ".model"):
+        return _bare_tokenizer(p.parent, [p.name], "BertTokenizerFast" if p.suffix == ".txt" else
+                               "DebertaV2Tokenizer" if p.name == "spm.model" else "AlbertTokenizer", key)
+    if p.is_dir() and not any((p / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        for files, cls in BARE_VOCABULARIES:
+            if all((p / name).is_file() for name in files):
+                return _bare_tokenizer(p, list(files), cls, key)
+        raise DskdError(
+            f"`{key}`: {source} holds no tokenizer: no tokenizer_config.json or tokenizer.json, and none of the bare "
+            "vocabularies dskd reads (vocab.txt: WordPiece; vocab.json + merges.txt: byte-level BPE; spiece.model or "
+            f"spm.model: sentencepiece). It holds: {', '.join(sorted(f.name for f in p.iterdir())[:8]) or 'nothing'}")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # transformers raises many types for a bad folder or hub name
-        raise DskdError(f"`{key}`: could not load a tokenizer from {source}: {exc}") from None
+        raise DskdError(f"`{key}`: could not load a tokenizer from {source}: {_tokenizer_failure(exc)}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        # transformers builds a tokenizer of special tokens only when the config names a class
+        # but the vocabulary file is missing; it would tokenise every word as unknown.
+        raise DskdError(f"`{key}`: the tokenizer in {source} has no vocabulary ({len(tokenizer)} tokens, all special): "
+                        "its vocabulary file is missing; add it (vocab.txt, vocab.json + merges.txt, a sentencepiece "
+                        ".model or tokenizer.json) beside tokenizer_config.json")
+    return tokenizer
+
+
+def _bare_tokenizer(folder: Path, files: list[str], cls: str, key: str):
+    """The tokenizer of a bare vocabulary: ``files`` (in ``folder``) read by transformers' ``cls``."""
+    import transformers
+
+    if files[0].endswith(".model") and not _sentencepiece_installed():
+        raise DskdError(f"`{key}`: {folder / files[0]} is a sentencepiece model, and reading it needs the "
+                        "`sentencepiece` package, which is not installed: pip install sentencepiece")
+    try:
+        if cls == "BertTokenizerFast":
+            # transformers 5 ignores `vocab_file=`, giving a 5-token vocabulary; `vocab=` works.
+            return transformers.BertTokenizerFast(vocab=str(folder / files[0]))
+        tokenizer_class = getattr(transformers, cls)
+        if files[0].endswith(".model"):  # under any file name (from_pretrained looks for its own name only)
+            return tokenizer_class(**tokenizer_class.convert_to_native_format(vocab_file=str(folder / files[0])))
+        return tokenizer_class.from_pretrained(str(folder))
+    except Exception as exc:
+        raise DskdError(f"`{key}`: could not read {', '.join(str(folder / f) for f in files)} as a {cls}: "
+                        f"{_tokenizer_failure(exc)}") from None
+
+
+def _sentencepiece_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sentencepiece") is not None
+
+
+def _tokenizer_failure(exc: Exception) -> str:
+    """transformers' reason, unless it blames a missing sentencepiece that is installed: it says so
+    whenever it finds no file it can build a fast tokenizer from."""
+    text = str(exc).strip()
+    if "sentencepiece" in text and _sentencepiece_installed():
+        return ("transformers found no file to build a tokenizer from (no tokenizer.json, and no vocabulary its "
+                "tokenizer_config.json names); give a folder with tokenizer.json, a vocab.txt, vocab.json + "
+                "merges.txt, or a sentencepiece .model file")
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def arch_config(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id: int, key: str):
@@ -68,8 +131,7 @@ def arch_config(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id
         # RoBERTa's positions start after the padding index.
         max_position += pad_token_id + 1
         extra["type_vocab_size"] = 1
-    return AutoConfig.for_model(
-        arch.model_type,
+    generic = dict(
         vocab_size=vocab_size,
         hidden_size=arch.hidden,
         num_hidden_layers=arch.layers,
@@ -82,6 +144,7 @@ def arch_config(arch: ArchConfig, vocab_size: int, num_labels: int, pad_token_id
         pad_token_id=pad_token_id,
         **extra,
     )
+    return AutoConfig.for_model(arch.model_type, **families.arch_overrides(arch.model_type, arch, generic))
 
 
 SEQUENCE_CLASSIFIER = "AutoModelForSequenceClassification"  # GLUE's model class (``TaskSpec.model_class``)
@@ -112,6 +175,7 @@ def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
         raise DskdError(f"`{key}`: could not read a model config from {source}: {exc}") from None
+    families.check_loaded(config, key)
     if config.num_labels != num_labels:
         raise DskdError(
             f"`{key}` ({source}) has {config.num_labels} output labels but the task has {num_labels}; "
@@ -140,6 +204,7 @@ def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "
         model, info = getattr(transformers, model_class).from_pretrained(source, output_loading_info=True, **kwargs)
     except Exception as exc:
         raise DskdError(f"`{key}`: could not load a model from {source}: {exc}") from None
+    families.check_loaded(model.config, key)
     missing = info.get("missing_keys", [])
     fresh = [k for k in missing if "classifier" in k or "score" in k]
     if model_class == SEQUENCE_CLASSIFIER and not for_finetune and fresh:
@@ -175,8 +240,10 @@ def teacher_outputs(teacher: nn.Module, batch: dict, needs: frozenset[str], capt
         return forward_with_layers(teacher, model_inputs(batch), needs, capture, list(layers))
 
 
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+def model_inputs(batch: dict, model: nn.Module | None = None) -> dict:
+    """The batch's model inputs; those ``model`` does not take (DistilBERT's token_type_ids) left out."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return inputs if model is None else families.accepted_inputs(model, inputs)
 
 
 # ------------------------------------------------------------------------ students

@@ -13,6 +13,7 @@ from torch import nn
 
 from dskd.config import StudentConfig
 from dskd.errors import DskdError
+from dskd.models import families
 from dskd.models.loading import (
     SEQUENCE_CLASSIFIER, build_from_arch, load_pretrained, pretrained_config, resolve_model_path,
 )
@@ -76,15 +77,9 @@ def student_layer_plan(cfg: StudentConfig, n_teacher: int) -> tuple[list[int], i
 
 def _student_keys(student: nn.Module, teacher_keys, layers: list[int]) -> dict[str, str]:
     """Student state-dict key -> the teacher key it is copied from."""
-    # A bare encoder (AutoModel) has no `<base>.` in its keys; a model with a head has.
-    base = f"{student.base_model_prefix}." if hasattr(student, student.base_model_prefix) else ""
-    prefix = f"{base}encoder.layer."
-    if not any(k.startswith(prefix) for k in teacher_keys):
-        raise DskdError(
-            f"cannot copy teacher layers: the teacher has no `{prefix}N` blocks; "
-            "initialising from teacher layers supports BERT-style encoders (BERT, RoBERTa, ...). "
-            "Set `student.init_from_teacher: false` and `student.arch` instead"
-        )
+    prefix = families.layer_prefix(student, teacher_keys)
+    if prefix is None:  # layers share weights (ALBERT): the same keys at any depth
+        return {key: key for key in student.state_dict() if key in teacher_keys}
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
     mapping = {}
     for key in student.state_dict():

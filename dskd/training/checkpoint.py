@@ -285,6 +285,18 @@ def load(engine, ckpt_dir: Path, tag: str, engine_tag: str | None = None) -> dic
     return client["dskd"]
 
 
+def client_state(ckpt_dir: Path, tag: str) -> dict:
+    """dskd's client state of checkpoint ``tag`` (step, last evaluation, teacher metrics, ...),
+    read without restoring anything; {} when it cannot be read."""
+    try:
+        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True,
+                            mmap=True)  # mmap: a ZeRO-0 file holds all the weights, which are not needed here
+    except Exception:  # an unreadable or foreign file: the caller does without
+        return {}
+    state = states.get("dskd") if isinstance(states, dict) else None
+    return state if isinstance(state, dict) else {}
+
+
 def is_legacy(folder: Path) -> bool:
     return (folder / COMPLETE).read_text(errors="replace").strip() == "ok"
 

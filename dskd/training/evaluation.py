@@ -3,6 +3,7 @@ plateau rule, attention snapshots for TensorBoard, and a ``keep_best`` stage's b
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,12 @@ from dskd.training.stages import Stage, stage_pairs
 def evaluate(forward, dataset, task, tokenizer, batch_size: int, device) -> dict[str, float]:
     """Every rank scores its shard with ``forward(batch)`` (the task's prediction, e.g. the
     logits); all ranks get the task's metrics over the whole set."""
+    return task.score(*predict(forward, dataset, task, tokenizer, batch_size, device))
+
+
+def predict(forward, dataset, task, tokenizer, batch_size: int, device):
+    """(predictions, labels) of the whole set as numpy arrays in dataset order, on every rank;
+    each rank runs ``forward`` on its shard."""
     idx, predictions, labels = [], [], []
     with torch.no_grad():
         for batch in data.eval_loader(dataset, tokenizer, batch_size, dist.rank(), dist.world_size()):
@@ -36,17 +43,35 @@ def evaluate(forward, dataset, task, tokenizer, batch_size: int, device) -> dict
         parts = [None] * dist.world_size()
         torch.distributed.all_gather_object(parts, local)
     order = torch.argsort(torch.cat([p[0] for p in parts]))
-    return task.score(torch.cat([p[1] for p in parts])[order].numpy(), torch.cat([p[2] for p in parts])[order].numpy())
+    return torch.cat([p[1] for p in parts])[order].numpy(), torch.cat([p[2] for p in parts])[order].numpy()
 
 
-def evaluate_student(engine, job, batch_size: int) -> dict[str, float]:
-    """The student's dev metrics: the task's score of its predictions, or, for a corpus job
-    (no prediction), its held-out losses (:func:`held_out_terms`)."""
+def dev_loss(task, predictions, labels) -> float:
+    """The student's own loss on the dev labels: cross-entropy, or the squared error of a
+    regression task (what HF Trainer reports as ``eval_loss``)."""
+    predictions, labels = torch.as_tensor(predictions, dtype=torch.float32), torch.as_tensor(labels)
+    if task.is_regression:
+        return float(torch.nn.functional.mse_loss(predictions.reshape(-1), labels.float().reshape(-1)))
+    return float(torch.nn.functional.cross_entropy(predictions, labels.long()))
+
+
+def evaluate_student(engine, job, batch_size: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, about): the student's dev metrics: the task's score of its predictions, or, for
+    a corpus job (no prediction), its held-out losses (:func:`held_out_terms`); ``about``: its
+    dev ``loss`` (tasks with labels), and the evaluation's ``seconds`` and ``examples_per_s``."""
     task = job.task
+    start = time.perf_counter()
+    about = {}
     if task.prediction is not None:
-        return evaluate(lambda b: engine(b)[task.prediction], job.dev_set, task, job.tokenizer, batch_size,
-                        job.device)
-    return held_out_terms(engine, job, batch_size)
+        predictions, labels = predict(lambda b: engine(b)[task.prediction], job.dev_set, task, job.tokenizer,
+                                      batch_size, job.device)
+        metrics = task.score(predictions, labels)
+        about["loss"] = dev_loss(task, predictions, labels)
+    else:
+        metrics = held_out_terms(engine, job, batch_size)
+    seconds = time.perf_counter() - start
+    about.update(seconds=seconds, examples_per_s=len(job.dev_set) / max(seconds, 1e-9))
+    return metrics, about
 
 
 def held_out_terms(engine, job, batch_size: int) -> dict[str, float]:
@@ -135,9 +160,10 @@ def held_out_loss(engine, teacher, batches: list[dict], stage: Stage, pairs) -> 
     return mean_over_ranks([total / len(batches)])[0]
 
 
-def attention_snapshot(engine, teacher, example: dict, pairs, groups, heads: int, monitor, step) -> None:
+def attention_snapshot(engine, teacher, example: dict, pairs, groups, heads: int, monitor, step,
+                       tokens: list[str]) -> None:
     """Draw teacher | student attention of every mapped layer for one dev example (rank 0 writes;
-    every rank runs the forward, which ZeRO-3 needs)."""
+    every rank runs the forward, which ZeRO-3 needs). ``tokens``: the example's, for the axes."""
     engine.eval()
     with torch.no_grad():
         student = engine(example, pairs=pairs)
@@ -145,7 +171,7 @@ def attention_snapshot(engine, teacher, example: dict, pairs, groups, heads: int
     engine.train()
     for (s, t), s_qk, t_qk in zip(pairs, student["attention_qk"], target["attention_qk"], strict=True):
         monitor.attention_image(f"attention/student_L{s}_teacher_L{t}", s_qk, t_qk, example["attention_mask"],
-                                groups, heads, step)
+                                groups, heads, step, tokens, (s, t))
 
 
 def keep_stage_best(engine, out: Path, state: dict, index: int, result: dict, metric: str, step: int,

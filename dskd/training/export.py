@@ -4,12 +4,16 @@ The checkpoint holds the engine's whole module (``model.*`` plus loss-term param
 such as projections) in whatever ZeRO layout trained it. Export consolidates it to
 fp32 (or takes the weights a method exports instead, e.g. a weight average the checkpoint
 holds), keeps only the trained model, and writes it with its tokenizer so that the task's
-Auto class (``AutoModelForSequenceClassification`` for GLUE) loads it anywhere.
+Auto class (``AutoModelForSequenceClassification`` for GLUE) and ``transformers.pipeline`` load
+it anywhere: the config names the task's classes (``id2label``), the tokenizer truncates at the
+model's positions and keeps no per-call or machine-local state, a ``README.md`` model card says
+what the model is and how it was made, and every file is readable as the umask allows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,15 +22,25 @@ import transformers
 from dskd import data, models
 from dskd.errors import DskdError
 from dskd.methods import exported_state
-from dskd.training import checkpoint
+from dskd.training import checkpoint, model_card
 from dskd.training.run_dir import MODEL_CONFIG_DIR, RUN_FILE
 
 MODEL_PREFIX = "model."
+CARD_FILE = "README.md"
+# tokenizer_config.json keys that record how the tokenizer was last called or loaded, not what
+# it is: a stale max_length or padding silently changes a user's call; local_files_only and a
+# local name_or_path make the folder fail (or look for files) on another machine.
+PER_CALL_KEYS = ("max_length", "stride", "truncation_strategy", "truncation", "padding", "padding_strategy",
+                 "pad_to_multiple_of", "return_tensors", "local_files_only", "is_local", "name_or_path",
+                 "_name_or_path", "cache_dir", "force_download", "revision", "subfolder", "token", "_commit_hash")
 
 
-def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = True) -> Path:
+def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = True,
+               final_metrics: dict | None = None) -> Path:
     """``verify``: check the checkpoint against its manifest first (the newest that passes when
-    no ``tag`` is given); a run exporting the checkpoint it has just written skips it."""
+    no ``tag`` is given); a run exporting the checkpoint it has just written skips it.
+    ``final_metrics``: the run's result, when the run exports its final model before writing
+    ``metrics.json`` (the model card then calls it final and shows them)."""
     models.register_model_types()  # model_config/ may name one of dskd's own model classes
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / RUN_FILE).is_file():
@@ -64,7 +78,66 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = 
             f"checkpoint {ckpt_dir / tag} does not match the model config in {run_dir / MODEL_CONFIG_DIR} "
             f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
+    if model_class == models.SEQUENCE_CLASSIFIER and info.get("task") in data.GLUE_TASKS:
+        name_classes(model.config, data.get_task(info["task"]))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(run_dir / MODEL_CONFIG_DIR).save_pretrained(out)
+    max_tokens = max_positions(model)
+    save_tokenizer(run_dir / MODEL_CONFIG_DIR, out, max_tokens)
+    (out / CARD_FILE).write_text(model_card.render(run_dir, out, tag, model, info, max_tokens, final_metrics))
+    make_readable(out)
     return out
+
+
+def name_classes(config, task: data.TaskSpec) -> None:
+    """id2label/label2id from the task's class names (what pipelines print), and the problem type
+    (a regression's one output is a score: no sigmoid on it)."""
+    config.id2label = dict(enumerate(task.class_names))
+    config.label2id = {name: i for i, name in enumerate(task.class_names)}
+    config.problem_type = "regression" if task.is_regression else "single_label_classification"
+
+
+def max_positions(model) -> int | None:
+    """How many tokens the model takes: its position table, less RoBERTa's offset (positions
+    start after the padding index, so 514 rows hold 512 tokens); None if it has no such table."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+    return positions - (padding_idx + 1 if padding_idx is not None else 0)
+
+
+def save_tokenizer(source: Path, out: Path, positions: int | None) -> None:
+    """The run's tokenizer, made portable: ``model_max_length`` is the model's positions (a vocabulary
+    without a tokenizer_config.json gives 1e30, and `truncation=True` then overruns the position
+    table), with no truncation or padding of a past call and no per-call or local-load keys."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    if positions is not None and (not tokenizer.model_max_length or tokenizer.model_max_length > positions):
+        tokenizer.model_max_length = positions
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # tokenizer.json keeps the last call's truncation/padding
+        backend.no_truncation()
+        backend.no_padding()
+    for key in PER_CALL_KEYS:
+        tokenizer.init_kwargs.pop(key, None)
+    tokenizer.save_pretrained(out)
+    path = out / "tokenizer_config.json"
+    if path.is_file():  # keys save_pretrained adds from the tokenizer's attributes
+        saved = json.loads(path.read_text())
+        kept = {k: v for k, v in saved.items() if k not in PER_CALL_KEYS}
+        if kept != saved:
+            path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
+
+
+def make_readable(out: Path) -> None:
+    """Files 0o666 and folders 0o777, less the umask, as any new file gets: safetensors writes its
+    file 0o600, which colleagues on a shared file system cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [out, *out.rglob("*")]:
+        if path.is_symlink():
+            continue
+        try:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        except OSError:  # another user's file left in the folder, or a file system without modes
+            pass

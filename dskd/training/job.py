@@ -19,6 +19,7 @@ from dskd.config import ExperimentConfig, TrainingConfig, resolve_path
 from dskd.errors import DskdError
 from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for, teacher_head_reader, uses_mlm
 from dskd.methods import Method, enabled_methods
+from dskd.models import families
 from dskd.models.capture import QKCapture
 from dskd.runtime import dist, reshard
 from dskd.teacher import cache
@@ -111,7 +112,8 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     if resume_tag is not None:
         folder = out / "checkpoints" / resume_tag
         resume_world = rescale.check(folder, rescale.written_by(folder, read_run_info(out).get("world_size")),
-                                     training, getattr(cfg, section), section)
+                                     training, getattr(cfg, section), section,
+                                     training.group_by_length and cfg.data.corpus is None)
         if resume_world is not None and reshard.partitioned(folder):
             ds_config = reshard.reload_config(ds_config)  # re-partitions the optimizer state on load
     task = data.task_for(cfg, uses_mlm(losses))
@@ -187,8 +189,19 @@ def _finish(job: Job) -> Job:
     for name, term in job.terms.items():
         term.bind_job(job, f"losses.{name}")
     if job.needs & CAPTURED and job.role == "distill":
+        _check_attention_families(job)
         job.student_capture = QKCapture(job.model, [s for s, _ in job.pairs], "student")
     return job
+
+
+def _check_attention_families(job: Job) -> None:
+    """Terms that recompute attention from Q/K (/V) only serve families whose attention that
+    reproduces; refuse the others by term and family before anything is written."""
+    terms = [f"losses.{name}" for name, term in job.terms.items() if term.needs & CAPTURED]
+    teacher = job.teacher.model.config if isinstance(job.teacher, TeacherSide) else \
+        SimpleNamespace(**job.teacher.teacher_config)
+    for who, config in (("student", job.model.config), ("teacher", teacher)):
+        families.check_attention(config, who, terms)
 
 
 def _prepare_cached(common: dict) -> Job:

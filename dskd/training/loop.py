@@ -32,7 +32,7 @@ from dskd.training.job import Job
 from dskd.training.module import DistillationModule, train_step
 from dskd.training.monitor import Monitor
 from dskd.training.preemption import EXIT_PREEMPTED, StopRequest
-from dskd.training.run_dir import METRICS_FILE, RUN_FILE, discard_replaced, init_output_dir, set_status, write_json
+from dskd.training.run_dir import CONFIG_FILE, METRICS_FILE, RUN_FILE, discard_replaced, init_output_dir, set_status, write_json
 from dskd.training.stages import Stage, lr_factor, plan_stages, refresh_lr, shorten_stage, stage_pairs
 
 
@@ -79,11 +79,12 @@ class RunView:
         return evaluate(lambda b: job.teacher.outputs(b, frozenset({"logits"}), (), "dev")["logits"], job.dev_set,
                         job.task, job.tokenizer, self.eval_batch, job.device)
 
-    def export(self, dest, tag: str) -> None:
-        """Export checkpoint ``tag`` of this run as a Hugging Face folder ``dest`` (rank 0 only)."""
+    def export(self, dest, tag: str, final_metrics: dict | None = None) -> None:
+        """Export checkpoint ``tag`` of this run as a Hugging Face folder ``dest`` (rank 0 only);
+        ``final_metrics``: the run's result, when this is its final model."""
         from dskd.training.export import export_run
 
-        export_run(self.job.out, dest, tag, verify=False)  # the checkpoint this run has just written
+        export_run(self.job.out, dest, tag, verify=False, final_metrics=final_metrics)  # the checkpoint just written
 
 
 def seed_everything(seed: int) -> None:
@@ -99,10 +100,13 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     the last step are ignored, and the run finishes."""
     cfg, training, task, out = job.cfg, job.training, job.task, job.out
     rank, world = eng.rank(), eng.world_size()
-    device = eng.device()
 
+    lengths = data.example_lengths(job.train_set) if training.group_by_length else None
+    if lengths is not None:
+        job.notes.append(data.grouping_note(lengths, cfg.seed, rank, world, training.batch_size, training.grad_accum,
+                                            training.group_by_length_megabatch))
     batches_0 = data.epoch_batches(len(job.train_set), 0, cfg.seed, rank, world, training.batch_size,
-                                   training.grad_accum)
+                                   training.grad_accum, lengths, training.group_by_length_megabatch)
     steps_per_epoch = len(batches_0) // training.grad_accum
     if steps_per_epoch == 0:
         raise DskdError(
@@ -147,7 +151,34 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             st.start, st.end = start, end
 
     eval_batch = training.batch_size * 2
-    monitor = Monitor(out / "tensorboard", rank == 0, stages[-1].end, state["step"], job.role)
+    monitor = Monitor(out / "tensorboard", rank == 0, stages[-1].end, state["step"], job.role, training.progress,
+                      training.log_every_seconds)
+    monitor.start_session(to_dict(cfg), (out / CONFIG_FILE).read_text() if rank == 0 else "", job.role, argv, world,
+                          task, list(job.terms), sorted({k.split("/")[0] for k in _layer_tags(job)}))
+    try:
+        return _train(job, engine, monitor, stages, state, eval_batch, steps_per_epoch, lengths, stop)
+    except BaseException:
+        monitor.end_session(succeeded=False)
+        raise
+    finally:
+        monitor.close()
+
+
+def _layer_tags(job: Job) -> list[str]:
+    """``term/L<s>`` for every layer-wise term's per-layer part (what the layout overlays)."""
+    from dskd.losses import LayerwiseTerm
+
+    return [f"{name}/L{s}" for name, term in job.terms.items() if isinstance(term, LayerwiseTerm)
+            for s, _ in job.pairs]
+
+
+def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict, eval_batch: int,
+           steps_per_epoch: int, lengths, stop: StopRequest | None) -> dict:
+    """The steps, evaluations and checkpoints of :func:`run` (``lengths``: the examples' token
+    counts with ``training.group_by_length``, else None)."""
+    cfg, training, task, out = job.cfg, job.training, job.task, job.out
+    rank, world = eng.rank(), eng.world_size()
+    device = eng.device()
     view = RunView(job, engine, monitor, stages, state, eval_batch)
     if job.teacher is not None and state["teacher_metrics"] is None:
         state["teacher_metrics"] = view.evaluate_teacher()
@@ -158,6 +189,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     if attention_terms and training.attention_images and job.teacher is not None:
         row = data.collate([job.dev_set[0]], job.tokenizer)
         snapshot_example = {k: v.to(device) for k, v in row.items()}
+        snapshot_tokens = job.tokenizer.convert_ids_to_tokens(row["input_ids"][0].tolist())
     held_out: dict[int, list[dict]] = {}  # plateau.batches -> the first dev batches
 
     def stage_at(step: int) -> Stage:
@@ -182,6 +214,8 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             method.after_save(view, tag)
 
     sums: dict[str, torch.Tensor] = {}
+    grad_norm = None  # the last optimizer step's (a device tensor until it is logged)
+    log_now = False  # the clock asked for a log line (every rank agrees, after a step)
     step_total, streak = 0.0, 0  # this step's loss; optimizer steps in a row with a non-finite loss
     micro_count = tokens = 0  # micro-steps and real tokens of this rank since the last log
     flops_per_token = throughput.flops_per_token(job)
@@ -196,9 +230,11 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     if state["step"] < stages[-1].end and stop.agreed(device)[0]:  # a signal during start-up: nothing to save
         preempted = True
 
+    monitor.begin_training()
     while state["step"] < stages[-1].end and not halted and not preempted:
         batches = data.epoch_batches(len(job.train_set), state["epoch"], cfg.seed, rank, world,
-                                     training.batch_size, training.grad_accum, state["epoch_offset"])
+                                     training.batch_size, training.grad_accum, lengths,
+                                     training.group_by_length_megabatch, skip=state["epoch_offset"])
         loader = data.loader(job.train_set, batches[state["batch_in_epoch"] :], job.tokenizer,
                              task.collator(job.tokenizer, state["epoch"]))
         for batch in loader:
@@ -217,7 +253,9 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                                   job.tokenizer)
             for name in stage.weights:  # per-step work of terms beside their loss (`LossTerm.before_micro_step`)
                 batch = engine.module.terms[name].before_micro_step(context, batch)
-            total, values = train_step(engine, job.teacher, batch, stage.weights, stage_pairs(stage, job.pairs))
+            total, values, norm = train_step(engine, job.teacher, batch, stage.weights,
+                                             stage_pairs(stage, job.pairs))
+            grad_norm = norm if norm is not None else grad_norm
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["total"] = sums.get("total", 0.0) + total.detach().float()
@@ -233,7 +271,8 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             # a step whose gradients are not finite, in fp32 too, so without this a diverged run
             # would "complete".) fp16 overflows now and then while its loss scale settles: there
             # only a streak of NONFINITE_FP16_STREAK steps stops the run.
-            signalled, not_finite = stop.agreed(device, ~torch.isfinite(torch.as_tensor(step_total)))
+            signalled, not_finite, log_now = stop.agreed(device, ~torch.isfinite(torch.as_tensor(step_total)),
+                                                         monitor.line_due())
             step_total = 0.0
             streak = streak + 1 if not_finite else 0
             if streak >= (NONFINITE_FP16_STREAK if job.dtype == torch.float16 else 1):
@@ -249,16 +288,23 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
             for method in job.methods:
                 method.after_step(view, step)
 
-            if step % training.log_every == 0 or step == stages[-1].end:
+            if step % training.log_every == 0 or step == stages[-1].end or log_now:
                 names = sorted(sums)
                 means = mean_over_ranks([float(sums[n]) / micro_count for n in names] + [float(tokens)])
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                scalars = {f"train/loss/{n}": v for n, v in zip(names, means[:-1], strict=True)}
+                losses = dict(zip(names, means[:-1], strict=True))
+                scalars = {f"train/loss/{n}": v for n, v in losses.items()}
                 scalars["train/lr"] = engine.get_lr()[0]
+                norm = float(grad_norm) if grad_norm is not None else None  # identical on every rank
+                if norm is not None:
+                    scalars["train/grad_norm"] = norm
+                scalars["train/epoch"] = epoch = step / steps_per_epoch
                 scalars["train/samples_per_s"] = window_steps * samples_per_step / elapsed
                 scalars.update(throughput.scalars(means[-1] * world / elapsed, flops_per_token, device, job.dtype))
                 scalars["train/stage"] = float(stages.index(stage))
                 monitor.scalars(scalars, step)
+                monitor.train_progress(step, epoch, losses, scalars["train/lr"], norm, scalars["train/samples_per_s"],
+                                       means[-1] * world / elapsed)
                 sums, micro_count, tokens = {}, 0, 0
                 window_start, window_steps = time.perf_counter(), 0
 
@@ -274,16 +320,19 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                 with contextlib.ExitStack() as evaluating:
                     for method in job.methods:
                         evaluating.enter_context(method.evaluating())
-                    result = evaluate_student(engine, job, eval_batch)
+                    result, about = evaluate_student(engine, job, eval_batch)
                 engine.train()
+                monitor.scalars({f"eval/{k}": v for k, v in about.items()}, step)
                 main = result[task.main_metric]
                 if state["best"] is None or main > state["best"][task.main_metric]:
                     state["best"] = dict(result, step=step)
                 monitor.scalars({f"eval/{k}": v for k, v in result.items()}, step)
                 monitor.line(
                     f"[eval] step {step}/{stages[-1].end} epoch {step / steps_per_epoch:.2f} "
-                    f"{task.name}: {format_metrics(result)} (best {task.main_metric}="
-                    f"{state['best'][task.main_metric]:.4f} at step {state['best']['step']})"
+                    f"{task.name}: {format_metrics(result)}"
+                    + (f" loss={about['loss']:.4f}" if "loss" in about and "loss" not in result else "")
+                    + f" (best {task.main_metric}={state['best'][task.main_metric]:.4f} at step "
+                    f"{state['best']['step']}; {about['seconds']:.1f}s)"
                 )
                 state["last_eval"] = dict(result, step=step)
                 if stage.keep_best:
@@ -293,7 +342,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                         restore_stage_best(engine, out, state, stage, task.main_metric, monitor)
                 if snapshot_example is not None:
                     attention_snapshot(engine, job.teacher, snapshot_example, job.pairs, attention_terms[0].groups,
-                                       training.attention_images, monitor, step)
+                                       training.attention_images, monitor, step, snapshot_tokens)
             if (training.save_every and step % training.save_every == 0) or (
                 not training.save_every and end_of_epoch
             ) or finished or halting:
@@ -310,13 +359,6 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
                     last_save_step = step
                 preempted = True
                 break
-    if not halted and not preempted and state.get("last_eval"):
-        from dskd.training.report import flatten
-
-        final = {f"hparams/{k}": v for k, v in state["last_eval"].items() if k != "step"}
-        monitor.hparams(flatten(to_dict(cfg)), final)
-    monitor.close()
-
     if preempted:
         set_status(out, "preempted")
         if rank == 0:
@@ -341,9 +383,10 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     if state["teacher_metrics"]:
         result["teacher"] = {"task": task.name, **state["teacher_metrics"]}
     if rank == 0:
-        view.export(out / "model", None)
+        view.export(out / "model", None, result)
         write_json(out / METRICS_FILE, result)
     set_status(out, "completed")
+    monitor.end_session(succeeded=True)
     eng.barrier()
     return result
 

@@ -7,6 +7,8 @@ computed inside ``forward`` so that ZeRO-3 gathers those parameters like any oth
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -86,11 +88,32 @@ def losses_on(engine, teacher, batch: dict, weights: dict[str, float], pairs, sp
     return engine(batch, teacher_out, weights, pairs, split)
 
 
-def train_step(engine, teacher, batch: dict, weights: dict[str, float], pairs=()):
+class StepResult(NamedTuple):
+    total: torch.Tensor  # the weighted loss of the micro-step
+    values: dict  # each term's loss (and per-layer parts)
+    grad_norm: torch.Tensor | float | None  # at an accumulation boundary: the gradients' global norm, before clipping
+
+
+def train_step(engine, teacher, batch: dict, weights: dict[str, float], pairs=()) -> StepResult:
     """One micro-step: frozen teacher forward (if a term in this stage uses it), student
     forward with the weighted loss terms, backward, and DeepSpeed's step (which applies
     the optimizer only at an accumulation boundary)."""
     total, values = losses_on(engine, teacher, batch, weights, pairs)
-    engine.backward(total)
+    return StepResult(total, values, backward_and_step(engine, total))
+
+
+def backward_and_step(engine, loss: torch.Tensor):
+    """DeepSpeed's backward and step; at an accumulation boundary, the global norm of the
+    gradients before clipping (else None)."""
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and not hasattr(engine.optimizer, "_global_grad_norm"):
+        # A plain torch optimizer (ZeRO-0, fp32): DeepSpeed clips without keeping the norm, and
+        # zeroes the gradients in step(). They are already averaged over ranks here, so the
+        # local norm is the global one; it stays on the device (no sync per step).
+        norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
     engine.step()
-    return total, values
+    if boundary and norm is None:
+        norm = engine.get_global_grad_norm()
+    return norm

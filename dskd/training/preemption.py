@@ -29,18 +29,19 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
-    def agreed(self, device, local_flag=False) -> tuple[bool, bool]:
-        """(a signal reached any rank, ``local_flag`` is set on any rank): one all-reduce and one
-        host sync for both, so every rank takes the same branch after the same step.
-        ``local_flag`` may be a bool or a 0-dim bool tensor (kept on the device until then)."""
+    def agreed(self, device, *local_flags) -> tuple[bool, ...]:
+        """(a signal reached any rank, then for each of ``local_flags``: it is set on any rank):
+        one all-reduce and one host sync for all, so every rank takes the same branch after the
+        same step. A flag may be a bool or a 0-dim bool tensor (kept on the device until then).
+        Without flags: (signalled, False)."""
         import torch  # not at import time: the handler is installed before torch loads
 
-        flags = torch.stack([torch.tensor(self.received is not None, device=device),
-                             torch.as_tensor(local_flag, device=device).reshape(())]).to(torch.int32)
+        local_flags = local_flags or (False,)
+        flags = torch.stack([torch.tensor(self.received is not None, device=device)]
+                            + [torch.as_tensor(f, device=device).reshape(()) for f in local_flags]).to(torch.int32)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        signalled, flagged = flags.tolist()
-        return bool(signalled), bool(flagged)
+        return tuple(bool(f) for f in flags.tolist())
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
