@@ -113,14 +113,15 @@ def headed_teacher(path: str, workdir: Path) -> str:
     return str(dest)
 
 
-def experiment(shape: str, batch: int, length: int, steps: int, world: int, workdir: Path) -> dict:
+def experiment(shape: str, batch: int, length: int, steps: int, world: int, workdir: Path, task: str = "mrpc",
+               data_path: str = str(GLUE)) -> dict:
     spec = SHAPES[shape]
     teacher = dict(spec["teacher"])
     if teacher.pop("with_head", False):
         teacher["path"] = headed_teacher(teacher["path"], workdir)
     return {
         "seed": 1,
-        "data": {"task": "mrpc", "path": str(GLUE), "max_length": length,
+        "data": {"task": task, "path": data_path, "max_length": length,
                  "train_limit": batch * world * steps, "dev_limit": 2 * batch * world},
         "teacher": teacher, "student": spec["student"],
         "losses": {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}},
@@ -129,7 +130,7 @@ def experiment(shape: str, batch: int, length: int, steps: int, world: int, work
 
 
 def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch: int, length: int,
-             steps: int) -> dict:
+             steps: int, task: str = "mrpc", data_path: str = str(GLUE)) -> dict:
     import yaml
 
     from dskd.commands.plan import make_plan
@@ -139,7 +140,7 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
     subprocess.run(["rm", "-rf", str(case)], check=True)
     case.mkdir(parents=True)
     cfg_file = case / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump(experiment(shape, batch, length, steps, world, workdir)))
+    cfg_file.write_text(yaml.safe_dump(experiment(shape, batch, length, steps, world, workdir, task, data_path)))
     ds = f"ds_configs/zero{zero}_{dtype}.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world),
@@ -160,9 +161,10 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
     ranks = [json.loads((case / f"rank{r}.json").read_text()) for r in range(world)]
     os.environ["DS_ACCELERATOR"] = "cpu"
     plan = make_plan(load_experiment(str(cfg_file)), ds, None, world)
-    estimate = plan["memory_per_rank"].get("rss", {"peak_bytes": 0, "lines": []})
+    estimate = plan["memory_per_rank"]["rss"]
     measured = max(r["peak_bytes"] for r in ranks)
-    return {"shape": shape, "zero": zero, "dtype": dtype, "world": world, "batch": batch, "max_length": length,
+    return {"shape": shape, "zero": zero, "dtype": dtype, "world": world, "task": task, "batch": batch,
+            "max_length": length, "train_length": estimate["train_length"],
             "steps": steps, "seconds": round(time.time() - start, 1), "ranks": ranks,
             "measured_peak_bytes": measured, "plan_bytes": estimate["peak_bytes"],
             "plan_lines": estimate["lines"], "plan_over_measured": estimate["peak_bytes"] / measured}
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="per rank (default: the shape's)")
     parser.add_argument("--length", type=int, help="data.max_length (default: the shape's)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the shape's)")
+    parser.add_argument("--task", default="mrpc")
+    parser.add_argument("--data", default=str(GLUE), help="data.path (default: the shared GLUE folder)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dskd-plan-memory"))
     parser.add_argument("--json", type=Path, help="append the results to this JSON list")
     args = parser.parse_args()
@@ -186,7 +190,8 @@ def main() -> None:
     batch, length, steps = args.batch or spec["batch"], args.length or spec["length"], args.steps or spec["steps"]
     rows = []
     for zero in args.zero:
-        row = run_case(args.shape, zero, args.dtype, args.world, args.workdir, batch, length, steps)
+        row = run_case(args.shape, zero, args.dtype, args.world, args.workdir, batch, length, steps, args.task,
+                       args.data)
         rows.append(row)
         print(f"{row['shape']:9s} ZeRO-{zero} {args.dtype} b{batch} S{length}: measured "
               f"{[round(r['peak_bytes'] / 2**30, 3) for r in row['ranks']]} GiB, plan "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from dskd.commands.memory import TOKEN_BYTES, estimate_rss, format_rss
 from dskd.teacher import cache
 from dskd.config import ExperimentConfig
 from dskd.errors import DskdError
@@ -108,9 +109,10 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     spec = spec_for(cfg.losses, pairs, strict=False)
     train_set, dev_set = data.load_data(cfg, task, tokenizer)
     hidden, heads, labels = t_config.hidden_size, t_config.num_attention_heads, task.num_labels
-    splits = {}
+    splits, longest = {}, {}
     for split, dataset in (("train", train_set), ("dev", dev_set)):
         lengths = cache.token_lengths(dataset)
+        longest[split] = int(lengths.max()) if len(lengths) else cfg.data.max_length
         fields = cache.estimate_bytes(spec, len(lengths), int(lengths.sum()), hidden, labels, store_dtype)
         splits[split] = {
             "examples": len(lengths),
@@ -142,6 +144,12 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
             "student_params": student_params,
             "student_bytes": student_bytes(student_params, run_dtype, zero, world),
             "memory_bank_bytes": bank,
+            "rss": estimate_rss(teacher_config=t_config, student_config=s_config, teacher_params=teacher_params,
+                                student_params=student_params, dtype=run_dtype, zero=zero, world=world,
+                                ds_config=ds_config, batch=training.batch_size, train_length=longest["train"],
+                                eval_length=longest["dev"], teacher_online=cfg.teacher.cache is None,
+                                data_bytes=sum(TOKEN_BYTES * s["tokens"] for s in splits.values()),
+                                extra_bytes=bank),
         },
         "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
@@ -277,4 +285,4 @@ def format_plan(plan: dict) -> str:
     ]
     if m["memory_bank_bytes"]:
         lines.append(f"  CoDIR memory banks (student + teacher side, on every rank): {cache.human(m['memory_bank_bytes'])}")
-    return "\n".join(lines + format_disk(plan["disk"]))
+    return "\n".join(lines + format_rss(m["rss"], cache.human) + format_disk(plan["disk"]))

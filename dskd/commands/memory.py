@@ -1,0 +1,183 @@
+"""Peak resident memory (RSS) per rank of a distillation, as named lines, for ``dskd plan``.
+
+What each line counts (P: the student's parameters, d: the run dtype's size, W: ranks):
+
+* runtime: the process itself (python, torch, deepspeed, transformers, datasets, the tokenizer,
+  gloo) with a model of no size. Measured, not derived.
+* teacher weights: P_t x d, frozen, outside the engine: every rank holds a whole copy.
+* student weights, gradients, optimizer: from DeepSpeed's own layout (``stage_1_and_2.py``,
+  ``stage3.py``, ``bf16_optimizer.py``): ZeRO-1/2/3 keep an fp32 clone of this rank's
+  partition of the weights (the "master" copy) even in fp32 training; gradients reach the
+  optimizer as an fp32 partition; Adam's two moments are 8 bytes per parameter, partitioned
+  from ZeRO-1 on. ZeRO-0 in bf16/fp16 keeps fp32 master weights and gradients whole.
+* DeepSpeed buffers: ZeRO-2/3's gradient bucket (``reduce_bucket_size`` elements, allocated
+  whole but resident only as far as gradients fill it: min(P, bucket)), ZeRO-3's gathered
+  parameters during forward and backward (min(P, ``stage3_max_live_parameters``)), ZeRO-0's
+  flattened all-reduce buffer on more than one rank.
+* activations: the student's forward saves, per token and layer, about 11H + 2I elements plus
+  3A x S of attention probabilities and their dropout mask (eager attention; measured with
+  torch's saved-tensor hooks on BERT shapes: 9.6k elements per token-layer at H=384, S=64
+  against 7.3k + 2.3k here); the teacher's forward (no grad) holds about one layer's working
+  set at a time. Both use the longest example in the data (a batch is padded to its longest).
+* export (rank 0, after training, with the engine still alive): the consolidated checkpoint
+  (ZeRO>0: every rank's optimizer file, 12 P bytes in all, and the fp32 state dict) and a
+  fresh fp32 model.
+
+The peak is runtime + teacher + student state + DeepSpeed buffers + the larger of the
+training activations and the export. Calibration constants are marked; docs/benchmarks.md
+("dskd plan against measured peak RSS") has the measured table and commands.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIB = 2**20
+# Measured (bench/plan_memory.py, tiny shape, 2 CPU ranks): the peak RSS of a distillation
+# of a ~2M-parameter model is ~0.66 GiB; with its model lines taken off, this is what python,
+# torch, deepspeed, transformers, datasets, tokenizers and gloo take before any model.
+RUNTIME_BYTES = 600 * MIB
+# Measured: ZeRO-1/2/3's optimizer code and its first collectives add ~50 MiB over ZeRO-0
+# with the same tiny model.
+ZERO_RUNTIME_BYTES = 50 * MIB
+# Calibrated: ZeRO-3's training step holds about 3 more copies of the student's weights (in the
+# run dtype) than the gathered parameters and the gradient bucket explain: each gradient exists
+# whole before it is reduced, and over gloo the reduce-scatter is an all-reduce of the whole
+# bucket plus copies. Measured 3.6 (MiniLM student, 17M parameters) and 2.8 (BERT-large
+# 6-layer student, 108M) copies beyond those two; 3 is used.
+ZERO3_REDUCE_SCRATCH = 3
+# Activations: elements saved per token and layer (besides the attention term), in units of
+# (H, I); from torch's saved-tensor hooks on BERT layers (see the module docstring).
+SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE, SAVED_ATTENTION_COPIES = 11, 2, 3
+# Calibrated: CPU RSS of a training step stays above what autograd saves, since glibc keeps
+# freed heap memory for reuse (the backward's transient gradients of activations, the teacher's
+# forward); fitted on the measured cases (docs/benchmarks.md).
+ACTIVATION_RETENTION = 1.0
+
+# input_ids, attention_mask, token_type_ids as int64, once in the dataset and once in a batch.
+TOKEN_BYTES = 3 * 8 * 2
+GPU_NOTE = ("on GPU the model and activation lines are device memory, and not modelled there: the CUDA "
+            "context (~0.3-0.5 GiB per process), the caching allocator's fragmentation and reserve, "
+            "NCCL buffers; check torch.cuda.max_memory_reserved() on a first short run")
+
+
+def _shape(config) -> dict:
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "heads": config.num_attention_heads,
+            "intermediate": getattr(config, "intermediate_size", 4 * config.hidden_size)}
+
+
+def train_activation_bytes(shape: dict, batch: int, length: int, dsize: int) -> int:
+    """What the student's forward saves for its backward, all layers."""
+    per_token_layer = (SAVED_PER_HIDDEN * shape["hidden"] + SAVED_PER_INTERMEDIATE * shape["intermediate"]
+                       + SAVED_ATTENTION_COPIES * shape["heads"] * length)
+    return int(ACTIVATION_RETENTION * batch * length * shape["layers"] * per_token_layer * dsize)
+
+
+def forward_activation_bytes(shape: dict, batch: int, length: int, dsize: int) -> int:
+    """A forward without grad: one layer's working set (input, Q, K, V, context, output;
+    scores and probabilities; the intermediate and its activation) at a time."""
+    per_token = 6 * shape["hidden"] + 2 * shape["intermediate"] + 2 * shape["heads"] * length
+    return int(batch * length * per_token * dsize)
+
+
+def zero_setting(ds_config: dict, key: str, default: int) -> int:
+    return int(float(ds_config.get("zero_optimization", {}).get(key, default)))
+
+
+def student_state_bytes(params: int, dtype: torch.dtype, zero: int, world: int) -> dict[str, int]:
+    """Weights, gradients, optimizer (master weights + Adam moments) as DeepSpeed lays them out."""
+    dsize = torch.tensor([], dtype=dtype).element_size()
+    low = dsize < 4
+    shard = world if zero >= 1 else 1
+    weights = dsize * params // (world if zero >= 3 else 1)
+    master = 4 * params // shard if (low or zero >= 1) else 0
+    if zero == 0:
+        grads = dsize * params + (4 * params if low else 0)  # bf16/fp16: an fp32 copy the optimizer steps on
+    elif zero == 1:
+        grads = dsize * params + 4 * params // world  # whole on the model, fp32 partition for the step
+    else:
+        grads = 4 * params // world
+    return {"weights": weights, "gradients": grads, "optimizer": master + 8 * params // shard}
+
+
+def deepspeed_buffer_bytes(params: int, dtype: torch.dtype, zero: int, world: int, ds_config: dict) -> int:
+    dsize = torch.tensor([], dtype=dtype).element_size()
+    if zero == 0:
+        return dsize * min(params, 500_000_000) if world > 1 else 0  # engine's flattened all-reduce
+    bucket = zero_setting(ds_config, "reduce_bucket_size", 500_000_000) \
+        if ds_config.get("zero_optimization", {}).get("contiguous_gradients", True) or zero == 3 else 0
+    total = dsize * min(params, bucket) if zero >= 2 else 0
+    if zero >= 3:
+        total += dsize * min(params, zero_setting(ds_config, "stage3_max_live_parameters", 1_000_000_000))
+        total += ZERO3_REDUCE_SCRATCH * dsize * min(params, bucket)
+    return total
+
+
+def export_bytes(params: int, dtype: torch.dtype, zero: int) -> int:
+    """Rank 0's export after training: the consolidated checkpoint and a new fp32 model."""
+    dsize = torch.tensor([], dtype=dtype).element_size()
+    if zero >= 1:  # zero_to_fp32 reads every rank's optimizer file (master + moments), builds fp32 weights
+        loaded = 12 * params + 4 * params
+    else:  # the model file, in the run dtype, and its fp32 copy (none for fp32: .float() keeps the tensor)
+        loaded = dsize * params + (4 * params if dsize < 4 else 0)
+    return loaded + 4 * params
+
+
+def estimate_rss(*, teacher_config, student_config, teacher_params: int, student_params: int, dtype: torch.dtype,
+                 zero: int, world: int, ds_config: dict, batch: int, train_length: int, eval_length: int,
+                 teacher_online: bool, data_bytes: int, extra_bytes: int = 0) -> dict:
+    """The per-rank peak RSS as named lines (bytes) and their sum."""
+    dsize = torch.tensor([], dtype=dtype).element_size()
+    state = student_state_bytes(student_params, dtype, zero, world)
+    s_shape, t_shape = _shape(student_config), _shape(teacher_config)
+    eval_batch = 2 * batch  # the loop evaluates teacher and student at twice the training batch
+    student_train = train_activation_bytes(s_shape, batch, train_length, dsize)
+    teacher_forward = max(forward_activation_bytes(t_shape, batch, train_length, dsize),
+                          forward_activation_bytes(t_shape, eval_batch, eval_length, dsize)) if teacher_online else 0
+    export = export_bytes(student_params, dtype, zero)
+    activations = student_train + teacher_forward
+    buffers = deepspeed_buffer_bytes(student_params, dtype, zero, world, ds_config)
+    lines = [
+        ("runtime (python, torch, deepspeed, transformers, datasets, gloo)",
+         RUNTIME_BYTES + (ZERO_RUNTIME_BYTES if zero >= 1 else 0)),
+        ("teacher weights (frozen, whole on every rank)" if teacher_online else "teacher weights (cached: none)",
+         teacher_params * dsize if teacher_online else 0),
+        ("student weights", state["weights"]),
+        ("student gradients", state["gradients"]),
+        ("optimizer (fp32 master weights + Adam moments)", state["optimizer"]),
+        ("DeepSpeed buffers (gradient bucket, gathered ZeRO-3 parameters, all-reduce)",
+         buffers),
+        (f"activations (student forward+backward at batch {batch} x {train_length} tokens; "
+         f"teacher forward, no grad)", activations),
+        ("data (tokenised splits)", data_bytes),
+    ]
+    if extra_bytes:
+        lines.append(("CoDIR memory banks", extra_bytes))
+    # The step's buffers and activations are freed (or left to the allocator) before rank 0
+    # consolidates the checkpoint, and the export reuses that memory: the measured export
+    # phases never rose above the training peak until the export itself was larger.
+    working = activations + buffers
+    fixed = sum(v for name, v in lines) - working
+    peak = fixed + max(working, export)
+    lines.append(("export on rank 0 (consolidated checkpoint + fp32 model), in place of buffers + activations",
+                  export))
+    return {"lines": [[name, int(value)] for name, value in lines], "peak_bytes": int(peak),
+            "peak_during": "export" if export > working else "training", "gpu_note": GPU_NOTE,
+            "train_length": train_length, "eval_length": eval_length}
+
+
+def format_rss(rss: dict, human) -> list[str]:
+    """The estimate's lines for ``dskd plan``'s text output."""
+    width = max(len(name) for name, _ in rss["lines"])
+    out = ["", "peak resident memory (RSS) per rank, estimate (on CPU within 25% of measured runs; "
+               "docs/benchmarks.md):"]
+    for name, value in rss["lines"]:
+        if name.startswith("export"):
+            continue
+        out.append(f"  {name:{width}s} {human(value):>10s}")
+    export = next(value for name, value in rss["lines"] if name.startswith("export"))
+    out.append(f"  {'export on rank 0 (at the end, in place of buffers + activations)':{width}s} {human(export):>10s}")
+    out.append(f"  {'peak (during ' + rss['peak_during'] + ')':{width}s} {human(rss['peak_bytes']):>10s}")
+    out.append(f"  {rss['gpu_note']}")
+    return out
