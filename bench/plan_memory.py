@@ -133,9 +133,6 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
              steps: int, task: str = "mrpc", data_path: str = str(GLUE)) -> dict:
     import yaml
 
-    from dskd.commands.plan import make_plan
-    from dskd.methods import load_experiment
-
     case = workdir / f"{shape}-zero{zero}-{dtype}"
     subprocess.run(["rm", "-rf", str(case)], check=True)
     case.mkdir(parents=True)
@@ -159,22 +156,43 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
     if any(codes):
         raise SystemExit(f"{case}: ranks exited {codes}; see {case}/rank*.log")
     ranks = [json.loads((case / f"rank{r}.json").read_text()) for r in range(world)]
+    row = {"shape": shape, "zero": zero, "dtype": dtype, "world": world, "task": task, "batch": batch,
+           "max_length": length, "steps": steps, "seconds": round(time.time() - start, 1), "ranks": ranks,
+           "config": str(cfg_file)}
+    return add_plan(row)
+
+
+def add_plan(row: dict) -> dict:
+    """``dskd plan``'s estimate for the row's config, beside the measured peak."""
+    from dskd.commands.plan import make_plan
+    from dskd.methods import load_experiment
+
     os.environ["DS_ACCELERATOR"] = "cpu"
-    plan = make_plan(load_experiment(str(cfg_file)), ds, None, world)
+    plan = make_plan(load_experiment(row["config"]), f"ds_configs/zero{row['zero']}_{row['dtype']}.json", None,
+                     row["world"])
     estimate = plan["memory_per_rank"]["rss"]
-    measured = max(r["peak_bytes"] for r in ranks)
-    return {"shape": shape, "zero": zero, "dtype": dtype, "world": world, "task": task, "batch": batch,
-            "max_length": length, "train_length": estimate["train_length"],
-            "steps": steps, "seconds": round(time.time() - start, 1), "ranks": ranks,
-            "measured_peak_bytes": measured, "plan_bytes": estimate["peak_bytes"],
+    measured = max(r["peak_bytes"] for r in row["ranks"])
+    return {**row, "train_length": estimate["train_length"], "measured_peak_bytes": measured,
+            "plan_bytes": estimate["peak_bytes"], "plan_peak_during": estimate["peak_during"],
             "plan_lines": estimate["lines"], "plan_over_measured": estimate["peak_bytes"] / measured}
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of docs/benchmarks.md."""
+    out = ["| shape | ZeRO | batch x longest | measured peak, rank 0 / 1 (GiB) | plan (GiB) | plan / measured | "
+           "plan's peak |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        measured = " / ".join(f"{x['peak_bytes'] / 2**30:.2f}" for x in r["ranks"])
+        out.append(f"| {r['shape']} | {r['zero']} | {r['batch']} x {r['train_length']} | {measured} | "
+                   f"{r['plan_bytes'] / 2**30:.2f} | **{r['plan_over_measured']:.2f}** | {r['plan_peak_during']} |")
+    return "\n".join(out)
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--rank":
         rank_main(Path(sys.argv[2]), sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--shape", choices=sorted(SHAPES))
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 2, 3])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--world", type=int, default=2)
@@ -185,7 +203,16 @@ def main() -> None:
     parser.add_argument("--data", default=str(GLUE), help="data.path (default: the shared GLUE folder)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dskd-plan-memory"))
     parser.add_argument("--json", type=Path, help="append the results to this JSON list")
+    parser.add_argument("--replan", type=Path, help="only recompute the plan columns of this JSON's rows (their "
+                        "configs must still be in the workdir) and print the table")
     args = parser.parse_args()
+    if args.replan:
+        rows = [add_plan(row) for row in json.loads(args.replan.read_text())]
+        args.replan.write_text(json.dumps(rows, indent=1) + "\n")
+        print(table(rows))
+        return
+    if args.shape is None:
+        parser.error("--shape is required (or --replan FILE)")
     spec = SHAPES[args.shape]
     batch, length, steps = args.batch or spec["batch"], args.length or spec["length"], args.steps or spec["steps"]
     rows = []

@@ -20,11 +20,10 @@ What each line counts (P: the student's parameters, d: the run dtype's size, W: 
   against 7.3k + 2.3k here); the teacher's forward (no grad) holds about one layer's working
   set at a time. Both use the longest example in the data (a batch is padded to its longest).
 * export (rank 0, after training, with the engine still alive): the consolidated checkpoint
-  (ZeRO>0: every rank's optimizer file, 12 P bytes in all, and the fp32 state dict) and a
-  fresh fp32 model.
+  (ZeRO>0: the ranks' fp32 partitions, merged into an fp32 state dict) and a fresh fp32 model.
 
-The peak is runtime + teacher + student state + DeepSpeed buffers + the larger of the
-training activations and the export. Calibration constants are marked; docs/benchmarks.md
+The peak is runtime + teacher + student state + the larger of (DeepSpeed buffers +
+activations) and the export. Calibration constants are marked; docs/benchmarks.md
 ("dskd plan against measured peak RSS") has the measured table and commands.
 """
 
@@ -117,11 +116,14 @@ def deepspeed_buffer_bytes(params: int, dtype: torch.dtype, zero: int, world: in
 def export_bytes(params: int, dtype: torch.dtype, zero: int) -> int:
     """Rank 0's export after training: the consolidated checkpoint and a new fp32 model."""
     dsize = torch.tensor([], dtype=dtype).element_size()
-    if zero >= 1:  # zero_to_fp32 reads every rank's optimizer file (master + moments), builds fp32 weights
-        loaded = 12 * params + 4 * params
-    else:  # the model file, in the run dtype, and its fp32 copy (none for fp32: .float() keeps the tensor)
-        loaded = dsize * params + (4 * params if dsize < 4 else 0)
-    return loaded + 4 * params
+    if zero >= 1:
+        # zero_to_fp32 loads the ranks' optimizer files one by one, dropping the Adam moments of
+        # each, and merges the fp32 partitions into a 4P state dict; with the new 4P model that
+        # is 8P by the code. Measured 11P (BERT-large shape, ZeRO-2): 12P is used (calibrated).
+        return 12 * params
+    # The model file, in the run dtype, its fp32 copy (none for fp32: .float() keeps the
+    # tensor) and the new fp32 model. Measured 9P against these 8P (ZeRO-0, fp32).
+    return dsize * params + (4 * params if dsize < 4 else 0) + 4 * params
 
 
 def estimate_rss(*, teacher_config, student_config, teacher_params: int, student_params: int, dtype: torch.dtype,

@@ -277,7 +277,8 @@ def format_plan(plan: dict) -> str:
     sb = m["student_bytes"]
     lines += [
         "",
-        f"memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); activations not included):",
+        f"model memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); weights and "
+        "optimizer state only, the peak RSS estimate below adds the rest):",
         f"  teacher {m['teacher_params'] / 1e6:.1f}M params: {cache.human(m['teacher_bytes_online'])} online, "
         "none with the cache",
         f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
