@@ -37,7 +37,7 @@ SHAPES = {
                "student": {"init_from_teacher": True, "layers": 3}, "batch": 32, "length": 128, "steps": 4},
     "bertlarge": {"teacher": {"arch": {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 4096},
                               "tokenizer": "pkg://bert-base-uncased"},
-                  "student": {"init_from_teacher": True, "layers": 6}, "batch": 8, "length": 128, "steps": 3},
+                  "student": {"init_from_teacher": True, "layers": 6}, "batch": 4, "length": 64, "steps": 2},
 }
 GLUE = REPO.parent / "shared" / "data" / "glue"
 
@@ -133,7 +133,8 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
              steps: int, task: str = "mrpc", data_path: str = str(GLUE)) -> dict:
     import yaml
 
-    case = workdir / f"{shape}-zero{zero}-{dtype}"
+    case = workdir / f"{shape}-zero{zero}-{dtype}" if (batch, length, steps) == tuple(
+        SHAPES[shape][k] for k in ("batch", "length", "steps")) else workdir / f"{shape}-zero{zero}-{dtype}-b{batch}-S{length}"
     subprocess.run(["rm", "-rf", str(case)], check=True)
     case.mkdir(parents=True)
     cfg_file = case / "config.yaml"

@@ -18,7 +18,7 @@ What each line counts (P: the student's parameters, d: the run dtype's size, W: 
   3A x S of attention probabilities and their dropout mask (eager attention; measured with
   torch's saved-tensor hooks on BERT shapes: 9.6k elements per token-layer at H=384, S=64
   against 7.3k + 2.3k here); the teacher's forward (no grad) holds about one layer's working
-  set at a time. Both use the longest example in the data (a batch is padded to its longest).
+  set at a time. Counted at 4 bytes an element in every dtype (measured on CPU, see below). Both use the longest example in the data (a batch is padded to its longest).
 * export (rank 0, after training, with the engine still alive): the consolidated checkpoint
   (ZeRO>0: the ranks' fp32 partitions, merged into an fp32 state dict) and a fresh fp32 model.
 
@@ -48,16 +48,17 @@ ZERO3_REDUCE_SCRATCH = 3
 # Activations: elements saved per token and layer (besides the attention term), in units of
 # (H, I); from torch's saved-tensor hooks on BERT layers (see the module docstring).
 SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE, SAVED_ATTENTION_COPIES = 11, 2, 3
-# Calibrated: CPU RSS of a training step stays above what autograd saves, since glibc keeps
-# freed heap memory for reuse (the backward's transient gradients of activations, the teacher's
-# forward); fitted on the measured cases (docs/benchmarks.md).
-ACTIVATION_RETENTION = 1.0
+# Calibrated on CPU: bf16 runs keep about as much activation memory as fp32 ones (upcast
+# LayerNorm/softmax saves, fp32 loss path). On GPU, bf16/fp16 activations are about half.
+ACTIVATION_ELEMENT_BYTES = 4
 
 # input_ids, attention_mask, token_type_ids as int64, once in the dataset and once in a batch.
 TOKEN_BYTES = 3 * 8 * 2
-GPU_NOTE = ("on GPU the model and activation lines are device memory, and not modelled there: the CUDA "
-            "context (~0.3-0.5 GiB per process), the caching allocator's fragmentation and reserve, "
-            "NCCL buffers; check torch.cuda.max_memory_reserved() on a first short run")
+BUFFER_NAMES = {0: "flattened gradient all-reduce", 1: "none", 2: "gradient bucket",
+                3: "gathered parameters, gradient bucket and its reduction"}
+GPU_NOTE = ("on GPU the model, buffer and activation lines are device memory, where these are not modelled:\n"
+            "  the CUDA context (~0.3-0.5 GiB per process), the caching allocator's fragmentation and reserve,\n"
+            "  NCCL buffers; check torch.cuda.max_memory_reserved() on a first short run")
 
 
 def _shape(config) -> dict:
@@ -70,7 +71,7 @@ def train_activation_bytes(shape: dict, batch: int, length: int, dsize: int) -> 
     """What the student's forward saves for its backward, all layers."""
     per_token_layer = (SAVED_PER_HIDDEN * shape["hidden"] + SAVED_PER_INTERMEDIATE * shape["intermediate"]
                        + SAVED_ATTENTION_COPIES * shape["heads"] * length)
-    return int(ACTIVATION_RETENTION * batch * length * shape["layers"] * per_token_layer * dsize)
+    return int(batch * length * shape["layers"] * per_token_layer * dsize)
 
 
 def forward_activation_bytes(shape: dict, batch: int, length: int, dsize: int) -> int:
@@ -134,9 +135,12 @@ def estimate_rss(*, teacher_config, student_config, teacher_params: int, student
     state = student_state_bytes(student_params, dtype, zero, world)
     s_shape, t_shape = _shape(student_config), _shape(teacher_config)
     eval_batch = 2 * batch  # the loop evaluates teacher and student at twice the training batch
-    student_train = train_activation_bytes(s_shape, batch, train_length, dsize)
-    teacher_forward = max(forward_activation_bytes(t_shape, batch, train_length, dsize),
-                          forward_activation_bytes(t_shape, eval_batch, eval_length, dsize)) if teacher_online else 0
+    # Activations at 4 bytes an element whatever the dtype: a bf16 run on CPU measured only 67 MB
+    # below what fp32 activations predict and 163 MB above bf16 ones (MiniLM, ZeRO-2; docs/benchmarks.md).
+    act_size = ACTIVATION_ELEMENT_BYTES
+    student_train = train_activation_bytes(s_shape, batch, train_length, act_size)
+    teacher_forward = max(forward_activation_bytes(t_shape, batch, train_length, act_size),
+                          forward_activation_bytes(t_shape, eval_batch, eval_length, act_size)) if teacher_online else 0
     export = export_bytes(student_params, dtype, zero)
     activations = student_train + teacher_forward
     buffers = deepspeed_buffer_bytes(student_params, dtype, zero, world, ds_config)
@@ -148,10 +152,10 @@ def estimate_rss(*, teacher_config, student_config, teacher_params: int, student
         ("student weights", state["weights"]),
         ("student gradients", state["gradients"]),
         ("optimizer (fp32 master weights + Adam moments)", state["optimizer"]),
-        ("DeepSpeed buffers (gradient bucket, gathered ZeRO-3 parameters, all-reduce)",
+        (f"DeepSpeed buffers ({BUFFER_NAMES[min(zero, 3)] if world > 1 or zero else 'none on one rank'})",
          buffers),
-        (f"activations (student forward+backward at batch {batch} x {train_length} tokens; "
-         f"teacher forward, no grad)", activations),
+        (f"activations (student fwd+bwd, batch {batch} x {train_length} tokens"
+         + ("; teacher fwd, no grad)" if teacher_online else ")"), activations),
         ("data (tokenised splits)", data_bytes),
     ]
     if extra_bytes:
@@ -171,15 +175,11 @@ def estimate_rss(*, teacher_config, student_config, teacher_params: int, student
 
 def format_rss(rss: dict, human) -> list[str]:
     """The estimate's lines for ``dskd plan``'s text output."""
-    width = max(len(name) for name, _ in rss["lines"])
-    out = ["", "peak resident memory (RSS) per rank, estimate (on CPU within 25% of measured runs; "
-               "docs/benchmarks.md):"]
-    for name, value in rss["lines"]:
-        if name.startswith("export"):
-            continue
-        out.append(f"  {name:{width}s} {human(value):>10s}")
+    rows = [(name, value) for name, value in rss["lines"] if not name.startswith("export")]
     export = next(value for name, value in rss["lines"] if name.startswith("export"))
-    out.append(f"  {'export on rank 0 (at the end, in place of buffers + activations)':{width}s} {human(export):>10s}")
-    out.append(f"  {'peak (during ' + rss['peak_during'] + ')':{width}s} {human(rss['peak_bytes']):>10s}")
-    out.append(f"  {rss['gpu_note']}")
-    return out
+    rows += [("export on rank 0 (at the end, in place of buffers + activations)", export),
+             (f"peak (during {rss['peak_during']})", rss["peak_bytes"])]
+    width = max(len(name) for name, _ in rows)
+    return (["", "peak resident memory (RSS) per rank, estimate (on CPU within 25% of measured runs; "
+                 "docs/benchmarks.md):"]
+            + [f"  {name:{width}s} {human(value):>9s}" for name, value in rows] + [f"  {rss['gpu_note']}"])
