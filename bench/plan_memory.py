@@ -173,18 +173,21 @@ def add_plan(row: dict) -> dict:
                      row["world"])
     estimate = plan["memory_per_rank"]["rss"]
     measured = max(r["peak_bytes"] for r in row["ranks"])
-    return {**row, "train_length": estimate["train_length"], "measured_peak_bytes": measured,
+    return {**row, "teacher_params": plan["memory_per_rank"]["teacher_params"],
+            "student_params": plan["memory_per_rank"]["student_params"],
+            "train_length": estimate["train_length"], "measured_peak_bytes": measured,
             "plan_bytes": estimate["peak_bytes"], "plan_peak_during": estimate["peak_during"],
             "plan_lines": estimate["lines"], "plan_over_measured": estimate["peak_bytes"] / measured}
 
 
 def table(rows: list[dict]) -> str:
     """The markdown table of docs/benchmarks.md."""
-    out = ["| shape | ZeRO | batch x longest | measured peak, rank 0 / 1 (GiB) | plan (GiB) | plan / measured | "
-           "plan's peak |", "|---|---|---|---|---|---|---|"]
+    out = ["| shape | teacher / student params | ZeRO | dtype | batch x longest | measured peak, rank 0 / 1 (GiB) "
+           "| plan (GiB) | plan / measured | plan's peak |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         measured = " / ".join(f"{x['peak_bytes'] / 2**30:.2f}" for x in r["ranks"])
-        out.append(f"| {r['shape']} | {r['zero']} | {r['batch']} x {r['train_length']} | {measured} | "
+        out.append(f"| {r['shape']} | {r['teacher_params'] / 1e6:.1f}M / {r['student_params'] / 1e6:.1f}M | "
+                   f"{r['zero']} | {r['dtype']} | {r['batch']} x {r['train_length']} | {measured} | "
                    f"{r['plan_bytes'] / 2**30:.2f} | **{r['plan_over_measured']:.2f}** | {r['plan_peak_during']} |")
     return "\n".join(out)
 
