@@ -4,8 +4,8 @@ Reads the configs of teacher and student (no weights), tokenises the data (the t
 counts decide the cache's size; ``datasets`` keeps the result for the real run) and
 reports the teacher cache's size per field and the memory the models take per rank.
 
-Memory per rank, from parameter counts P (activations are not included; they depend on
-batch shape and are what ``training.batch_size`` trades against):
+Model memory per rank, from parameter counts P (the whole per-rank peak RSS, with the runtime,
+DeepSpeed's buffers, activations and the export, is ``dskd.commands.memory``'s estimate):
 
 * teacher (online mode only): P_t x the run's dtype size; a cached run holds none.
 * CoDIR's memory banks: 2 x N_train x dim x the bank dtype, whole on every rank.
