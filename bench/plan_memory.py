@@ -133,8 +133,9 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
              steps: int, task: str = "mrpc", data_path: str = str(GLUE)) -> dict:
     import yaml
 
-    case = workdir / f"{shape}-zero{zero}-{dtype}" if (batch, length, steps) == tuple(
-        SHAPES[shape][k] for k in ("batch", "length", "steps")) else workdir / f"{shape}-zero{zero}-{dtype}-b{batch}-S{length}"
+    defaults = tuple(SHAPES[shape][k] for k in ("batch", "length", "steps"))
+    case = workdir / (f"{shape}-zero{zero}-{dtype}" if (batch, length, steps) == defaults
+                      else f"{shape}-zero{zero}-{dtype}-b{batch}-S{length}")
     subprocess.run(["rm", "-rf", str(case)], check=True)
     case.mkdir(parents=True)
     cfg_file = case / "config.yaml"

@@ -12,19 +12,21 @@ What each line counts (P: the student's parameters, d: the run dtype's size, W: 
   from ZeRO-1 on. ZeRO-0 in bf16/fp16 keeps fp32 master weights and gradients whole.
 * DeepSpeed buffers: ZeRO-2/3's gradient bucket (``reduce_bucket_size`` elements, allocated
   whole but resident only as far as gradients fill it: min(P, bucket)), ZeRO-3's gathered
-  parameters during forward and backward (min(P, ``stage3_max_live_parameters``)), ZeRO-0's
-  flattened all-reduce buffer on more than one rank.
+  parameters during forward and backward (min(P, ``stage3_max_live_parameters``)) and its
+  gradient reduction's scratch (calibrated), ZeRO-0's flattened all-reduce buffer on more
+  than one rank.
 * activations: the student's forward saves, per token and layer, about 11H + 2I elements plus
   3A x S of attention probabilities and their dropout mask (eager attention; measured with
   torch's saved-tensor hooks on BERT shapes: 9.6k elements per token-layer at H=384, S=64
   against 7.3k + 2.3k here); the teacher's forward (no grad) holds about one layer's working
-  set at a time. Counted at 4 bytes an element in every dtype (measured on CPU, see below). Both use the longest example in the data (a batch is padded to its longest).
+  set at a time. Counted at 4 bytes an element in every dtype (measured on CPU, see below).
+  Both use the data's longest example (a batch is padded to its longest).
 * export (rank 0, after training, with the engine still alive): the consolidated checkpoint
   (ZeRO>0: the ranks' fp32 partitions, merged into an fp32 state dict) and a fresh fp32 model.
 
 The peak is runtime + teacher + student state + the larger of (DeepSpeed buffers +
 activations) and the export. Calibration constants are marked; docs/benchmarks.md
-("dskd plan against measured peak RSS") has the measured table and commands.
+("`dskd plan` against the measured peak RSS per rank") has the measured table and commands.
 """
 
 from __future__ import annotations
@@ -161,8 +163,8 @@ def estimate_rss(*, teacher_config, student_config, teacher_params: int, student
     if extra_bytes:
         lines.append(("CoDIR memory banks", extra_bytes))
     # The step's buffers and activations are freed (or left to the allocator) before rank 0
-    # consolidates the checkpoint, and the export reuses that memory: the measured export
-    # phases never rose above the training peak until the export itself was larger.
+    # consolidates the checkpoint, and the export reuses that memory: in the measured runs the
+    # export raised rank 0's peak only where it needed more than that working set.
     working = activations + buffers
     fixed = sum(v for name, v in lines) - working
     peak = fixed + max(working, export)

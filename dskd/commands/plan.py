@@ -286,4 +286,5 @@ def format_plan(plan: dict) -> str:
     ]
     if m["memory_bank_bytes"]:
         lines.append(f"  CoDIR memory banks (student + teacher side, on every rank): {cache.human(m['memory_bank_bytes'])}")
-    return "\n".join(lines + format_rss(m["rss"], cache.human) + format_disk(plan["disk"]))
+    lines += format_rss(m["rss"], cache.human)
+    return "\n".join(lines + format_disk(plan["disk"]))
