@@ -66,7 +66,8 @@ GPU_NOTE = ("on GPU the model, buffer and activation lines are device memory, wh
 def _shape(config) -> dict:
     return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
             "heads": config.num_attention_heads,
-            "intermediate": getattr(config, "intermediate_size", 4 * config.hidden_size)}
+            # DistilBERT names its feed-forward width hidden_dim
+            "intermediate": getattr(config, "intermediate_size", getattr(config, "hidden_dim", 4 * config.hidden_size))}
 
 
 def train_activation_bytes(shape: dict, batch: int, length: int, dsize: int) -> int:
