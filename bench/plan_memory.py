@@ -130,16 +130,21 @@ def experiment(shape: str, batch: int, length: int, steps: int, world: int, work
 
 
 def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch: int, length: int,
-             steps: int, task: str = "mrpc", data_path: str = str(GLUE)) -> dict:
+             steps: int, task: str = "mrpc", data_path: str = str(GLUE), config: Path | None = None,
+             overrides: tuple = ()) -> dict:
+    """One measured run. ``config`` (with ``overrides``) replaces the shape's generated config."""
     import yaml
 
-    defaults = tuple(SHAPES[shape][k] for k in ("batch", "length", "steps"))
+    defaults = tuple(SHAPES.get(shape, {}).get(k, 0) for k in ("batch", "length", "steps"))
     case = workdir / (f"{shape}-zero{zero}-{dtype}" if (batch, length, steps) == defaults
                       else f"{shape}-zero{zero}-{dtype}-b{batch}-S{length}")
     subprocess.run(["rm", "-rf", str(case)], check=True)
     case.mkdir(parents=True)
-    cfg_file = case / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump(experiment(shape, batch, length, steps, world, workdir, task, data_path)))
+    if config is None:
+        cfg_file = case / "config.yaml"
+        cfg_file.write_text(yaml.safe_dump(experiment(shape, batch, length, steps, world, workdir, task, data_path)))
+    else:
+        cfg_file = config.resolve()
     ds = f"ds_configs/zero{zero}_{dtype}.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world),
@@ -149,6 +154,7 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
     env["MASTER_PORT"] = str(sock.getsockname()[1])
     sock.close()
     argv = ["distill", "--config", str(cfg_file), "--deepspeed", ds, "--output", str(case / "run")]
+    argv += [item for value in overrides for item in ("--set", value)]
     start = time.time()
     procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(case), "--", *argv], cwd=REPO,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
@@ -160,7 +166,7 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
     ranks = [json.loads((case / f"rank{r}.json").read_text()) for r in range(world)]
     row = {"shape": shape, "zero": zero, "dtype": dtype, "world": world, "task": task, "batch": batch,
            "max_length": length, "steps": steps, "seconds": round(time.time() - start, 1), "ranks": ranks,
-           "config": str(cfg_file)}
+           "config": str(cfg_file), "overrides": list(overrides)}
     return add_plan(row)
 
 
@@ -170,7 +176,9 @@ def add_plan(row: dict) -> dict:
     from dskd.methods import load_experiment
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    plan = make_plan(load_experiment(row["config"]), f"ds_configs/zero{row['zero']}_{row['dtype']}.json", None,
+    cfg = load_experiment(row["config"], row.get("overrides", []))
+    row = {**row, "batch": cfg.training.batch_size, "max_length": cfg.data.max_length}
+    plan = make_plan(cfg, f"ds_configs/zero{row['zero']}_{row['dtype']}.json", None,
                      row["world"])
     estimate = plan["memory_per_rank"]["rss"]
     measured = max(r["peak_bytes"] for r in row["ranks"])
@@ -197,13 +205,17 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--rank":
         rank_main(Path(sys.argv[2]), sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES))
+    parser.add_argument("--shape", help=f"one of {', '.join(SHAPES)}; with --config, any name for the row")
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 2, 3])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--batch", type=int, help="per rank (default: the shape's)")
     parser.add_argument("--length", type=int, help="data.max_length (default: the shape's)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the shape's)")
+    parser.add_argument("--config", type=Path, help="measure this experiment config instead of the shape's "
+                        "(--shape then only names the row)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="with --config: an override, as dskd's --set")
     parser.add_argument("--task", default="mrpc")
     parser.add_argument("--data", default=str(GLUE), help="data.path (default: the shared GLUE folder)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dskd-plan-memory"))
@@ -218,12 +230,14 @@ def main() -> None:
         return
     if args.shape is None:
         parser.error("--shape is required (or --replan FILE)")
-    spec = SHAPES[args.shape]
+    if args.config is None and args.shape not in SHAPES:
+        parser.error(f"--shape must be one of {', '.join(SHAPES)} (or give --config)")
+    spec = SHAPES.get(args.shape, {"batch": 0, "length": 0, "steps": 0})  # --config: the config's own
     batch, length, steps = args.batch or spec["batch"], args.length or spec["length"], args.steps or spec["steps"]
     rows = []
     for zero in args.zero:
         row = run_case(args.shape, zero, args.dtype, args.world, args.workdir, batch, length, steps, args.task,
-                       args.data)
+                       args.data, args.config, tuple(args.overrides))
         rows.append(row)
         print(f"{row['shape']:9s} ZeRO-{zero} {args.dtype} b{batch} S{length}: measured "
               f"{[round(r['peak_bytes'] / 2**30, 3) for r in row['ranks']]} GiB, plan "

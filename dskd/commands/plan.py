@@ -80,7 +80,7 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     world = world or eng.world_size()
     store_dtype = cache.storage_dtype(dtype or str(run_dtype).replace("torch.", ""))
     if cfg.data.corpus is not None:
-        return make_corpus_plan(cfg, run_dtype, zero, world, store_dtype)
+        return make_corpus_plan(cfg, run_dtype, zero, world, store_dtype, ds_config)
     task = data.get_task(cfg.data.task)
     if cfg.teacher.path is None and cfg.teacher.arch is None:
         raise DskdError("`dskd plan` needs `teacher.path` or `teacher.arch` to know the teacher's shape")
@@ -170,7 +170,8 @@ def format_disk(d: dict) -> list[str]:
                 f"{d['keep_checkpoints']} (one more is written before the oldest is deleted)"]
 
 
-def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, world: int, store_dtype: str) -> dict:
+def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, world: int, store_dtype: str,
+                     ds_config: dict) -> dict:
     """A corpus job's plan: blocks, tokens and steps at this world size, per-rank model memory,
     and what a teacher cache of it would take (none is written: docs/general.md says why)."""
     from dskd import data, models
@@ -220,6 +221,12 @@ def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, w
             "teacher_params": teacher_params,
             "teacher_bytes_online": teacher_params * torch.tensor([], dtype=run_dtype).element_size(),
             "student_params": student_params, "student_bytes": student_bytes(student_params, run_dtype, zero, world),
+            # Blocks are full: every batch is max_length long.
+            "rss": estimate_rss(teacher_config=t_config, student_config=s_config, teacher_params=teacher_params,
+                                student_params=student_params, dtype=run_dtype, zero=zero, world=world,
+                                ds_config=ds_config, batch=training.batch_size, train_length=length,
+                                eval_length=length, teacher_online=True,
+                                data_bytes=TOKEN_BYTES * length * (len(train_set) + len(held_out))),
         },
         "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
@@ -250,12 +257,13 @@ def format_corpus_plan(plan: dict) -> str:
         + ", ".join(f"{name} {cache.human(v)}" for name, v in k["bytes_for_the_corpus"].items())
         + f" ({k['dtype']}) for this corpus, once more for each masking when masked-LM terms are on",
         "",
-        f"memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); activations not included):",
+        f"model memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); weights and "
+        "optimizer state only, the peak RSS estimate below adds the rest):",
         f"  teacher {m['teacher_params'] / 1e6:.1f}M params: {cache.human(m['teacher_bytes_online'])} (frozen, whole "
         "on every rank)",
         f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
         f"{cache.human(sb['weights'])}, gradients {cache.human(sb['gradients'])}, optimizer {cache.human(sb['optimizer'])})",
-    ] + format_disk(plan["disk"]))
+    ] + format_rss(m["rss"], cache.human) + format_disk(plan["disk"]))
 
 
 def format_plan(plan: dict) -> str:
