@@ -12,7 +12,7 @@ from transformers import BertConfig
 
 from conftest import REPO, dskd_env
 from dskd.commands.memory import (
-    RUNTIME_BYTES, ZERO3_REDUCE_SCRATCH, ZERO_RUNTIME_BYTES, deepspeed_buffer_bytes, estimate_rss, format_rss,
+    RUNTIME_BYTES, ZERO3_ACTIVATION_SHARE, ZERO3_REDUCE_SCRATCH, ZERO_RUNTIME_BYTES, deepspeed_buffer_bytes, estimate_rss, format_rss,
     student_state_bytes,
 )
 
@@ -62,6 +62,16 @@ def test_the_estimate_names_every_line_and_sums_them():
     fixed = sum(v for k, v in lines.items() if not k.startswith(("activations", "DeepSpeed", "export")))
     assert rss["peak_bytes"] == fixed + max(activations + 4 * P, export)
     assert rss["peak_during"] == "export"
+    mapped = estimate_rss(teacher_config=bert, student_config=bert, teacher_params=3 * P, student_params=P,
+                          dtype=torch.float32, zero=2, world=2, ds_config={}, batch=8, train_length=16,
+                          eval_length=16, teacher_online=True, data_bytes=1000, mapped_layers=2)
+    kept = 8 * 16 * ((2 + 1) * 64 + 3 * 2 * 64) * 4  # teacher hidden states of every layer, Q/K/V of 2 layers
+    assert next(v for k, v in mapped["lines"] if k.startswith("activations")) == activations + kept
+    zero3 = estimate_rss(teacher_config=bert, student_config=bert, teacher_params=3 * P, student_params=P,
+                         dtype=torch.float32, zero=3, world=2, ds_config={}, batch=8, train_length=16,
+                         eval_length=16, teacher_online=True, data_bytes=1000)
+    buffers = next(v for k, v in zero3["lines"] if k.startswith("DeepSpeed"))
+    assert buffers == deepspeed_buffer_bytes(P, torch.float32, 3, 2, {}) + int(ZERO3_ACTIVATION_SHARE * activations)
     text = "\n".join(format_rss(rss, str))
     assert "CUDA context" in text and "NCCL" in text and f"peak (during export)" in text
 

@@ -19,7 +19,8 @@ What each line counts (P: the student's parameters, d: the run dtype's size, W: 
   3A x S of attention probabilities and their dropout mask (eager attention; measured with
   torch's saved-tensor hooks on BERT shapes: 9.6k elements per token-layer at H=384, S=64
   against 7.3k + 2.3k here); the teacher's forward (no grad) holds about one layer's working
-  set at a time. Counted at 4 bytes an element in every dtype (measured on CPU, see below).
+  set at a time, plus, with layer terms, its hidden states and the mapped layers' Q, K, V kept
+  for the loss. Counted at 4 bytes an element in every dtype (measured on CPU, see below).
   Both use the data's longest example (a batch is padded to its longest).
 * export (rank 0, after training, with the engine still alive): the consolidated checkpoint
   (ZeRO>0: the ranks' fp32 partitions, merged into an fp32 state dict) and a fresh fp32 model.
@@ -41,12 +42,13 @@ RUNTIME_BYTES = 600 * MIB
 # Measured: ZeRO-1/2/3's optimizer code and its first collectives add ~50 MiB over ZeRO-0
 # with the same tiny model.
 ZERO_RUNTIME_BYTES = 50 * MIB
-# Calibrated: ZeRO-3's training step holds about 3 more copies of the student's weights (in the
-# run dtype) than the gathered parameters and the gradient bucket explain: each gradient exists
-# whole before it is reduced, and over gloo the reduce-scatter is an all-reduce of the whole
-# bucket plus copies. Measured 3.6 (MiniLM student, 17M parameters) and 2.8 (BERT-large
-# 6-layer student, 108M) copies beyond those two; 3 is used.
-ZERO3_REDUCE_SCRATCH = 3
+# Calibrated: ZeRO-3's training step holds more than the gathered parameters and the gradient
+# bucket: each gradient exists whole before it is reduced, over gloo the reduce-scatter is an
+# all-reduce of the whole bucket plus copies, and its working set grew with the activations.
+# Fitted on the four ZeRO-3 rows of docs/benchmarks.md (MiniLM GLUE and corpus, BERT-large at
+# two batch sizes): 2 more copies of the weights plus half the activations' bytes.
+ZERO3_REDUCE_SCRATCH = 2
+ZERO3_ACTIVATION_SHARE = 0.5
 # Activations: elements saved per token and layer (besides the attention term), in units of
 # (H, I); from torch's saved-tensor hooks on BERT layers (see the module docstring).
 SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE, SAVED_ATTENTION_COPIES = 11, 2, 3
@@ -132,7 +134,7 @@ def export_bytes(params: int, dtype: torch.dtype, zero: int) -> int:
 
 def estimate_rss(*, teacher_config, student_config, teacher_params: int, student_params: int, dtype: torch.dtype,
                  zero: int, world: int, ds_config: dict, batch: int, train_length: int, eval_length: int,
-                 teacher_online: bool, data_bytes: int, extra_bytes: int = 0) -> dict:
+                 teacher_online: bool, data_bytes: int, extra_bytes: int = 0, mapped_layers: int = 0) -> dict:
     """The per-rank peak RSS as named lines (bytes) and their sum."""
     dsize = torch.tensor([], dtype=dtype).element_size()
     state = student_state_bytes(student_params, dtype, zero, world)
@@ -145,8 +147,15 @@ def estimate_rss(*, teacher_config, student_config, teacher_params: int, student
     teacher_forward = max(forward_activation_bytes(t_shape, batch, train_length, act_size),
                           forward_activation_bytes(t_shape, eval_batch, eval_length, act_size)) if teacher_online else 0
     export = export_bytes(student_params, dtype, zero)
+    if teacher_online and mapped_layers:
+        # Layer terms keep the teacher's hidden states (all layers, as HF returns them) and the
+        # captured Q, K, V of the mapped layers until the loss is computed.
+        per_token = (t_shape["layers"] + 1) * t_shape["hidden"] + 3 * mapped_layers * t_shape["hidden"]
+        teacher_forward += batch * train_length * per_token * act_size
     activations = student_train + teacher_forward
     buffers = deepspeed_buffer_bytes(student_params, dtype, zero, world, ds_config)
+    if zero >= 3:
+        buffers += int(ZERO3_ACTIVATION_SHARE * activations)
     lines = [
         ("runtime (python, torch, deepspeed, transformers, datasets, gloo)",
          RUNTIME_BYTES + (ZERO_RUNTIME_BYTES if zero >= 1 else 0)),

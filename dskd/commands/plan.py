@@ -149,7 +149,7 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
                                 ds_config=ds_config, batch=training.batch_size, train_length=longest["train"],
                                 eval_length=longest["dev"], teacher_online=cfg.teacher.cache is None,
                                 data_bytes=sum(TOKEN_BYTES * s["tokens"] for s in splits.values()),
-                                extra_bytes=bank),
+                                extra_bytes=bank, mapped_layers=len(pairs)),
         },
         "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
@@ -226,7 +226,8 @@ def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, w
                                 student_params=student_params, dtype=run_dtype, zero=zero, world=world,
                                 ds_config=ds_config, batch=training.batch_size, train_length=length,
                                 eval_length=length, teacher_online=True,
-                                data_bytes=TOKEN_BYTES * length * (len(train_set) + len(held_out))),
+                                data_bytes=TOKEN_BYTES * length * (len(train_set) + len(held_out)),
+                                mapped_layers=len(pairs)),
         },
         "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
