@@ -151,7 +151,7 @@ def run(job: Job, argv: list[str], stop: StopRequest | None = None) -> dict:
     monitor.start_session(to_dict(cfg), (out / CONFIG_FILE).read_text() if rank == 0 else "", job.role, argv, world,
                           task, list(job.terms), sorted({k.split("/")[0] for k in _layer_tags(job)}))
     try:
-        return _train(job, engine, monitor, stages, state, eval_batch, steps_per_epoch, stop)
+        return _train(job, engine, monitor, stages, state, eval_batch, steps_per_epoch, lengths, stop)
     except BaseException:
         monitor.end_session(succeeded=False)
         raise
@@ -168,7 +168,9 @@ def _layer_tags(job: Job) -> list[str]:
 
 
 def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict, eval_batch: int,
-           steps_per_epoch: int, stop: StopRequest | None) -> dict:
+           steps_per_epoch: int, lengths, stop: StopRequest | None) -> dict:
+    """The steps, evaluations and checkpoints of :func:`run` (``lengths``: the examples' token
+    counts with ``training.group_by_length``, else None)."""
     cfg, training, task, out = job.cfg, job.training, job.task, job.out
     rank, world = eng.rank(), eng.world_size()
     device = eng.device()
