@@ -4,8 +4,8 @@ Reads the configs of teacher and student (no weights), tokenises the data (the t
 counts decide the cache's size; ``datasets`` keeps the result for the real run) and
 reports the teacher cache's size per field and the memory the models take per rank.
 
-Memory per rank, from parameter counts P (activations are not included; they depend on
-batch shape and are what ``training.batch_size`` trades against):
+Model memory per rank, from parameter counts P (the whole per-rank peak RSS, with the runtime,
+DeepSpeed's buffers, activations and the export, is ``dskd.commands.memory``'s estimate):
 
 * teacher (online mode only): P_t x the run's dtype size; a cached run holds none.
 * CoDIR's memory banks: 2 x N_train x dim x the bank dtype, whole on every rank.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from dskd.commands.memory import TOKEN_BYTES, estimate_rss, format_rss
 from dskd.teacher import cache
 from dskd.config import ExperimentConfig
 from dskd.errors import DskdError
@@ -79,7 +80,7 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     zero = eng.zero_stage(ds_config)
     store_dtype = cache.storage_dtype(dtype or str(run_dtype).replace("torch.", ""))
     if cfg.data.corpus is not None:
-        return make_corpus_plan(cfg, run_dtype, zero, world, store_dtype)
+        return make_corpus_plan(cfg, run_dtype, zero, world, store_dtype, ds_config)
     task = data.get_task(cfg.data.task)
     if cfg.teacher.path is None and cfg.teacher.arch is None:
         raise DskdError("`dskd plan` needs `teacher.path` or `teacher.arch` to know the teacher's shape")
@@ -108,9 +109,10 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
     spec = spec_for(cfg.losses, pairs, strict=False)
     train_set, dev_set = data.load_data(cfg, task, tokenizer)
     hidden, heads, labels = t_config.hidden_size, t_config.num_attention_heads, task.num_labels
-    splits = {}
+    splits, longest = {}, {}
     for split, dataset in (("train", train_set), ("dev", dev_set)):
         lengths = cache.token_lengths(dataset)
+        longest[split] = int(lengths.max()) if len(lengths) else cfg.data.max_length
         fields = cache.estimate_bytes(spec, len(lengths), int(lengths.sum()), hidden, labels, store_dtype)
         splits[split] = {
             "examples": len(lengths),
@@ -142,6 +144,12 @@ def make_plan(cfg: ExperimentConfig, deepspeed_path: str | None = None, dtype: s
             "student_params": student_params,
             "student_bytes": student_bytes(student_params, run_dtype, zero, world),
             "memory_bank_bytes": bank,
+            "rss": estimate_rss(teacher_config=t_config, student_config=s_config, teacher_params=teacher_params,
+                                student_params=student_params, dtype=run_dtype, zero=zero, world=world,
+                                ds_config=ds_config, batch=training.batch_size, train_length=longest["train"],
+                                eval_length=longest["dev"], teacher_online=cfg.teacher.cache is None,
+                                data_bytes=sum(TOKEN_BYTES * s["tokens"] for s in splits.values()),
+                                extra_bytes=bank, mapped_layers=len(pairs)),
         },
         "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
@@ -162,7 +170,8 @@ def format_disk(d: dict) -> list[str]:
                 f"{d['keep_checkpoints']} (one more is written before the oldest is deleted)"]
 
 
-def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, world: int, store_dtype: str) -> dict:
+def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, world: int, store_dtype: str,
+                     ds_config: dict) -> dict:
     """A corpus job's plan: blocks, tokens and steps at this world size, per-rank model memory,
     and what a teacher cache of it would take (none is written: docs/general.md says why)."""
     from dskd import data, models
@@ -213,6 +222,13 @@ def make_corpus_plan(cfg: ExperimentConfig, run_dtype: torch.dtype, zero: int, w
             "teacher_params": teacher_params,
             "teacher_bytes_online": teacher_params * torch.tensor([], dtype=run_dtype).element_size(),
             "student_params": student_params, "student_bytes": student_bytes(student_params, run_dtype, zero, world),
+            # Blocks are full: every batch is max_length long.
+            "rss": estimate_rss(teacher_config=t_config, student_config=s_config, teacher_params=teacher_params,
+                                student_params=student_params, dtype=run_dtype, zero=zero, world=world,
+                                ds_config=ds_config, batch=training.batch_size, train_length=length,
+                                eval_length=length, teacher_online=True,
+                                data_bytes=TOKEN_BYTES * length * (len(train_set) + len(held_out)),
+                                mapped_layers=len(pairs)),
         },
         "disk": disk_plan(student_params, run_dtype, zero, training.keep_checkpoints),
     }
@@ -243,12 +259,13 @@ def format_corpus_plan(plan: dict) -> str:
         + ", ".join(f"{name} {cache.human(v)}" for name, v in k["bytes_for_the_corpus"].items())
         + f" ({k['dtype']}) for this corpus, once more for each masking when masked-LM terms are on",
         "",
-        f"memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); activations not included):",
+        f"model memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); weights and "
+        "optimizer state only, the peak RSS estimate below adds the rest):",
         f"  teacher {m['teacher_params'] / 1e6:.1f}M params: {cache.human(m['teacher_bytes_online'])} (frozen, whole "
         "on every rank)",
         f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
         f"{cache.human(sb['weights'])}, gradients {cache.human(sb['gradients'])}, optimizer {cache.human(sb['optimizer'])})",
-    ] + format_disk(plan["disk"]))
+    ] + format_rss(m["rss"], cache.human) + format_disk(plan["disk"]))
 
 
 def format_plan(plan: dict) -> str:
@@ -270,7 +287,8 @@ def format_plan(plan: dict) -> str:
     sb = m["student_bytes"]
     lines += [
         "",
-        f"memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); activations not included):",
+        f"model memory per rank ({m['run_dtype']}, ZeRO-{m['zero_stage']}, {m['world_size']} rank(s); weights and "
+        "optimizer state only, the peak RSS estimate below adds the rest):",
         f"  teacher {m['teacher_params'] / 1e6:.1f}M params: {cache.human(m['teacher_bytes_online'])} online, "
         "none with the cache",
         f"  student {m['student_params'] / 1e6:.1f}M params: {cache.human(sb['total'])} (weights "
@@ -278,4 +296,5 @@ def format_plan(plan: dict) -> str:
     ]
     if m["memory_bank_bytes"]:
         lines.append(f"  CoDIR memory banks (student + teacher side, on every rank): {cache.human(m['memory_bank_bytes'])}")
+    lines += format_rss(m["rss"], cache.human)
     return "\n".join(lines + format_disk(plan["disk"]))
