@@ -129,7 +129,7 @@ def _assert_ends_like(moved_run: Path, stayed_run: Path, world: int) -> None:
 
 @pytest.mark.slow
 def test_a_run_moved_from_two_ranks_to_one_ends_where_the_two_rank_run_ends(moved, stayed):
-    root, cfg, fixed = moved
+    root, cfg, _ = moved
     out = root / "two-to-one"
     # Started without training.global_batch_size: 2 ranks x 16 x grad_accum 1 = 32.
     _ok(run_dskd(["distill", "--config", cfg, "--output", out, "--set", "training.halt_after_steps=5"], root,
@@ -137,8 +137,8 @@ def test_a_run_moved_from_two_ranks_to_one_ends_where_the_two_rank_run_ends(move
     before = tree_digest(out)
     refused = run_dskd(["distill", "--config", cfg, "--output", out, "--resume"], root)
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert (f"was trained on 2 rank(s) with a global batch of 32 (2 x training.batch_size 16 x training.grad_accum "
-            f"1); on 1 rank(s) it would be 16") in refused.stderr
+    assert ("was trained on 2 rank(s) with a global batch of 32 (2 x training.batch_size 16 x training.grad_accum "
+            "1); on 1 rank(s) it would be 16") in refused.stderr
     assert "Resume with `--set training.global_batch_size=32`" in refused.stderr
     assert tree_digest(out) == before
     # The fix the message names: the same global batch, now kept by accumulation on one rank.
