@@ -73,7 +73,7 @@ def test_the_estimate_names_every_line_and_sums_them():
     buffers = next(v for k, v in zero3["lines"] if k.startswith("DeepSpeed"))
     assert buffers == deepspeed_buffer_bytes(P, torch.float32, 3, 2, {}) + int(ZERO3_ACTIVATION_SHARE * activations)
     text = "\n".join(format_rss(rss, str))
-    assert "CUDA context" in text and "NCCL" in text and f"peak (during export)" in text
+    assert "CUDA context" in text and "NCCL" in text and "peak (during export)" in text
 
 
 def test_plan_is_within_a_quarter_of_a_measured_two_rank_run(tmp_path):

@@ -255,7 +255,7 @@ def format_corpus_plan(plan: dict) -> str:
         f"corpus: {c['train_blocks']} training blocks ({c['train_tokens']:,} tokens), {c['held_out_blocks']} held out; "
         f"{c['global_batch_blocks']} blocks ({c['tokens_per_step']:,} tokens) per optimizer step; "
         f"{c['steps']} steps",
-        f"teacher cache: not used by corpus jobs; it would take "
+        "teacher cache: not used by corpus jobs; it would take "
         + ", ".join(f"{name} {cache.human(v)}" for name, v in k["bytes_for_the_corpus"].items())
         + f" ({k['dtype']}) for this corpus, once more for each masking when masked-LM terms are on",
         "",
