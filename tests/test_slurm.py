@@ -74,8 +74,8 @@ def test_a_signalled_job_requeues_resumes_and_finishes_every_step(cluster, tmp_p
     job = _submit(cluster, log, "--config", "configs/tiny.yaml", "--output", out, "--set", "training.epochs=4",
                   "--set", "training.save_every=1000")
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait until the first run is training (its progress bar shows step 10+)
-        if log.is_file() and any(f"| {n}/128" in log.read_text(errors="replace") for n in range(10, 60)):
+    while time.time() < deadline:  # wait until the first run is training (its batch log shows step 10+)
+        if log.is_file() and any(f"[train] step {n}/128 " in log.read_text(errors="replace") for n in range(10, 60)):
             break
         time.sleep(0.5)
     else:
@@ -103,7 +103,7 @@ def test_a_corpus_job_from_the_general_template_requeues_and_resumes_mid_stream(
     job = proc.stdout.strip().split(";")[0]
     deadline = time.time() + 240
     while time.time() < deadline:
-        if log.is_file() and any(f"| {n}/78" in log.read_text(errors="replace") for n in range(6, 50)):
+        if log.is_file() and any(f"[train] step {n}/78 " in log.read_text(errors="replace") for n in range(6, 50)):
             break
         time.sleep(0.5)
     else:
