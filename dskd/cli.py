@@ -26,6 +26,8 @@ examples:
   dskd augment  --config configs/results/glitter.yaml --output runs/pool --candidates 8
   dskd evaluate --model runs/student/model --config configs/quickstart.yaml
   dskd export   --run runs/student --out exported/student
+  dskd robustness --models runs/teacher runs/student --config configs/quickstart.yaml \
+                --set data.path=../shared/data/glue --output runs/robustness
   launchers/local.sh 2 distill --config configs/tiny.yaml --output runs/tiny2
 """
 
@@ -158,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="print a model's dev metrics on data.task as JSON")
     p.add_argument("--model", required=True, help="a Hugging Face model folder, or a dskd run folder (uses its model/)")
     _add_config(p)
+    p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("robustness", help="score models on dev, out-of-domain and adversarial sets: one table",
+                       description="Score each model (run or model folder, the teacher too) with its own tokenizer on "
+                                   "the task's dev set, the out-of-domain and adversarial sets shipped for the task "
+                                   "(SST-2: imdb, advglue; RTE: advglue) and any --eval-file; write robustness.md "
+                                   "and robustness.json (docs/robustness.md).")
+    p.add_argument("--models", nargs="+", required=True, help="run folders (their model/) or model folders")
+    _add_config(p)
+    p.add_argument("--output", required=True, type=Path, help="folder for robustness.md and robustness.json")
+    p.add_argument("--sets", nargs="+", help="only these sets (default: all of the task's)")
+    p.add_argument("--data-root", default="../shared/data/robustness", help="folder of the shipped sets")
+    p.add_argument("--eval-file", action="append", default=[], metavar="NAME=PATH",
+                   help="another GLUE-format TSV with the task's columns (repeatable)")
+    p.add_argument("--label-map", action="append", default=[], metavar="NAME:FILE_LABEL=TASK_LABEL,...",
+                   help="map a set's labels onto the task's, e.g. reviews:pos=positive,neg=negative")
+    p.add_argument("--max-examples", type=int, help="at most this many examples per set, drawn with --seed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, help="tokens per example (default: data.max_length; longer texts "
+                                                  "keep their first tokens)")
     p.add_argument("--batch-size", type=int, default=64)
 
     p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder with a model card (README.md)")
@@ -363,6 +385,18 @@ def main(argv: list[str] | None = None) -> int:
             code = 0
         elif args.command == "evaluate":
             print(json.dumps(_evaluate(args)))
+            code = 0
+        elif args.command == "robustness":
+            from dskd.commands.robustness import format_table as robustness_table
+            from dskd.commands.robustness import parse_named, run_robustness
+            from dskd.methods import load_experiment
+
+            cfg = load_experiment(args.config, args.overrides)
+            _glue_only(cfg, args.config, "robustness", "scores classifiers on a task's sets")
+            table = run_robustness(cfg, args.models, args.data_root, args.output, args.sets,
+                                   parse_named(args.eval_file, "--eval-file"), parse_named(args.label_map, "--label-map"),
+                                   args.max_examples, args.seed, args.max_length, args.batch_size)
+            print(robustness_table(table), end="")
             code = 0
         else:
             from dskd.training.export import export_run

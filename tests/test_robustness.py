@@ -1,0 +1,125 @@
+"""`dskd robustness`: the evaluation sets (IMDb, AdvGLUE, files with label maps) and the table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BERT_VOCAB, REPO, SHARED_GLUE
+from dskd.data.robustness import EvalSet, read_eval_set, shipped_sets, subsample
+from dskd.data.tasks import get_task
+from dskd.errors import DskdError
+
+ROBUSTNESS = SHARED_GLUE.parent / "robustness"
+needs_shared = pytest.mark.skipif(not ROBUSTNESS.is_dir(), reason=f"needs the shared data folder {ROBUSTNESS}")
+
+
+@needs_shared
+def test_imdb_is_read_without_html_breaks_and_subsampled_at_random_with_a_seed():
+    sst2 = get_task("sst2")
+    imdb = {s.name: s for s in shipped_sets(sst2, ROBUSTNESS)}["imdb"]
+    columns = read_eval_set(imdb, sst2)
+    assert len(columns["label"]) == 25_000 and sorted(set(columns["label"])) == [0, 1]
+    assert columns["label"][:12_500] == [0] * 12_500  # the file lists negatives first: a prefix would be one class
+    assert not any("<br" in text.lower() for text in columns["text_a"])
+    a, b = subsample(columns, 200, seed=3), subsample(columns, 200, seed=3)
+    assert a == b and len(a["label"]) == 200 and a["idx"] == list(range(200))
+    assert 60 < sum(a["label"]) < 140  # both classes, as a random draw gives
+    assert subsample(columns, 200, seed=4)["text_a"] != a["text_a"]
+
+
+@needs_shared
+def test_advglue_rte_reads_glue_label_names():
+    rte = get_task("rte")
+    (advglue,) = shipped_sets(rte, ROBUSTNESS)
+    columns = read_eval_set(advglue, rte)
+    assert len(columns["label"]) == 81 and set(columns["label"]) == {0, 1} and len(columns["text_b"]) == 81
+
+
+def test_a_label_map_maps_a_files_labels_and_an_unmapped_label_is_named(tmp_path):
+    sst2 = get_task("sst2")
+    path = tmp_path / "reviews.tsv"
+    path.write_text("sentence\tlabel\ngreat film\tpos\nawful <br />film\tneg\n")
+    spec = EvalSet("reviews", "out-of-domain", path, {"pos": "positive", "neg": "0"}, clean_html=True)
+    assert read_eval_set(spec, sst2) == {"text_a": ["great film", "awful film"], "label": [1, 0], "idx": [0, 1]}
+    with pytest.raises(DskdError, match=r"reviews.tsv:2: label 'pos' of evaluation set 'reviews' is not a SST-2 label"
+                                        r".*--label-map reviews:pos="):
+        read_eval_set(EvalSet("reviews", "out-of-domain", path), sst2)
+    path.write_text("sentence\tlabel\ngreat film\tpos\nmeh\tmixed\n")
+    with pytest.raises(DskdError, match=r"reviews.tsv:3: label 'mixed' .* is not in its label map \(neg, pos\)"):
+        read_eval_set(spec, sst2)
+    with pytest.raises(DskdError, match=r"label map target 'good' is not a SST-2 label"):
+        read_eval_set(EvalSet("reviews", "out-of-domain", path, {"pos": "good"}), sst2)
+    with pytest.raises(DskdError, match=r"has no column\(s\) sentence"):
+        path.write_text("text\tlabel\nx\t1\n")
+        read_eval_set(spec, sst2)
+
+
+def _tiny_model_folder(folder, vocab_size=None):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(vocab=str(BERT_VOCAB))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@needs_shared
+def test_the_table_equals_the_models_own_predictions(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dskd.cli import main
+    from dskd.data.robustness import read_eval_set
+
+    model_dir = _tiny_model_folder(tmp_path / "tiny")
+    out = tmp_path / "report"
+    code = main(["robustness", "--models", str(model_dir), "--config", str(REPO / "configs" / "tiny.yaml"),
+                 "--set", f"data.path={SHARED_GLUE}", "--data-root", str(ROBUSTNESS), "--output", str(out),
+                 "--max-examples", "40", "--seed", "5", "--max-length", "32"])
+    assert code == 0
+    table = json.loads((out / "robustness.json").read_text())
+    assert [s["name"] for s in table["sets"]] == ["dev", "imdb", "advglue"]
+    assert [s["examples"] for s in table["sets"]] == [40, 40, 40]
+    # By hand: the same subsample, tokenised at 32 tokens, through the model.
+    sst2 = get_task("sst2")
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), \
+        AutoTokenizer.from_pretrained(model_dir)
+    for spec in shipped_sets(sst2, ROBUSTNESS):
+        columns = subsample(read_eval_set(spec, sst2), 40, 5)
+        with torch.no_grad():
+            logits = model(**tokenizer(columns["text_a"], truncation=True, max_length=32, padding=True,
+                                       return_tensors="pt")).logits
+        accuracy = float((logits.argmax(-1).numpy() == np.array(columns["label"])).mean())
+        assert table["models"][0]["sets"][spec.name]["accuracy"] == pytest.approx(accuracy)
+    markdown = (out / "robustness.md").read_text()
+    dev = table["models"][0]["sets"]["dev"]["accuracy"]
+    imdb = table["models"][0]["sets"]["imdb"]["accuracy"]
+    assert f"| tiny | {100 * dev:.1f} | {100 * imdb:.1f} ({100 * (imdb - dev):+.1f}) |" in markdown
+
+
+def test_a_model_whose_vocabulary_does_not_fit_its_tokenizer_is_refused(tmp_path):
+    from dskd.commands.robustness import load_model
+
+    folder = _tiny_model_folder(tmp_path / "small", vocab_size=1000)
+    with pytest.raises(DskdError, match=r"tokenizer has 30522 tokens but the model's embedding table 1000 rows"):
+        load_model(str(folder), get_task("sst2"))
+
+
+def test_unknown_sets_and_maps_are_named(tmp_path):
+    from dskd.commands.robustness import build_sets, parse_named
+
+    sst2 = get_task("sst2")
+    with pytest.raises(DskdError, match=r"--sets squad: not a set of task sst2 \(sets: dev, imdb, advglue"):
+        build_sets(sst2, tmp_path / "dev.tsv", tmp_path, ["squad"], {}, {})
+    with pytest.raises(DskdError, match=r"--label-map nope: no evaluation set of that name"):
+        build_sets(sst2, tmp_path / "dev.tsv", tmp_path, None, {}, {"nope": "a=b"})
+    with pytest.raises(DskdError, match=r"--eval-file 'x': expected NAME=PATH"):
+        parse_named(["x"], "--eval-file")
+    sets = build_sets(sst2, tmp_path / "dev.tsv", tmp_path, None, {"mine": "m.tsv"}, {"mine": "p=positive"})
+    assert [(s.name, s.kind) for s in sets][-1] == ("mine", "out-of-domain") and sets[-1].label_map == {"p": "positive"}
