@@ -72,12 +72,13 @@ SYNONYMS = {"good": ["fine", "bad"], "great": ["poor", "fine"]}
 
 def test_word_attack_replaces_the_most_important_word_and_flips_the_prediction():
     model = BagOfWords(SENTIMENT)
-    texts = ("the movie was Good, and great",)
+    texts = ("the movie was great and Good,",)
     result = word_attack(model, texts, 1, candidates=lambda w: SYNONYMS.get(w, []), max_words=0.5)
-    # "good" (+3) matters more than "great" (+2); of its substitutes "bad" lowers p(positive) most:
-    # 2 - 3 = -1 < 0 flips; case and the comma are kept
-    assert result.perturbed == ("the movie was Bad, and great",)
-    assert result.edits == [(3, "Good,", "Bad,", "replace")]
+    # "good" (+3) matters more than "great" (+2), so it goes first although it comes last; of its
+    # substitutes "bad" lowers p(positive) most: 2 - 3 = -1 < 0 flips; case and the comma are kept
+    # (in text order, "great" -> "poor" would be kept first and the flip would take two words)
+    assert result.perturbed == ("the movie was great and Bad,",)
+    assert result.edits == [(5, "Good,", "Bad,", "replace")]
     assert (result.clean_pred, result.adv_pred, result.succeeded, result.skipped) == (1, 0, True, False)
     # 1 clean + 6 leave-one-out + 2 substitutes of "good"
     assert result.queries == 9 == model.scored

@@ -207,6 +207,9 @@ def word_attack(predict: Predictor, texts: tuple[str, ...], label: int, *, candi
                 max_words: float = 0.2, max_queries: int = 500, seed: int = 0, column: int = -1) -> AttackResult:
     """Greedy word-replacement attack; ``candidates`` is ``word -> [words]`` or ``(words, index) -> [words]``.
 
+    The kind is told by an ``in_context`` attribute when the callable has one (the factories below
+    set it), else by its number of required positional parameters. Substitutes that are not purely
+    alphabetic, or equal the word, are dropped; the word's case and punctuation are put back.
     Candidates are tried in the order given and the search draws nothing at random, so ``seed`` is
     unused; it is accepted so that both attacks take the same arguments.
     """
