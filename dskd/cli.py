@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="tokens per example (default: data.max_length; longer texts "
                                                   "keep their first tokens)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--attacks", nargs="+", choices=["word", "char"], default=[],
+                   help="attack each model on a sample of dev: word substitution, character edits")
+    p.add_argument("--attack-examples", type=int, default=100, help="dev examples attacked per model (seeded)")
+    p.add_argument("--max-queries", type=int, default=500, help="model calls per attacked example")
+    p.add_argument("--max-words", type=float, default=0.2, help="share of an example's words an attack may change")
+    p.add_argument("--mlm", help="a masked LM whose proposals are the word attack's substitutes (default: the "
+                                 "nearest words in each model's own embedding table)")
 
     p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder with a model card (README.md)")
     p.add_argument("--run", required=True, type=Path, help="the --output folder of a finetune or distill run")
@@ -395,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             _glue_only(cfg, args.config, "robustness", "scores classifiers on a task's sets")
             table = run_robustness(cfg, args.models, args.data_root, args.output, args.sets,
                                    parse_named(args.eval_file, "--eval-file"), parse_named(args.label_map, "--label-map"),
-                                   args.max_examples, args.seed, args.max_length, args.batch_size)
+                                   args.max_examples, args.seed, args.max_length, args.batch_size, args.attacks,
+                                   args.attack_examples, args.max_queries, args.max_words, args.mlm)
             print(robustness_table(table), end="")
             code = 0
         else:

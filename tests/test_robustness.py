@@ -123,3 +123,50 @@ def test_unknown_sets_and_maps_are_named(tmp_path):
         parse_named(["x"], "--eval-file")
     sets = build_sets(sst2, tmp_path / "dev.tsv", tmp_path, None, {"mine": "m.tsv"}, {"mine": "p=positive"})
     assert [(s.name, s.kind) for s in sets][-1] == ("mine", "out-of-domain") and sets[-1].label_map == {"p": "positive"}
+
+
+@needs_shared
+def test_attacks_on_each_model_are_recorded_and_their_adversarial_examples_really_flip_it(tmp_path):
+    from dskd.cli import main
+    from dskd.commands.attacks import AttackResult, summarize
+    from dskd.commands.robustness import load_model, predictor
+
+    model_dir = _tiny_model_folder(tmp_path / "tiny")
+    out = tmp_path / "report"
+    args = ["robustness", "--models", str(model_dir), "--config", str(REPO / "configs" / "tiny.yaml"),
+            "--set", f"data.path={SHARED_GLUE}", "--data-root", str(ROBUSTNESS), "--output", str(out),
+            "--sets", "dev", "--max-length", "32", "--attacks", "word", "char", "--attack-examples", "6",
+            "--max-queries", "60", "--max-words", "0.3"]
+    assert main(args) == 0
+    table = json.loads((out / "robustness.json").read_text())
+    _, model, tokenizer = load_model(str(model_dir), get_task("sst2"))
+    predict = predictor(model, tokenizer, 32, 8)
+    for kind in ("word", "char"):
+        records = [json.loads(line) for line in (out / "attacks" / f"tiny-{kind}.jsonl").read_text().splitlines()]
+        results = [AttackResult(**{**r, "original": tuple(r["original"]), "perturbed": tuple(r["perturbed"]),
+                                   "edits": [tuple(e) for e in r["edits"]]}) for r in records]
+        assert len(results) == 6 and table["models"][0]["attacks"][kind] == summarize(results)
+        for r in results:
+            assert r.queries <= 60 and r.words_changed <= max(1, int(0.3 * r.words_total))
+            assert int(predict([r.perturbed]).argmax()) == r.adv_pred  # re-scored: what was recorded is real
+            assert r.succeeded == (r.clean_pred == r.label and r.adv_pred != r.label)
+    first = (out / "attacks" / "tiny-char.jsonl").read_text()
+    assert main(args) == 0 and (out / "attacks" / "tiny-char.jsonl").read_text() == first  # same seed, same examples
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-queries", "0", r"--max-queries must be at least 1"),
+    ("--max-words", "0", r"--max-words must be a share of the words in \(0, 1\]"),
+    ("--attack-examples", "0", r"--attack-examples must be at least 1"),
+    ("--mlm", "/no/such/mlm", r"--mlm /no/such/mlm does not exist"),
+])
+def test_bad_attack_settings_are_one_line(tmp_path, capsys, flag, value, message):
+    import re
+
+    from dskd.cli import main
+
+    code = main(["robustness", "--models", str(tmp_path / "m"), "--config", str(REPO / "configs" / "tiny.yaml"),
+                 "--output", str(tmp_path / "out"), "--attacks", "word", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "out").exists()

@@ -59,7 +59,7 @@ def load_model(path: str, task):
 
     tokenizer = models.load_tokenizer(TeacherConfig(path=path), key="--models")
     model = models.load_pretrained(path, task.num_labels, for_finetune=False, key="--models").eval()
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.config.vocab_size  # (a factored embedding, as KroneckerBERT's, has no weight matrix)
     if len(tokenizer) > vocab:
         raise DskdError(f"--models {path}: its tokenizer has {len(tokenizer)} tokens but the model's embedding table "
                         f"{vocab} rows: they are not one model's; give a folder holding both (a run's model/)")
@@ -77,10 +77,98 @@ def score(model, tokenizer, columns: dict, task, max_length: int, batch_size: in
                     tokenizer, batch_size, "cpu")
 
 
+def predictor(model, tokenizer, max_length: int, batch_size: int):
+    """texts -> class probabilities, batched: what the attacks query (``attacks.Predictor``)."""
+    import numpy as np
+    import torch
+
+    from dskd import models
+
+    def predict(examples: list[tuple[str, ...]]) -> np.ndarray:
+        out = []
+        for start in range(0, len(examples), batch_size):
+            columns = list(zip(*examples[start:start + batch_size], strict=True))
+            encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                out.append(torch.softmax(model(**models.model_inputs(encoded, model)).logits.float(), -1).numpy())
+        return np.concatenate(out)
+
+    return predict
+
+
+def check_attack_budget(attack_examples: int, max_queries: int, max_words: float) -> None:
+    if attack_examples < 1:
+        raise DskdError(f"--attack-examples must be at least 1 (dev examples attacked per model), got {attack_examples}")
+    if max_queries < 1:
+        raise DskdError(f"--max-queries must be at least 1 (model calls per attacked example), got {max_queries}")
+    if not 0 < max_words <= 1:
+        raise DskdError(f"--max-words must be a share of the words in (0, 1], got {max_words}")
+
+
+def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], output: Path, *, max_length: int,
+                 batch_size: int, max_queries: int, max_words: float, seed: int, mlm=None) -> dict:
+    """Each attack of ``kinds`` on every example of ``columns`` (the attacked dev subsample); the
+    adversarial examples go to ``<output>/attacks/<name>-<kind>.jsonl``, the summary is returned."""
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from dskd.commands import attacks
+
+    predict = predictor(model, tokenizer, max_length, batch_size)
+    texts = list(zip(*(columns[c] for c in ("text_a", "text_b") if c in columns), strict=True))
+    summaries = {}
+    for kind in kinds:
+        if kind == "word":
+            if mlm is not None:
+                candidates = attacks.mlm_candidates(*mlm)
+            else:
+                try:
+                    candidates = attacks.embedding_neighbours(model, tokenizer)
+                except AttributeError:
+                    raise DskdError(f"--attacks word: {name} has no embedding table to draw substitutes from (a "
+                                    "factored embedding); give a masked LM with --mlm FOLDER") from None
+
+            def run(t, y, c=candidates):
+                return attacks.word_attack(predict, t, y, candidates=c, max_words=max_words, max_queries=max_queries,
+                                           seed=seed)
+        else:
+            def run(t, y):
+                return attacks.char_attack(predict, t, y, max_words=max_words, max_queries=max_queries, seed=seed)
+        results = [run(t, y) for t, y in tqdm(list(zip(texts, columns["label"], strict=True)),
+                                              desc=f"{kind} attack on {name}", leave=False)]
+        folder = output / "attacks"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}-{kind}.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
+        summaries[kind] = attacks.summarize(results)
+    return summaries
+
+
+def load_mlm(path: str):
+    """(masked LM, tokenizer) for the word attack's substitutes, or one line naming what is missing."""
+    from dskd import models
+    from dskd.config import TeacherConfig
+
+    try:
+        from transformers import AutoModelForMaskedLM
+
+        source = models.resolve_model_path(path)
+        if not Path(source).exists():
+            raise DskdError(f"--mlm {path} does not exist; give a folder with a masked-LM model (e.g. bert-base "
+                            "with its MLM head), or leave --mlm out to use each model's own embedding neighbours")
+        model = AutoModelForMaskedLM.from_pretrained(source).eval()
+    except (OSError, ValueError) as exc:
+        raise DskdError(f"--mlm {path}: not a masked-LM model ({str(exc).splitlines()[0]}); the word attack needs one "
+                        "with its MLM head, or leave --mlm out to use each model's own embedding neighbours") from None
+    return model, models.load_tokenizer(TeacherConfig(path=path), key="--mlm")
+
+
 def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted=None, extra=None, label_maps=None,
                    max_examples: int | None = None, seed: int = 0, max_length: int | None = None,
-                   batch_size: int = 64) -> dict:
-    """Score every model on every set; write and return the table."""
+                   batch_size: int = 64, attack_kinds: list[str] | None = None, attack_examples: int = 100,
+                   max_queries: int = 500, max_words: float = 0.2, mlm: str | None = None) -> dict:
+    """Score every model on every set, and attack it (``attack_kinds``: word, char) on a seeded
+    sample of ``attack_examples`` dev examples; write and return the table."""
     import torch
 
     from dskd import data
@@ -89,6 +177,9 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
 
     if max_examples is not None and max_examples < 1:
         raise DskdError(f"--max-examples must be at least 1, got {max_examples}")
+    if attack_kinds:
+        check_attack_budget(attack_examples, max_queries, max_words)
+    mlm_model = load_mlm(mlm) if mlm and "word" in (attack_kinds or ()) else None
     task = data.get_task(cfg.data.task)
     if cfg.data.path is None:
         raise DskdError("dskd robustness reads the dev split from a GLUE folder, and data.path is null (the hub); "
@@ -103,9 +194,17 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
         with torch.no_grad():
             results = {s.name: dict(score(model, tokenizer, columns[s.name], task, length, batch_size),
                                     examples=len(columns[s.name]["label"])) for s in sets}
-        rows.append({"model": name, "path": str(path), "sets": results})
+        row = {"model": name, "path": str(path), "sets": results}
+        if attack_kinds:
+            attacked = subsample(columns["dev"], attack_examples, seed)
+            row["attacks"] = attack_model(name, model, tokenizer, attacked, attack_kinds, output, max_length=length,
+                                          batch_size=batch_size, max_queries=max_queries, max_words=max_words,
+                                          seed=seed, mlm=mlm_model)
+        rows.append(row)
     table = {"task": task.name, "main_metric": task.main_metric, "max_length": length, "seed": seed,
              "max_examples": max_examples,
+             "attacks": {"kinds": attack_kinds or [], "examples": attack_examples, "max_queries": max_queries,
+                         "max_words": max_words, "substitutes": mlm or "embedding neighbours"} if attack_kinds else None,
              "sets": [{"name": s.name, "kind": s.kind, "file": str(s.file), "examples": len(columns[s.name]["label"])}
                       for s in sets],
              "models": rows}
@@ -130,4 +229,17 @@ def format_table(table: dict) -> str:
             drop = f" ({100 * (value - dev):+.1f})" if dev is not None and s["name"] != "dev" else ""
             cells.append(f"{100 * value:.1f}{drop}")
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    if table.get("attacks"):
+        a = table["attacks"]
+        lines += ["", f"Attacks on each model ({a['examples']} dev examples drawn with seed {table['seed']}; at most "
+                      f"{a['max_queries']} queries and {100 * a['max_words']:.0f}% of the words per example; word "
+                      f"substitutes: {a['substitutes']}): clean accuracy, accuracy under attack, attack success rate, "
+                      "mean share of words changed (successful attacks), mean queries per attacked example", "",
+                  "| model | attack | clean | under attack | success rate | words changed | queries |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in table["models"]:
+            for kind, r in row.get("attacks", {}).items():
+                lines.append(f"| {row['model']} | {kind} | {100 * r['clean_accuracy']:.1f} | "
+                             f"{100 * r['adversarial_accuracy']:.1f} | {100 * r['attack_success_rate']:.1f} | "
+                             f"{100 * r['mean_words_changed']:.1f}% | {r['mean_queries']:.1f} |")
     return "\n".join(lines) + "\n"
