@@ -170,3 +170,27 @@ def test_bad_attack_settings_are_one_line(tmp_path, capsys, flag, value, message
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+@needs_shared
+def test_an_interrupted_table_keeps_the_models_it_finished(tmp_path, capsys):
+    from dskd.cli import main
+
+    a = _tiny_model_folder(tmp_path / "a")
+    out = tmp_path / "report"
+    common = ["robustness", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.path={SHARED_GLUE}",
+              "--data-root", str(ROBUSTNESS), "--output", str(out), "--sets", "dev", "advglue", "--max-examples", "30"]
+    assert main([*common, "--models", str(a), str(tmp_path / "b")]) == 2  # b is missing: stops after a
+    assert json.loads((out / "robustness.partial.json").read_text())["models"][0]["path"] == str(a)
+    capsys.readouterr()
+    b = _tiny_model_folder(tmp_path / "b")
+    assert main([*common, "--models", str(a), str(b)]) == 0
+    assert f"[robustness] {a}: kept from the interrupted run" in capsys.readouterr().err
+    table = json.loads((out / "robustness.json").read_text())
+    assert [r["model"] for r in table["models"]] == ["a", "b"] and not (out / "robustness.partial.json").exists()
+    assert table["models"][0]["sets"] == table["models"][1]["sets"]  # the same weights (seed 0) score the same
+    # An interrupted table of other settings (here another seed) is not reused.
+    assert main([*common, "--models", str(a), str(tmp_path / "c"), "--seed", "1"]) == 2
+    capsys.readouterr()
+    assert main([*common, "--models", str(a), "--seed", "2"]) == 0
+    assert "kept from the interrupted run" not in capsys.readouterr().err

@@ -10,6 +10,7 @@ The table is written as ``robustness.md`` and ``robustness.json`` in ``--output`
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from dskd.errors import DskdError
@@ -173,7 +174,7 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
 
     from dskd import data
     from dskd.config import resolve_path
-    from dskd.data.robustness import read_eval_set, subsample
+    from dskd.data.robustness import EvalSet, read_eval_set, subsample
 
     if max_examples is not None and max_examples < 1:
         raise DskdError(f"--max-examples must be at least 1, got {max_examples}")
@@ -188,29 +189,45 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
     sets = build_sets(task, dev_file, Path(resolve_path(str(root))), wanted, extra or {}, label_maps or {})
     columns = {s.name: subsample(read_eval_set(s, task), max_examples, seed) for s in sets}
     length = max_length or cfg.data.max_length
+    settings = {"task": task.name, "main_metric": task.main_metric, "max_length": length, "seed": seed,
+                "max_examples": max_examples,
+                "attacks": {"kinds": attack_kinds, "examples": attack_examples, "max_queries": max_queries,
+                            "max_words": max_words, "substitutes": mlm or "embedding neighbours"} if attack_kinds else None,
+                "sets": [{"name": s.name, "kind": s.kind, "file": str(s.file), "examples": len(columns[s.name]["label"])}
+                         for s in sets]}
+    if attack_kinds:
+        dev = columns["dev"] if "dev" in columns else read_eval_set(EvalSet("dev", "in-domain", dev_file), task)
+        attacked = subsample(dev, attack_examples, seed)
+    # Interrupted and started again with the same settings: the models already done are kept.
+    partial = output / "robustness.partial.json"
+    done = {}
+    if partial.is_file():
+        earlier = json.loads(partial.read_text())
+        if earlier.get("settings") == settings:
+            done = {row["path"]: row for row in earlier["models"]}
     rows = []
     for path in model_paths:
+        if str(path) in done:
+            rows.append(done[str(path)])
+            print(f"[robustness] {path}: kept from the interrupted run in {output}", file=sys.stderr, flush=True)
+            continue
         name, model, tokenizer = load_model(path, task)
         with torch.no_grad():
             results = {s.name: dict(score(model, tokenizer, columns[s.name], task, length, batch_size),
                                     examples=len(columns[s.name]["label"])) for s in sets}
         row = {"model": name, "path": str(path), "sets": results}
         if attack_kinds:
-            attacked = subsample(columns["dev"], attack_examples, seed)
             row["attacks"] = attack_model(name, model, tokenizer, attacked, attack_kinds, output, max_length=length,
                                           batch_size=batch_size, max_queries=max_queries, max_words=max_words,
                                           seed=seed, mlm=mlm_model)
         rows.append(row)
-    table = {"task": task.name, "main_metric": task.main_metric, "max_length": length, "seed": seed,
-             "max_examples": max_examples,
-             "attacks": {"kinds": attack_kinds or [], "examples": attack_examples, "max_queries": max_queries,
-                         "max_words": max_words, "substitutes": mlm or "embedding neighbours"} if attack_kinds else None,
-             "sets": [{"name": s.name, "kind": s.kind, "file": str(s.file), "examples": len(columns[s.name]["label"])}
-                      for s in sets],
-             "models": rows}
+        output.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"settings": settings, "models": rows}) + "\n")
+    table = dict(settings, models=rows)
     output.mkdir(parents=True, exist_ok=True)
     (output / "robustness.json").write_text(json.dumps(table, indent=2) + "\n")
     (output / "robustness.md").write_text(format_table(table))
+    partial.unlink(missing_ok=True)
     return table
 
 
