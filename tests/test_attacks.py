@@ -243,6 +243,23 @@ def test_embedding_neighbours_are_whole_words_by_cosine(tiny_bert):
     assert set(found[1:]) == {whole[i] for i in torch.topk(cosine, 6).indices[1:].tolist()}
 
 
+def test_a_factored_embedding_without_a_weight_matrix_gives_the_same_neighbours(tiny_bert):
+    import torch
+
+    tokenizer, model, _ = tiny_bert
+    table = model.get_input_embeddings()
+
+    class Factored(torch.nn.Module):  # like KroneckerBERT's: rows computed, no `weight`
+        def forward(self, ids):
+            return table(ids) * 1.0
+
+    class Wrapped:
+        def get_input_embeddings(self):
+            return Factored()
+
+    assert embedding_neighbours(Wrapped(), tokenizer, k=5)("good") == embedding_neighbours(model, tokenizer, k=5)("good")
+
+
 def test_real_attacks_on_a_tiny_bert(tiny_bert):
     import torch
 

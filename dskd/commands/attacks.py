@@ -262,8 +262,11 @@ def embedding_neighbours(model, tokenizer, k: int = 8) -> Callable[[str], list[s
     words = _whole_words(tokenizer)
     names = list(words)
     with torch.no_grad():
-        table = model.get_input_embeddings().weight.detach().float()
-        table = torch.nn.functional.normalize(table[torch.tensor([words[n] for n in names])], dim=-1).numpy()
+        ids = torch.tensor([words[n] for n in names])
+        embeddings = model.get_input_embeddings()
+        # A factored table (KroneckerBERT's) has no weight matrix: look the rows up through the module.
+        table = embeddings.weight[ids] if hasattr(embeddings, "weight") else embeddings(ids)
+        table = torch.nn.functional.normalize(table.detach().float(), dim=-1).numpy()
     row = {name: i for i, name in enumerate(names)}
     cache: dict[str, list[str]] = {}
 

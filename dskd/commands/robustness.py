@@ -121,14 +121,8 @@ def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], o
     summaries = {}
     for kind in kinds:
         if kind == "word":
-            if mlm is not None:
-                candidates = attacks.mlm_candidates(*mlm)
-            else:
-                try:
-                    candidates = attacks.embedding_neighbours(model, tokenizer)
-                except AttributeError:
-                    raise DskdError(f"--attacks word: {name} has no embedding table to draw substitutes from (a "
-                                    "factored embedding); give a masked LM with --mlm FOLDER") from None
+            candidates = attacks.mlm_candidates(*mlm) if mlm is not None else \
+                attacks.embedding_neighbours(model, tokenizer)
 
             def run(t, y, c=candidates):
                 return attacks.word_attack(predict, t, y, candidates=c, max_words=max_words, max_queries=max_queries,
