@@ -194,3 +194,28 @@ def test_an_interrupted_table_keeps_the_models_it_finished(tmp_path, capsys):
     capsys.readouterr()
     assert main([*common, "--models", str(a), "--seed", "2"]) == 0
     assert "kept from the interrupted run" not in capsys.readouterr().err
+
+
+@needs_shared
+def test_a_run_folders_results_also_go_to_its_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dskd.cli import main
+
+    run = tmp_path / "run"
+    _tiny_model_folder(run / "model")
+    (run / "tensorboard").mkdir()
+    (run / "run.json").write_text(json.dumps({"status": "completed"}))
+    (run / "metrics.json").write_text(json.dumps({"task": "sst2", "accuracy": 0.5, "step": 7}))
+    out = tmp_path / "report"
+    assert main(["robustness", "--models", str(run), "--config", str(REPO / "configs" / "tiny.yaml"),
+                 "--set", f"data.path={SHARED_GLUE}", "--data-root", str(ROBUSTNESS), "--output", str(out),
+                 "--sets", "dev", "advglue", "--max-examples", "20", "--attacks", "char", "--attack-examples", "3",
+                 "--max-queries", "30"]) == 0
+    table = json.loads((out / "robustness.json").read_text())["models"][0]
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    got = {tag: [(e.step, e.value) for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    assert got["robustness/advglue/accuracy"] == [(7, pytest.approx(table["sets"]["advglue"]["accuracy"]))]
+    assert got["robustness/char_attack/attack_success_rate"] == [
+        (7, pytest.approx(table["attacks"]["char"]["attack_success_rate"]))]

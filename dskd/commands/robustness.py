@@ -215,6 +215,7 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
                                           batch_size=batch_size, max_queries=max_queries, max_words=max_words,
                                           seed=seed, mlm=mlm_model)
         rows.append(row)
+        to_tensorboard(Path(path), row)
         output.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"settings": settings, "models": rows}) + "\n")
     table = dict(settings, models=rows)
@@ -223,6 +224,25 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
     (output / "robustness.md").write_text(format_table(table))
     partial.unlink(missing_ok=True)
     return table
+
+
+def to_tensorboard(run: Path, row: dict) -> None:
+    """A dskd run folder's results also go to its TensorBoard, at the run's last step:
+    ``robustness/<set>/<metric>`` and ``robustness/<attack>_attack/<rate>``."""
+    if not (run / "run.json").is_file() or not (run / "tensorboard").is_dir():
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics = run / "metrics.json"
+    step = json.loads(metrics.read_text()).get("step", 0) if metrics.is_file() else 0
+    writer = SummaryWriter(log_dir=str(run / "tensorboard"), filename_suffix=".robustness")
+    for name, values in row["sets"].items():
+        for key, value in values.items():
+            writer.add_scalar(f"robustness/{name}/{key}", value, step)
+    for kind, summary in row.get("attacks", {}).items():
+        for key, value in summary.items():
+            writer.add_scalar(f"robustness/{kind}_attack/{key}", value, step)
+    writer.close()
 
 
 def format_table(table: dict) -> str:
