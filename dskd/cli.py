@@ -398,13 +398,18 @@ def main(argv: list[str] | None = None) -> int:
             from dskd.commands.robustness import parse_named, run_robustness
             from dskd.methods import load_experiment
 
+            from dskd.runtime import dist, launch
+
             cfg = load_experiment(args.config, args.overrides)
             _glue_only(cfg, args.config, "robustness", "scores classifiers on a task's sets")
+            if launch.detect().world > 1:  # launched on several ranks: they share the sets and the attacks
+                dist.init_distributed()
             table = run_robustness(cfg, args.models, args.data_root, args.output, args.sets,
                                    parse_named(args.eval_file, "--eval-file"), parse_named(args.label_map, "--label-map"),
                                    args.max_examples, args.seed, args.max_length, args.batch_size, args.attacks,
                                    args.attack_examples, args.max_queries, args.max_words, args.mlm)
-            print(robustness_table(table), end="")
+            if dist.rank() == 0:
+                print(robustness_table(table), end="")
             code = 0
         else:
             from dskd.training.export import export_run

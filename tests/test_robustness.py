@@ -219,3 +219,26 @@ def test_a_run_folders_results_also_go_to_its_tensorboard(tmp_path):
     assert got["robustness/advglue/accuracy"] == [(7, pytest.approx(table["sets"]["advglue"]["accuracy"]))]
     assert got["robustness/char_attack/attack_success_rate"] == [
         (7, pytest.approx(table["attacks"]["char"]["attack_success_rate"]))]
+
+
+@needs_shared
+@pytest.mark.slow
+def test_two_ranks_share_the_work_and_write_the_one_rank_table(tmp_path):
+    from conftest import run_dskd
+
+    from dskd.cli import main
+
+    model_dir = _tiny_model_folder(tmp_path / "tiny")
+    common = ["robustness", "--models", str(model_dir), "--config", str(REPO / "configs" / "tiny.yaml"),
+              "--set", f"data.path={SHARED_GLUE}", "--data-root", str(ROBUSTNESS), "--sets", "dev", "advglue",
+              "--max-examples", "40", "--max-length", "32", "--attacks", "char", "--attack-examples", "7",
+              "--max-queries", "40"]
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0
+    proc = run_dskd([*common, "--output", tmp_path / "two"], tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stderr
+    one, two = (json.loads((tmp_path / d / "robustness.json").read_text()) for d in ("one", "two"))
+    assert one == two
+    assert (tmp_path / "one" / "attacks" / "tiny-char.jsonl").read_text() == \
+        (tmp_path / "two" / "attacks" / "tiny-char.jsonl").read_text()
+    assert proc.stdout.count("sst2: accuracy") == 1  # rank 0 prints the table once

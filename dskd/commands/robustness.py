@@ -116,8 +116,13 @@ def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], o
 
     from dskd.commands import attacks
 
+    from dskd.runtime import dist
+
     predict = predictor(model, tokenizer, max_length, batch_size)
     texts = list(zip(*(columns[c] for c in ("text_a", "text_b") if c in columns), strict=True))
+    # On several ranks each attacks every world-th example; rank 0 gathers them in order.
+    rank, world = dist.rank(), dist.world_size()
+    mine = list(range(rank, len(texts), world))
     summaries = {}
     for kind in kinds:
         if kind == "word":
@@ -130,13 +135,27 @@ def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], o
         else:
             def run(t, y):
                 return attacks.char_attack(predict, t, y, max_words=max_words, max_queries=max_queries, seed=seed)
-        results = [run(t, y) for t, y in tqdm(list(zip(texts, columns["label"], strict=True)),
-                                              desc=f"{kind} attack on {name}", leave=False)]
-        folder = output / "attacks"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{name}-{kind}.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
+        local = [run(texts[i], columns["label"][i])
+                 for i in tqdm(mine, desc=f"{kind} attack on {name}", leave=False, disable=rank != 0)]
+        results = _gather_in_order(local, mine, len(texts), world)
+        if rank == 0:
+            folder = output / "attacks"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}-{kind}.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
         summaries[kind] = attacks.summarize(results)
     return summaries
+
+
+def _gather_in_order(local: list, indices: list[int], total: int, world: int) -> list:
+    """Every rank's results, back in example order (one all_gather_object on several ranks)."""
+    if world == 1:
+        return local
+    import torch
+
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, list(zip(indices, local, strict=True)))
+    ordered = dict(pair for part in parts for pair in part)
+    return [ordered[i] for i in range(total)]
 
 
 def load_mlm(path: str):
@@ -169,6 +188,7 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
     from dskd import data
     from dskd.config import resolve_path
     from dskd.data.robustness import EvalSet, read_eval_set, subsample
+    from dskd.runtime import dist
 
     if max_examples is not None and max_examples < 1:
         raise DskdError(f"--max-examples must be at least 1, got {max_examples}")
@@ -203,7 +223,8 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
     for path in model_paths:
         if str(path) in done:
             rows.append(done[str(path)])
-            print(f"[robustness] {path}: kept from the interrupted run in {output}", file=sys.stderr, flush=True)
+            if dist.rank() == 0:
+                print(f"[robustness] {path}: kept from the interrupted run in {output}", file=sys.stderr, flush=True)
             continue
         name, model, tokenizer = load_model(path, task)
         with torch.no_grad():
@@ -215,10 +236,13 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
                                           batch_size=batch_size, max_queries=max_queries, max_words=max_words,
                                           seed=seed, mlm=mlm_model)
         rows.append(row)
-        to_tensorboard(Path(path), row)
-        output.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"settings": settings, "models": rows}) + "\n")
+        if dist.rank() == 0:
+            to_tensorboard(Path(path), row)
+            output.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"settings": settings, "models": rows}) + "\n")
     table = dict(settings, models=rows)
+    if dist.rank() != 0:
+        return table
     output.mkdir(parents=True, exist_ok=True)
     (output / "robustness.json").write_text(json.dumps(table, indent=2) + "\n")
     (output / "robustness.md").write_text(format_table(table))
