@@ -253,8 +253,10 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
                                   job.tokenizer)
             for name in stage.weights:  # per-step work of terms beside their loss (`LossTerm.before_micro_step`)
                 batch = engine.module.terms[name].before_micro_step(context, batch)
+            upcoming = state["step"] + 1  # the optimizer step this micro-step belongs to, 1-based
+            logged = upcoming % training.log_every == 0 or upcoming == stages[-1].end or monitor.line_due()
             total, values, norm = train_step(engine, job.teacher, batch, stage.weights,
-                                             stage_pairs(stage, job.pairs))
+                                             stage_pairs(stage, job.pairs), grad_norm=logged)
             grad_norm = norm if norm is not None else grad_norm
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()

@@ -94,24 +94,26 @@ class StepResult(NamedTuple):
     grad_norm: torch.Tensor | float | None  # at an accumulation boundary: the gradients' global norm, before clipping
 
 
-def train_step(engine, teacher, batch: dict, weights: dict[str, float], pairs=()) -> StepResult:
+def train_step(engine, teacher, batch: dict, weights: dict[str, float], pairs=(), grad_norm: bool = False
+               ) -> StepResult:
     """One micro-step: frozen teacher forward (if a term in this stage uses it), student
     forward with the weighted loss terms, backward, and DeepSpeed's step (which applies
-    the optimizer only at an accumulation boundary)."""
+    the optimizer only at an accumulation boundary). ``grad_norm``: this step is logged."""
     total, values = losses_on(engine, teacher, batch, weights, pairs)
-    return StepResult(total, values, backward_and_step(engine, total))
+    return StepResult(total, values, backward_and_step(engine, total, grad_norm))
 
 
-def backward_and_step(engine, loss: torch.Tensor):
+def backward_and_step(engine, loss: torch.Tensor, grad_norm: bool = True):
     """DeepSpeed's backward and step; at an accumulation boundary, the global norm of the
-    gradients before clipping (else None)."""
+    gradients before clipping (else None). ``grad_norm`` False skips the one case where that
+    norm costs a pass over the gradients."""
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
     norm = None
-    if boundary and not hasattr(engine.optimizer, "_global_grad_norm"):
+    if boundary and grad_norm and not hasattr(engine.optimizer, "_global_grad_norm"):
         # A plain torch optimizer (ZeRO-0, fp32): DeepSpeed clips without keeping the norm, and
         # zeroes the gradients in step(). They are already averaged over ranks here, so the
-        # local norm is the global one; it stays on the device (no sync per step).
+        # local norm is the global one; computed for logged steps only, it stays on the device.
         norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
     engine.step()
     if boundary and norm is None:
