@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a Hugging Face model folder, or a dskd run folder (uses its model/)")
     _add_config(p)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--predictions", type=Path, metavar="FILE",
+                   help="also write every dev example's prediction to FILE (JSON lines, as a run's dev_predictions.jsonl)")
 
     p = sub.add_parser("robustness", help="score models on dev, out-of-domain and adversarial sets: one table",
                        description="Score each model (run or model folder, the teacher too) with its own tokenizer on "
@@ -218,7 +220,7 @@ def _evaluate(args) -> dict:
     from dskd import data, models
     from dskd.config import TeacherConfig
     from dskd.methods import load_experiment
-    from dskd.training.evaluation import evaluate
+    from dskd.training.evaluation import predict, write_predictions
 
     cfg = load_experiment(args.config, args.overrides)
     _glue_only(cfg, args.config, "evaluate", "scores a model on a GLUE task's dev set. A corpus run's held-out "
@@ -230,10 +232,13 @@ def _evaluate(args) -> dict:
     model = models.load_pretrained(args.model, task.num_labels, for_finetune=False, key="--model").eval()
     raw = data.load_split(task, cfg.data.path, "dev", cfg.data.dev_limit)
     dev = data.tokenize_split(raw, tokenizer, cfg.data.max_length)
-    result = evaluate(
+    predictions, labels = predict(
         lambda b: getattr(model(**models.model_inputs(b, model)), task.prediction), dev, task, tokenizer, args.batch_size,
         "cpu",
     )
+    result = task.score(predictions, labels)
+    if args.predictions is not None:
+        write_predictions(args.predictions, task, predictions, labels)
     return {"task": task.name, **result}
 
 

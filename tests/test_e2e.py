@@ -64,6 +64,11 @@ def test_two_rank_zero2_distill_writes_scalars_checkpoint_and_metrics(two_rank_r
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000016"
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step00000008", "step00000016"]
     assert "student dev: {" in proc.stdout and "teacher dev: {" in proc.stdout
+    # Every dev example's prediction by the final weights, gathered from both ranks in dataset order.
+    rows = [json.loads(line) for line in (out / "dev_predictions.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == list(range(64))
+    assert all(r["predicted"] == max(range(2), key=r["output"].__getitem__) for r in rows)
+    assert sum(r["predicted"] == r["label"] for r in rows) / 64 == pytest.approx(metrics["accuracy"])
 
 
 def test_export_round_trip_gives_the_same_dev_metrics(two_rank_run, session_tmp):
@@ -76,9 +81,16 @@ def test_export_round_trip_gives_the_same_dev_metrics(two_rank_run, session_tmp)
     assert model.config.num_hidden_layers == 1 and len(AutoTokenizer.from_pretrained(exported)) == 30522
     for key, value in _weights(out / "model").items():
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
-    proc = _ok(run_dskd(["evaluate", "--model", exported, "--config", session_tmp / "zero2.yaml"], session_tmp))
+    written = session_tmp / "exported-predictions.jsonl"
+    proc = _ok(run_dskd(["evaluate", "--model", exported, "--config", session_tmp / "zero2.yaml",
+                         "--predictions", written], session_tmp))
     evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
     assert evaluated["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["accuracy"])
+    # The same per-example file as the run's own (predictions equal, outputs to float tolerance).
+    ours = [json.loads(line) for line in written.read_text().splitlines()]
+    run = [json.loads(line) for line in (out / "dev_predictions.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["label"], r["predicted"]) for r in ours] == [(r["row"], r["label"], r["predicted"]) for r in run]
+    assert ours[0]["output"] == pytest.approx(run[0]["output"], abs=1e-5)
 
 
 @pytest.mark.parametrize("nproc, ds, grad_accum", [(1, "zero0_fp32", 2), (2, "zero2_fp32", 1)])

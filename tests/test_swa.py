@@ -117,6 +117,8 @@ def test_swa_exports_the_mean_of_the_averaged_steps_and_resumes_exactly(session_
     evaluated = _ok(run_dskd(["evaluate", "--model", full / "model", "--config", cfg], session_tmp))
     metrics = json.loads((full / "metrics.json").read_text())
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["accuracy"] == metrics["accuracy"]
+    rows = [json.loads(line) for line in (full / "dev_predictions.jsonl").read_text().splitlines()]
+    assert sum(r["predicted"] == r["label"] for r in rows) / len(rows) == metrics["accuracy"]  # the averaged model's
     _ok(run_dskd(["distill", "--config", cfg, "--output", split, "--set", "training.halt_after_steps=21"],
                  session_tmp))
     _ok(run_dskd(["distill", "--config", cfg, "--output", split, "--resume"], session_tmp))

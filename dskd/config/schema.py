@@ -97,6 +97,12 @@ class DataConfig:
     # Keep the first N rows of a split (a deterministic subsample); null keeps all.
     train_limit: Optional[int] = None
     dev_limit: Optional[int] = None
+    # Unlabeled transfer data: the training rows after the first `train_limit` also train, with
+    # their labels removed (-100): terms that read gold labels (hard_ce) skip them, terms that
+    # learn from the teacher's outputs use every row. Needs `train_limit`; `unlabeled_limit`
+    # keeps the first N of those rows (null: all of them).
+    unlabeled: bool = False
+    unlabeled_limit: Optional[int] = None
     # Share of the training examples held out of training (a seeded choice, made before any
     # label noise, so they keep their labels): the meta batches of RW-KD.
     holdout: float = 0.0

@@ -104,6 +104,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         _validate_corpus(cfg, fail)
     if not 0 <= cfg.data.holdout < 1:
         fail(f"`data.holdout` is the share of training examples held out; it must be in [0, 1), got {cfg.data.holdout}")
+    _validate_unlabeled(cfg.data, fail)
     noise = cfg.data.label_noise
     if noise is not None:
         if not 0 <= noise.rate <= 1:
@@ -209,7 +210,26 @@ def _validate_corpus(cfg: ExperimentConfig, fail) -> None:
              "terms read every token's states, which no cache holds (docs/general.md, 'Teacher cache'); drop it")
 
 
-GLUE_KEYS = ("task", "path", "train_limit", "dev_limit", "holdout", "label_noise", "augment")
+def _validate_unlabeled(data, fail) -> None:
+    if data.unlabeled_limit is not None and not data.unlabeled:
+        fail("`data.unlabeled_limit` caps the unlabeled rows of `data.unlabeled`, which is off; set "
+             "`data.unlabeled: true` or drop it")
+    if not data.unlabeled:
+        return
+    if data.train_limit is None:
+        fail("`data.unlabeled` trains on the rows after the first `data.train_limit` without their labels, and "
+             "`data.train_limit` is null (every row is labelled); set it, e.g. data.train_limit=8000")
+    if data.unlabeled_limit is not None and data.unlabeled_limit < 1:
+        fail(f"`data.unlabeled_limit` must be at least 1 (or null: every row after train_limit), got "
+             f"{data.unlabeled_limit}")
+    for key, on in (("holdout", data.holdout > 0), ("label_noise", data.label_noise is not None)):
+        if on:
+            fail(f"`data.{key}` works on gold labels, which the rows `data.unlabeled` adds do not have; use one of "
+                 "the two")
+
+
+GLUE_KEYS = ("task", "path", "train_limit", "dev_limit", "holdout", "label_noise", "augment", "unlabeled",
+             "unlabeled_limit")
 
 
 def check_job_kind(raw: dict, source: str) -> None:

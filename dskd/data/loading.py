@@ -47,12 +47,41 @@ def load_data(cfg, task, tokenizer, fingerprints: dict | None = None):
     return splits["train"], splits["dev"]
 
 
+UNLABELED = -100  # the label of a `data.unlabeled` row (PyTorch's ignore_index)
+
+
 def _load_glue(cfg, task, tokenizer, fingerprints, splits) -> None:
     for split, limit in (("train", cfg.data.train_limit), ("dev", cfg.data.dev_limit)):
-        raw = load_split(task, cfg.data.path, split, limit)
+        if split == "train" and cfg.data.unlabeled:
+            raw = with_unlabeled_rows(task, cfg.data)
+        else:
+            raw = load_split(task, cfg.data.path, split, limit)
         if fingerprints is not None:
             fingerprints[split] = {"examples": len(raw), "hash": data_fingerprint(raw)}
         splits[split] = tokenize_split(raw, tokenizer, cfg.data.max_length)
+
+
+def with_unlabeled_rows(task, data_cfg):
+    """The training split of ``data.unlabeled``: the first ``train_limit`` rows as they are, then up to
+    ``unlabeled_limit`` more (null: the rest) with their label replaced by ``UNLABELED``. Rows keep
+    their ``idx``, so a teacher cache written with the same config covers all of them."""
+    from dskd.errors import DskdError
+
+    if task.is_regression:
+        raise DskdError(f"`data.unlabeled` marks rows by the label {UNLABELED}, which a regression task "
+                        f"({task.name}) cannot tell from a score; drop it")
+    limit = None if data_cfg.unlabeled_limit is None else data_cfg.train_limit + data_cfg.unlabeled_limit
+    raw = load_split(task, data_cfg.path, "train", limit)
+    if len(raw) <= data_cfg.train_limit:
+        raise DskdError(f"`data.unlabeled`: the training split has {len(raw)} rows, none after `data.train_limit` "
+                        f"({data_cfg.train_limit}); lower data.train_limit or drop data.unlabeled")
+    labelled = data_cfg.train_limit
+    return raw.map(lambda row, i: {"label": row["label"] if i < labelled else UNLABELED}, with_indices=True)
+
+
+def labelled_rows(train_set) -> int:
+    """How many training rows carry a gold label (all of them without ``data.unlabeled``)."""
+    return sum(1 for label in train_set["label"] if label != UNLABELED)
 
 
 def training_split(cfg, task, train_set):

@@ -9,7 +9,7 @@ than a term (``dskd.methods``) register theirs from their own modules.
 from dskd.kernels import attention_log_probs, average_heads  # noqa: F401  (re-exported: the monitor draws maps with them)
 from dskd.losses.base import (  # noqa: F401
     KERNELS, LOSS_REGISTRY, RESERVED_KEYS, LayerGeometry, LayerwiseTerm, LossTerm, build_loss_terms, build_term,
-    register_loss, term_type, validate_loss_terms,
+    check_unlabeled_rows, register_loss, term_type, validate_loss_terms,
 )
 from dskd.losses.layers import (  # noqa: F401
     AttentionKL, ClsCosine, HiddenCosine, MiniLM, PatientKD, TinyBertAttention, TinyBertHidden, attention_kl, attention_scores,

@@ -53,6 +53,9 @@ class LossTerm(nn.Module):
     registry_name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     uses_teacher: ClassVar[bool] = True
+    # Whose gold labels the term reads: "none"; "labelled" (it skips rows labelled -100, which
+    # `data.unlabeled` adds); "every" (it needs one on every row, so `data.unlabeled` is refused).
+    gold_labels: ClassVar[str] = "none"
     # Fraction of the current schedule stage already done, in [0, 1): the trainer sets it
     # before every step (from the step counter, so a resumed run sees the same values).
     # Terms whose objective changes over a stage (Annealing-KD, Continuation-KD) read it.
@@ -62,6 +65,11 @@ class LossTerm(nn.Module):
     def needs_for(cls, spec: dict) -> frozenset[str]:
         """What a term configured by ``spec`` reads (before it is built; the teacher cache asks)."""
         return cls.needs
+
+    @classmethod
+    def gold_labels_for(cls, spec: dict) -> str:
+        """:attr:`gold_labels` of a term configured by ``spec`` (before it is built)."""
+        return cls.gold_labels
 
     def extra_logs(self) -> dict[str, torch.Tensor]:
         """Diagnostics of the last call, logged as ``<term>/<key>`` beside its value (not in the loss)."""
@@ -151,6 +159,18 @@ RESERVED_KEYS = ("weight", "type")
 
 def term_type(term: str, spec: dict) -> str:
     return spec.get("type", term)
+
+
+def check_unlabeled_rows(cfg, source: str) -> None:
+    """With ``data.unlabeled`` some training rows have no gold label: refuse terms that need one on every row."""
+    if not cfg.data.unlabeled:
+        return
+    for term, spec in cfg.losses.items():
+        kind = LOSS_REGISTRY.get(term_type(term, spec))
+        if kind is not None and kind.gold_labels_for(spec) == "every":
+            raise DskdError(f"{source}: `losses.{term}` reads the gold label of every training row, but "
+                            "`data.unlabeled` adds rows without one; drop one of the two (hard_ce and the terms on "
+                            "the teacher's outputs work with unlabeled rows)")
 
 
 def validate_loss_terms(losses: dict[str, dict], source: str) -> None:

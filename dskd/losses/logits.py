@@ -17,12 +17,17 @@ class HardLabelLoss(LossTerm):
     """Cross-entropy with the gold labels (MSE for regression tasks such as STS-B)."""
 
     uses_teacher = False
+    gold_labels = "labelled"
 
     def forward(self, student: dict, teacher: dict, mask: torch.Tensor) -> torch.Tensor:
         logits, labels = student["logits"], teacher["labels"]
         if logits.shape[-1] == 1:
             return F.mse_loss(logits.float().squeeze(-1), labels.float())
-        return F.cross_entropy(logits.float(), labels)
+        labelled = labels != -100  # rows of `data.unlabeled` have none: the mean is over the others
+        if labelled.all():
+            return F.cross_entropy(logits.float(), labels)
+        # A batch of unlabeled rows only contributes 0 (cross_entropy's mean would be NaN), still in the graph.
+        return F.cross_entropy(logits.float(), labels, reduction="sum") / labelled.sum().clamp(min=1)
 
 
 @register_loss("soft_kd")

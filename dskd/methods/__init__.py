@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 
 from dskd.config import ExperimentConfig, load_config
-from dskd.losses import validate_loss_terms
+from dskd.losses import check_unlabeled_rows, validate_loss_terms
 from dskd.methods.base import METHOD_REGISTRY, Method, enabled_methods, exported_state, register_method, run_outputs
 
 # Every module of this package is imported, so it registers itself: a new method is a new file.
@@ -28,6 +28,7 @@ def check_losses(cfg: ExperimentConfig, source: str) -> None:
     """The checks of an experiment that need the registries: every loss term against its class,
     then what methods require of the rest of the config."""
     validate_loss_terms(cfg.losses, source)
+    check_unlabeled_rows(cfg, source)
     for method in METHOD_REGISTRY.values():
         method.check_config(cfg, source)
 

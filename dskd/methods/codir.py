@@ -121,6 +121,10 @@ class CoDIR(LayerwiseTerm):
     def needs_for(cls, spec: dict) -> frozenset[str]:
         return frozenset({spec.get("pool", "cls")})
 
+    @classmethod
+    def gold_labels_for(cls, spec: dict) -> str:
+        return "every" if spec.get("negatives", "label") == "label" else "none"  # label negatives: every row's class
+
     def _apply(self, fn, recurse=True):
         # DeepSpeed casts the whole module to the run's dtype (bf16/fp16); the banks keep
         # `bank_dtype`, and the normalisers and the step counter their own dtypes.

@@ -28,6 +28,8 @@ class NoiseAdaptiveKD(LossTerm):
     hence ``alpha_min`` is the weight for a clean data set. Classification only.
     """
 
+    gold_labels = "every"
+
     def __init__(self, temperature: float = 2.0, alpha_min: float = 0.5, alpha_max: float = 0.9,
                  r_full: float = 0.4, momentum: float = 0.98):
         super().__init__()
@@ -86,6 +88,8 @@ class SmallLossCE(LossTerm):
     share left out grows linearly from 0 to ``drop`` over the first ``ramp`` of the stage
     (a network fits clean labels before noisy ones, so early on the large losses are not yet
     informative). Set ``drop`` near the expected noise rate. Classification only."""
+
+    gold_labels = "every"
 
     uses_teacher = False
 

@@ -63,6 +63,8 @@ def meta_learner(hidden: int) -> nn.Sequential:
 class ReweightedKD(LossTerm):
     """Per-example weights between CE and soft-label KD from a meta-learned network (see module doc)."""
 
+    gold_labels = "every"  # the CE of every example, and its meta batches
+
 
     def __init__(self, temperature: float = 2.0, hidden: int = 16, meta_lr: float = 1e-3, meta_every: int = 1,
                  inner_lr: float = 0.0):

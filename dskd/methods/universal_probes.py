@@ -146,6 +146,8 @@ def train_probes(cfg, out: Path, batch_size: int | None = None, epochs: int = 20
         f"{len(train_set) * len(chosen) * hidden * 4 / 2**20:.1f} MiB of [CLS] vectors")
     x_train, y_train = collect_cls(model, train_set, tokenizer, batch_size, chosen, device)
     x_dev, y_dev = collect_cls(model, dev_set, tokenizer, batch_size, chosen, device)
+    labelled = y_train != data.UNLABELED  # the probes fit gold labels: rows of `data.unlabeled` have none
+    x_train, y_train = x_train[labelled], y_train[labelled]
     weight, bias = fit_probes(x_train, y_train.long(), task.num_labels, epochs, lr, fit_batch_size, cfg.seed)
     train_acc = probe_accuracy(x_train, y_train.long(), weight, bias)
     dev_acc = probe_accuracy(x_dev, y_dev.long(), weight, bias)

@@ -3,6 +3,7 @@ plateau rule, attention snapshots for TensorBoard, and a ``keep_best`` stage's b
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -46,6 +47,24 @@ def predict(forward, dataset, task, tokenizer, batch_size: int, device):
     return torch.cat([p[1] for p in parts])[order].numpy(), torch.cat([p[2] for p in parts])[order].numpy()
 
 
+def write_predictions(path: Path, task, predictions, labels) -> None:
+    """One JSON line per dev example, in dataset order: its ``row``, the gold ``label``, the
+    ``predicted`` label (the value itself for a regression) and the raw ``output`` (logits), so
+    per-example analyses (a paired test between two runs) need no rerun."""
+    lines = []
+    for row, (output, label) in enumerate(zip(predictions.tolist(), labels.tolist(), strict=True)):
+        output = output if isinstance(output, list) else [output]
+        predicted = output[0] if task.is_regression else max(range(len(output)), key=output.__getitem__)
+        lines.append(json.dumps({"row": row, "label": label, "predicted": predicted, "output": output}))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def read_predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
 def dev_loss(task, predictions, labels) -> float:
     """The student's own loss on the dev labels: cross-entropy, or the squared error of a
     regression task (what HF Trainer reports as ``eval_loss``)."""
@@ -55,10 +74,12 @@ def dev_loss(task, predictions, labels) -> float:
     return float(torch.nn.functional.cross_entropy(predictions, labels.long()))
 
 
-def evaluate_student(engine, job, batch_size: int) -> tuple[dict[str, float], dict[str, float]]:
+def evaluate_student(engine, job, batch_size: int, predictions_to: Path | None = None
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """(metrics, about): the student's dev metrics: the task's score of its predictions, or, for
     a corpus job (no prediction), its held-out losses (:func:`held_out_terms`); ``about``: its
-    dev ``loss`` (tasks with labels), and the evaluation's ``seconds`` and ``examples_per_s``."""
+    dev ``loss`` (tasks with labels), and the evaluation's ``seconds`` and ``examples_per_s``.
+    ``predictions_to``: also write the predictions there (rank 0; :func:`write_predictions`)."""
     task = job.task
     start = time.perf_counter()
     about = {}
@@ -67,6 +88,8 @@ def evaluate_student(engine, job, batch_size: int) -> tuple[dict[str, float], di
                                       batch_size, job.device)
         metrics = task.score(predictions, labels)
         about["loss"] = dev_loss(task, predictions, labels)
+        if predictions_to is not None and dist.rank() == 0:
+            write_predictions(predictions_to, task, predictions, labels)
     else:
         metrics = held_out_terms(engine, job, batch_size)
     seconds = time.perf_counter() - start

@@ -170,6 +170,10 @@ def _load_data(cfg, role, task, tokenizer, methods):
     if holdout_set is not None:
         prep.extras["holdout"] = holdout_set
         prep.notes.append(f"[data] {len(holdout_set)} training examples held out (data.holdout {cfg.data.holdout})")
+    if cfg.data.unlabeled:
+        labelled = data.labelled_rows(train_set)
+        prep.notes.append(f"[data] {labelled} labelled training examples and {len(train_set) - labelled} without "
+                          "labels (data.unlabeled): the label terms skip those, the teacher's terms use all")
     if noisy is not None:
         noise = cfg.data.label_noise
         prep.notes.append(f"[data] label noise ({noise.kind}, rate {noise.rate}, seed {noise.seed}): {noisy} "

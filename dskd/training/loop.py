@@ -32,7 +32,7 @@ from dskd.training.job import Job
 from dskd.training.module import DistillationModule, train_step
 from dskd.training.monitor import Monitor
 from dskd.training.preemption import EXIT_PREEMPTED, StopRequest
-from dskd.training.run_dir import CONFIG_FILE, METRICS_FILE, RUN_FILE, discard_replaced, init_output_dir, set_status, write_json
+from dskd.training.run_dir import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, RUN_FILE, discard_replaced, init_output_dir, set_status, write_json
 from dskd.training.stages import Stage, lr_factor, plan_stages, refresh_lr, shorten_stage, stage_pairs
 
 
@@ -318,12 +318,7 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
             if (training.eval_every and step % training.eval_every == 0) or (
                 not training.eval_every and end_of_epoch
             ) or finished or (stage.keep_best and step == stage.end):
-                engine.eval()
-                with contextlib.ExitStack() as evaluating:
-                    for method in job.methods:
-                        evaluating.enter_context(method.evaluating())
-                    result, about = evaluate_student(engine, job, eval_batch)
-                engine.train()
+                result, about = _evaluate(engine, job, eval_batch)
                 monitor.scalars({f"eval/{k}": v for k, v in about.items()}, step)
                 main = result[task.main_metric]
                 if state["best"] is None or main > state["best"][task.main_metric]:
@@ -380,6 +375,8 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
 
     if last_save_step != state["step"]:
         save()
+    if task.prediction is not None:  # the final weights' (also after a keep_best restore): what metrics.json scores
+        _evaluate(engine, job, eval_batch, out / PREDICTIONS_FILE)
     final = {k: v for k, v in state["last_eval"].items() if k != "step"}
     result = {"task": task.name, **final, "step": state["step"], "best": state["best"]}
     if state["teacher_metrics"]:
@@ -390,6 +387,18 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
     set_status(out, "completed")
     monitor.end_session(succeeded=True)
     eng.barrier()
+    return result
+
+
+def _evaluate(engine, job, eval_batch: int, predictions_to=None):
+    """The student's dev evaluation, in eval mode and inside every method's ``evaluating()``
+    (e.g. SWA's averaged weights)."""
+    engine.eval()
+    with contextlib.ExitStack() as evaluating:
+        for method in job.methods:
+            evaluating.enter_context(method.evaluating())
+        result = evaluate_student(engine, job, eval_batch, predictions_to)
+    engine.train()
     return result
 
 

@@ -25,6 +25,7 @@ from dskd.training import checkpoint, run_lock
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "dev_predictions.jsonl"  # the final model's prediction for every dev example
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_DIR = "model_config"  # the trained model's HF config + tokenizer, for export
 STAGE_BEST_DIR = "stage_best"  # checkpoint of the best dev evaluation of a `keep_best` stage

@@ -1,0 +1,85 @@
+"""Is one method better than another on a dev set? Means over seeds and a paired bootstrap.
+
+The paired bootstrap (Efron & Tibshirani; Koehn 2004 for NLP; Dror et al. 2018 on its use)
+resamples the dev examples with replacement, the same examples for both methods (paired), and
+recomputes the difference of the metric each time. Runs of several seeds enter as their mean: in
+every replicate each method's seeds are also drawn with replacement, so a difference that one
+lucky seed makes does not pass for a method's. The two-sided p-value is twice the share of
+replicates on the far side of zero (at least 1/replicates), the interval the 2.5th and 97.5th
+percentiles of the differences.
+
+Classification metrics are computed from confusion counts, so 10,000 replicates of a
+few runs cost a handful of matrix products instead of 10,000 metric calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Metrics that follow from a binary confusion matrix, by name (the task's metric names).
+_FROM_COUNTS = ("accuracy", "f1", "matthews_corrcoef")
+
+
+def _metric_from_counts(name: str, tp, fp, fn, tn) -> np.ndarray:
+    total = tp + fp + fn + tn
+    if name == "accuracy":
+        return (tp + tn) / total
+    if name == "f1":
+        denominator = 2 * tp + fp + fn
+        return np.divide(2 * tp, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    numerator = tp * tn - fp * fn
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return np.divide(numerator, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+
+
+def _replicate_scores(metric: str, predicted: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[replicates, seeds]: the metric of every seed's predictions under every replicate's
+    example weights (``weights[r, i]``: how often replicate r drew example i)."""
+    if metric == "accuracy":
+        return weights @ (predicted == labels).T.astype(np.float64) / weights.sum(1, keepdims=True)
+    positive, gold = (predicted == 1).T.astype(np.float64), (labels == 1).astype(np.float64)[:, None]
+    tp, fp = weights @ (positive * gold), weights @ (positive * (1 - gold))
+    fn, tn = weights @ ((1 - positive) * gold), weights @ ((1 - positive) * (1 - gold))
+    return _metric_from_counts(metric, tp, fp, fn, tn)
+
+
+def check_metric(metric: str, num_labels: int) -> None:
+    if metric not in _FROM_COUNTS or (metric != "accuracy" and num_labels != 2):
+        raise ValueError(f"the paired bootstrap supports accuracy, and F1/MCC of two classes; got {metric} "
+                         f"with {num_labels} classes")
+
+
+def paired_bootstrap(metric: str, a: list, b: list, labels, replicates: int = 10_000, seed: int = 0,
+                     num_labels: int = 2) -> dict:
+    """Compare method A (``a``: its runs' predicted labels, one array per seed) with method B on
+    the same dev set (``labels``). Returns the means over seeds, their difference A - B, the 95%
+    bootstrap interval of the difference and the two-sided ``p`` value (see the module doc)."""
+    check_metric(metric, num_labels)
+    labels = np.asarray(labels).reshape(-1)
+    a, b = np.asarray(a).reshape(len(a), -1), np.asarray(b).reshape(len(b), -1)
+    if a.shape[1] != labels.size or b.shape[1] != labels.size:
+        raise ValueError(f"every run needs one prediction per dev example ({labels.size}); got "
+                         f"{a.shape[1]} and {b.shape[1]}")
+    rng = np.random.default_rng(seed)
+    n = labels.size
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+    scores_a = _replicate_scores(metric, a, labels, weights)
+    scores_b = _replicate_scores(metric, b, labels, weights)
+    picks_a = rng.integers(0, len(a), size=(replicates, len(a)))
+    picks_b = rng.integers(0, len(b), size=(replicates, len(b)))
+    diffs = (np.take_along_axis(scores_a, picks_a, 1).mean(1) - np.take_along_axis(scores_b, picks_b, 1).mean(1))
+    full = np.ones((1, n))
+    mean_a = float(_replicate_scores(metric, a, labels, full).mean())
+    mean_b = float(_replicate_scores(metric, b, labels, full).mean())
+    far = min(np.mean(diffs <= 0), np.mean(diffs >= 0))
+    return {
+        "metric": metric,
+        "a": mean_a,
+        "b": mean_b,
+        "diff": mean_a - mean_b,
+        "low": float(np.percentile(diffs, 2.5)),
+        "high": float(np.percentile(diffs, 97.5)),
+        "p": float(min(1.0, max(2 * far, 1.0 / replicates))),
+        "seeds": [len(a), len(b)],
+        "replicates": replicates,
+    }
