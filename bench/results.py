@@ -9,7 +9,18 @@ stopped and restarted; every command it runs is printed before it runs.
     python bench/results.py --root runs/results --seeds 1 2 3        # run what is missing, print the table
     python bench/results.py --root runs/results --table-only --json  # only collect
 
-The table (markdown) goes to stdout; ``--json`` prints the collected numbers instead.
+A method may carry a teacher variant: ``soft_kd@full`` distils from a teacher fine-tuned on every
+training row (SST-2: 67,349 sentences, not the students' 8,000), ``soft_kd@full+unlabeled`` also
+trains on the rows after the students' 8,000 without their labels (``data.unlabeled``), taught
+through a teacher cache. ``--set KEY=VALUE`` applies to every student (e.g.
+training.group_by_length=true).
+
+Every finished run keeps its dev predictions (``dev_predictions.jsonl``; older runs get them
+from ``dskd evaluate --predictions``) and the wall time of each launch (``wall.json``). The
+table gives mean ± standard deviation over seeds and, per cell, the difference to a reference
+row (a method: soft-label KD; soft-label KD: no teacher; a variant: the row without it) with the
+95% interval and p of a paired bootstrap over dev examples and seeds (dskd/data/significance.py);
+``*`` marks p < 0.05. The table (markdown) goes to stdout; ``--json`` prints the numbers instead.
 """
 
 from __future__ import annotations
@@ -20,12 +31,14 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dskd.data import get_task  # noqa: E402
+from dskd.data.significance import paired_bootstrap  # noqa: E402
 
 # Per-task data settings (shared by teacher and students). SST-2 is subsampled to its
 # first 8,000 training sentences so the grid fits two CPU cores; MRPC and RTE are whole.
@@ -56,10 +69,38 @@ METHODS = {
     "glitter": "Glitter (soft-label KD + KD on the top-2 of 8 EDA candidates by KL, T 5, cached teacher)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
+# Teacher variants a method may carry after "@" (see the module doc); "" is the default teacher.
+VARIANTS = {
+    "": "",
+    "full": "teacher fine-tuned on all training rows",
+    "full+unlabeled": "teacher on all rows, + the other rows unlabeled",
+}
+PREDICTIONS, WALL = "dev_predictions.jsonl", "wall.json"
+ALPHA = 0.05
 
 
-def teacher_dir(root: Path, task: str) -> Path:
-    return root / task / "teacher"
+def split_method(name: str) -> tuple[str, str]:
+    """``recipe@variant`` -> (recipe, variant); a plain method has the variant ""."""
+    recipe, _, variant = name.partition("@")
+    return recipe, variant
+
+
+def method_arg(name: str) -> str:
+    recipe, variant = split_method(name)
+    if recipe not in METHODS or variant not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{name!r}: methods are {', '.join(METHODS)}, optionally with "
+                                         f"@{' or @'.join(v for v in VARIANTS if v)}")
+    return name
+
+
+def teacher_dir(root: Path, task: str, variant: str = "") -> Path:
+    return root / task / ("teacher" if not variant else "teacher-full")
+
+
+def teacher_sets(task: str, variant: str) -> list[str]:
+    """The teacher's data: the students' rows, or (a ``full`` variant) every training row, grouped by
+    length (a one-time cost of 8x the rows)."""
+    return TASKS[task] + (["data.train_limit=null", "finetune.group_by_length=true"] if variant else [])
 
 
 def probes_dir(root: Path, task: str) -> Path:
@@ -77,6 +118,11 @@ def glitter_cache_dir(root: Path, task: str) -> Path:
     return root / task / "glitter-cache"
 
 
+def unlabeled_cache_dir(root: Path, task: str, recipe: str) -> Path:
+    """The full teacher's outputs on every training row, for ``@full+unlabeled`` students of ``recipe``."""
+    return root / task / f"cache-full-unlabeled-{recipe}"
+
+
 def student_dir(root: Path, task: str, layers: int, method: str, seed: int) -> Path:
     return root / task / f"L{layers}-{method}-s{seed}"
 
@@ -90,17 +136,31 @@ def sets(assignments: list[str]) -> list[str]:
     return [arg for a in assignments for arg in ("--set", a)]
 
 
-def launch(cmd: list[str], env_threads: int) -> None:
+def launch(cmd: list[str], env_threads: int, run: Path | None = None) -> None:
+    """Run one command; with ``run``, add its wall seconds to ``run/wall.json`` (one entry per launch,
+    so a run resumed across sessions sums its parts)."""
     import os
 
     print("+ " + shlex.join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("[", "student", "teacher")))
     print(tail, flush=True)
+    if run is not None and run.is_dir():
+        wall = json.loads((run / WALL).read_text()) if (run / WALL).is_file() else {"seconds": []}
+        wall["seconds"].append(round(time.time() - start, 1))
+        (run / WALL).write_text(json.dumps(wall))
     if proc.returncode != 0:
         print(proc.stdout[-4000:], file=sys.stderr)
         raise SystemExit(f"command failed with exit {proc.returncode}")
+
+
+def ensure_predictions(run: Path, recipe_file: str, assignments: list[str], threads: int) -> None:
+    """A completed run from before runs kept their predictions: score its model/ once more."""
+    if completed(run) and not (run / PREDICTIONS).is_file():
+        launch([sys.executable, "-m", "dskd", "evaluate", "--model", str(run / "model"), "--config", recipe_file,
+                "--predictions", str(run / PREDICTIONS), *sets(assignments)], threads)
 
 
 def run_grid(args) -> None:
@@ -108,58 +168,127 @@ def run_grid(args) -> None:
     for seed in args.seeds:
         for layers in args.layers:
             for task in args.tasks:
-                teacher = teacher_dir(args.root, task)
-                if not completed(teacher):
-                    launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output", str(teacher),
-                            "--auto-resume", *sets(TASKS[task])], args.threads)
-                for method in args.methods:
-                    out = student_dir(args.root, task, layers, method, seed)
+                for name in args.methods:
+                    method, variant = split_method(name)
+                    teacher = teacher_dir(args.root, task, variant)
+                    if not completed(teacher):
+                        launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output",
+                                str(teacher), "--auto-resume", *sets(teacher_sets(task, variant))], args.threads,
+                               teacher)
+                    ensure_predictions(teacher, "configs/results/teacher.yaml", TASKS[task], args.threads)
+                    out = student_dir(args.root, task, layers, name, seed)
+                    recipe = f"configs/results/{method}.yaml"
+                    base = TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}", f"seed={seed}"]
                     if completed(out):
+                        ensure_predictions(out, recipe, base + args.student_sets, args.threads)
                         continue
-                    extra = []
-                    if method == "universal_kd":  # the teacher's pseudo-classifiers first (again if it is newer)
-                        probes, manifest = probes_dir(args.root, task), probes_dir(args.root, task) / "manifest.json"
-                        if not manifest.is_file() or \
-                                manifest.stat().st_mtime < (teacher / "metrics.json").stat().st_mtime:
-                            launch([*dskd, "train-probes", "--config", "configs/results/universal_kd.yaml", "--output",
-                                    str(probes), "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}"])],
-                                   args.threads)
-                        extra = [f"losses.universal_kd.teacher_probes={probes}"]
-                    if method == "glitter":  # the candidate pool, then the cache of their logits (again if older)
-                        pool, store = pool_dir(args.root, task), glitter_cache_dir(args.root, task)
-                        recipe = "configs/results/glitter.yaml"
-                        if not (pool / "manifest.json").is_file():
-                            launch([*dskd, "augment", "--config", recipe, "--output", str(pool), "--overwrite",
-                                    *sets(TASKS[task] + [f"teacher.path={teacher}", f"data.augment={pool}"])],
-                                   args.threads)
-                        manifest = store / "manifest.json"
-                        if not manifest.is_file() or manifest.stat().st_mtime < max(
-                                (teacher / "metrics.json").stat().st_mtime, (pool / "manifest.json").stat().st_mtime):
-                            launch([*dskd, "cache-teacher", "--config", recipe, "--output", str(store), "--overwrite",
-                                    *sets(TASKS[task] + [f"teacher.path={teacher}", f"data.augment={pool}"])],
-                                   args.threads)
-                        extra = [f"data.augment={pool}", f"teacher.cache={store}"]
-                    launch([*dskd, "distill", "--config", f"configs/results/{method}.yaml", "--output", str(out),
-                            "--auto-resume", *sets(TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}",
-                                                                f"seed={seed}"] + extra)], args.threads)
+                    launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",
+                            *sets(base + args.student_sets + method_inputs(args, task, method, variant, teacher))],
+                           args.threads, out)
+
+
+def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> list[str]:
+    """What a method reads beside its recipe, made first when missing or older than the teacher:
+    Universal-KD's probes, Glitter's pool and cache, the unlabeled rows' teacher cache."""
+    dskd = [sys.executable, "-m", "dskd"]
+
+    def stale(manifest: Path, *inputs: Path) -> bool:
+        return not manifest.is_file() or manifest.stat().st_mtime < max(p.stat().st_mtime for p in inputs)
+
+    teacher_done = teacher / "metrics.json"
+    extra = []
+    if method == "universal_kd":
+        probes = probes_dir(args.root, task)
+        if stale(probes / "manifest.json", teacher_done):
+            launch([*dskd, "train-probes", "--config", "configs/results/universal_kd.yaml", "--output", str(probes),
+                    "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}"])], args.threads)
+        extra = [f"losses.universal_kd.teacher_probes={probes}"]
+    if method == "glitter":
+        pool, store, recipe = pool_dir(args.root, task), glitter_cache_dir(args.root, task), "configs/results/glitter.yaml"
+        given = TASKS[task] + [f"teacher.path={teacher}", f"data.augment={pool}"]
+        if not (pool / "manifest.json").is_file():
+            launch([*dskd, "augment", "--config", recipe, "--output", str(pool), "--overwrite", *sets(given)],
+                   args.threads)
+        if stale(store / "manifest.json", teacher_done, pool / "manifest.json"):
+            launch([*dskd, "cache-teacher", "--config", recipe, "--output", str(store), "--overwrite", *sets(given)],
+                   args.threads)
+        extra = [f"data.augment={pool}", f"teacher.cache={store}"]
+    if variant == "full+unlabeled":
+        store = unlabeled_cache_dir(args.root, task, method)
+        given = TASKS[task] + [f"teacher.path={teacher}", "data.unlabeled=true"]
+        if stale(store / "manifest.json", teacher_done):
+            launch([*dskd, "cache-teacher", "--config", f"configs/results/{method}.yaml", "--output", str(store),
+                    "--overwrite", *sets(given)], args.threads)
+        extra += ["data.unlabeled=true", f"teacher.cache={store}"]
+    return extra
+
+
+def reference(name: str) -> str | None:
+    """The row a method's cell is compared with (see the module doc)."""
+    method, variant = split_method(name)
+    if variant:
+        return method if variant == "full" else f"{method}@full"
+    return {"no_teacher": None, "soft_kd": "no_teacher"}.get(method, "soft_kd")
+
+
+def _predicted(run: Path) -> list[int] | None:
+    path = run / PREDICTIONS
+    if not path.is_file():
+        return None
+    return [json.loads(line)["predicted"] for line in path.read_text().splitlines() if line]
+
+
+def _labels(run: Path) -> list[int]:
+    return [json.loads(line)["label"] for line in (run / PREDICTIONS).read_text().splitlines() if line]
 
 
 def collect(args) -> dict:
+    """Per task: the teachers' metrics, and per row (``L<layers>/<method>``) every completed seed's
+    metrics, predictions and wall seconds, and the comparison with its reference row."""
     table = {}
+    methods = list(METHODS) + [f"{m}@{v}" for m in METHODS for v in VARIANTS if v]
     for task in args.tasks:
         spec = get_task(task)
         teacher = teacher_dir(args.root, task)
         if not completed(teacher):
             continue
         entry = {"metric": spec.main_metric, "teacher": json.loads((teacher / "metrics.json").read_text()), "rows": {}}
+        if completed(teacher_dir(args.root, task, "full")):
+            entry["teacher_full"] = json.loads((teacher_dir(args.root, task, "full") / "metrics.json").read_text())
         for layers in args.layers:
-            for method in METHODS:
-                runs = [student_dir(args.root, task, layers, method, s) for s in args.seeds]
-                metrics = [json.loads((r / "metrics.json").read_text()) for r in runs if completed(r)]
-                if metrics:
-                    entry["rows"][f"L{layers}/{method}"] = metrics
+            for name in methods:
+                runs = [r for r in (student_dir(args.root, task, layers, name, s) for s in args.seeds) if completed(r)]
+                if runs:
+                    entry["rows"][f"L{layers}/{name}"] = [_run_record(r) for r in runs]
+            for name in methods:
+                row, ref = f"L{layers}/{name}", reference(name)
+                if row in entry["rows"] and ref is not None and f"L{layers}/{ref}" in entry["rows"]:
+                    stats = compare(entry["rows"][row], entry["rows"][f"L{layers}/{ref}"], spec)
+                    if stats is not None:
+                        entry.setdefault("compare", {})[row] = dict(stats, reference=f"L{layers}/{ref}")
+        for rows in entry["rows"].values():
+            for record in rows:
+                record.pop("predicted", None), record.pop("labels", None)
         table[task] = entry
     return table
+
+
+def _run_record(run: Path) -> dict:
+    record = dict(json.loads((run / "metrics.json").read_text()), run=run.name)
+    if (run / WALL).is_file():
+        record["wall_seconds"] = sum(json.loads((run / WALL).read_text())["seconds"])
+    predicted = _predicted(run)
+    if predicted is not None:
+        record["predicted"], record["labels"] = predicted, _labels(run)
+    return record
+
+
+def compare(rows: list[dict], ref_rows: list[dict], spec) -> dict | None:
+    """Paired bootstrap of a row against its reference, when every run of both kept its predictions."""
+    if not all("predicted" in r for r in rows + ref_rows):
+        return None
+    return paired_bootstrap(spec.main_metric, [r["predicted"] for r in rows], [r["predicted"] for r in ref_rows],
+                            rows[0]["labels"], num_labels=spec.num_labels)
 
 
 def _cell(values: list[float]) -> str:
@@ -169,22 +298,43 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def _delta(stats: dict | None) -> str:
+    if stats is None:
+        return "-"
+    mark = "*" if stats["p"] < ALPHA else ""
+    return (f"{100 * stats['diff']:+.1f}{mark} [{100 * stats['low']:+.1f}, {100 * stats['high']:+.1f}] "
+            f"p={stats['p']:.2g}")
+
+
+def _label(name: str) -> str:
+    method, variant = split_method(name)
+    return METHODS[method] + (f" ({VARIANTS[variant]})" if variant else "")
+
+
 def markdown(table: dict, layers_list: list[int]) -> str:
     tasks = list(table)
-    head = "| student | method | " + " | ".join(f"{t} {table[t]['metric']}" for t in tasks) + " |"
-    lines = [head, "|" + "---|" * (len(tasks) + 2)]
-    lines.append("| teacher (6 layers, fine-tuned MiniLM) | - | "
-                 + " | ".join(f"{100 * table[t]['teacher'][table[t]['metric']]:.1f}" for t in tasks) + " |")
+    head = "| student | method | vs | " + " | ".join(f"{t} {table[t]['metric']} | Δ [95% CI] p" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (2 * len(tasks) + 3)]
+    lines.append("| teacher (6 layers, fine-tuned MiniLM) | - | | "
+                 + " | ".join(f"{100 * table[t]['teacher'][table[t]['metric']]:.1f} | " for t in tasks) + " |")
+    if any("teacher_full" in table[t] for t in tasks):
+        lines.append("| teacher on all training rows | - | | " + " | ".join(
+            (f"{100 * table[t]['teacher_full'][table[t]['metric']]:.1f} | " if "teacher_full" in table[t] else "- | ")
+            for t in tasks) + " |")
+    methods = list(METHODS) + [f"{m}@{v}" for m in METHODS for v in VARIANTS if v]
     for layers in layers_list:
-        for method, label in METHODS.items():
+        for name in methods:
             cells, seen = [], False
             for t in tasks:
-                runs = table[t]["rows"].get(f"L{layers}/{method}", [])
+                runs = table[t]["rows"].get(f"L{layers}/{name}", [])
                 seen |= bool(runs)
                 values = [r[table[t]["metric"]] for r in runs]
                 cells.append(f"{_cell(values)} (n={len(values)})" if values else "-")
+                cells.append(_delta(table[t].get("compare", {}).get(f"L{layers}/{name}")) if values else "-")
             if seen:
-                lines.append(f"| {layers} layers | {label} | " + " | ".join(cells) + " |")
+                ref = reference(name)
+                lines.append(f"| {layers} layers | {_label(name)} | {_label(ref) if ref else ''} | "
+                             + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -193,9 +343,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "results")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--layers", nargs="+", type=int, default=[3, 2])
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, type=method_arg,
+                        help="methods (configs/results/<method>.yaml), each optionally @full or @full+unlabeled")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--set", dest="student_sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every student run (repeatable)")
     parser.add_argument("--table-only", action="store_true", help="collect finished runs, run nothing")
     parser.add_argument("--json", action="store_true", help="print the collected numbers as JSON")
     args = parser.parse_args()

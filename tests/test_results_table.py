@@ -33,10 +33,51 @@ def test_table_reports_mean_and_spread_over_completed_seeds_only(tmp_path):
     table = results.collect(args)
     assert len(table["rte"]["rows"]["L3/soft_kd"]) == 3 and len(table["rte"]["rows"]["L3/internal_sid"]) == 1
     text = results.markdown(table, [3])
-    assert "| teacher (6 layers, fine-tuned MiniLM) | - | 60.0 |" in text
-    assert "| 3 layers | soft-label KD | 57.0 ± 2.0 (n=3) |" in text
-    assert "| 3 layers | internal KD, SID | 58.0 (n=1) |" in text
-    assert "without a teacher" not in text  # rows without runs are left out
+    assert "| teacher (6 layers, fine-tuned MiniLM) | - | | 60.0 |  |" in text
+    assert "| 3 layers | soft-label KD | student fine-tuned without a teacher | 57.0 ± 2.0 (n=3) | - |" in text
+    assert "| 3 layers | internal KD, SID | soft-label KD | 58.0 (n=1) | - |" in text  # no predictions kept: no test
+    assert "| 3 layers | student fine-tuned without a teacher |" not in text  # rows without runs are left out
+
+
+def _predictions(folder, predicted, labels):
+    folder.joinpath("dev_predictions.jsonl").write_text("".join(
+        json.dumps({"row": i, "label": y, "predicted": p, "output": [0.0, 0.0]}) + "\n"
+        for i, (p, y) in enumerate(zip(predicted, labels))))
+
+
+def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
+    import numpy as np
+
+    from dskd.data.significance import paired_bootstrap
+
+    results = _results_module()
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300).tolist()
+    _fake_run(results.teacher_dir(tmp_path, "sst2"), {"accuracy": 0.9})
+    runs = {}
+    for method, right in (("no_teacher", 0.70), ("soft_kd", 0.72), ("internal_sid", 0.85), ("soft_kd@full", 0.73)):
+        runs[method] = []
+        for seed in (1, 2, 3):
+            predicted = [y if rng.random() < right else 1 - y for y in labels]
+            folder = results.student_dir(tmp_path, "sst2", 3, method, seed)
+            _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
+            _predictions(folder, predicted, labels)
+            runs[method].append(predicted)
+    _fake_run(results.teacher_dir(tmp_path, "sst2", "full"), {"accuracy": 0.93})
+    table = results.collect(Namespace(root=tmp_path, tasks=["sst2"], layers=[3], seeds=[1, 2, 3]))
+    compare = table["sst2"]["compare"]
+    assert set(compare) == {"L3/soft_kd", "L3/internal_sid", "L3/soft_kd@full"}
+    assert compare["L3/soft_kd"]["reference"] == "L3/no_teacher" and compare["L3/soft_kd@full"]["reference"] == "L3/soft_kd"
+    want = paired_bootstrap("accuracy", runs["internal_sid"], runs["soft_kd"], labels)
+    assert {k: compare["L3/internal_sid"][k] for k in want} == want
+    assert want["p"] < 0.05 and want["diff"] > 0.1
+    text = results.markdown(table, [3])
+    line = next(x for x in text.splitlines() if "internal KD, SID" in x)
+    assert f"{100 * want['diff']:+.1f}* [{100 * want['low']:+.1f}, {100 * want['high']:+.1f}]" in line
+    assert "| teacher on all training rows | - | | 93.0 |" in text
+    assert "soft-label KD (teacher fine-tuned on all training rows) | soft-label KD |" in text
+    assert results.student_dir(tmp_path, "sst2", 3, "soft_kd@full+unlabeled", 2).name == "L3-soft_kd@full+unlabeled-s2"
+    assert results.reference("soft_kd@full+unlabeled") == "soft_kd@full" and results.reference("no_teacher") is None
 
 
 def test_noise_table_reuses_the_clean_rows_at_rate_zero_and_leaves_missing_cells_empty(tmp_path):
