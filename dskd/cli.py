@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-words", type=float, default=0.2, help="share of an example's words an attack may change")
     p.add_argument("--mlm", help="a masked LM whose proposals are the word attack's substitutes (default: the "
                                  "nearest words in each model's own embedding table)")
+    p.add_argument("--compare-to", metavar="MODEL", help="one of --models (path or folder name): every other model's "
+                   "difference from it per set and attack, with a paired bootstrap's interval and p")
 
     p = sub.add_parser("export", help="write a run's trained model as a Hugging Face folder with a model card (README.md)")
     p.add_argument("--run", required=True, type=Path, help="the --output folder of a finetune or distill run")
@@ -412,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             table = run_robustness(cfg, args.models, args.data_root, args.output, args.sets,
                                    parse_named(args.eval_file, "--eval-file"), parse_named(args.label_map, "--label-map"),
                                    args.max_examples, args.seed, args.max_length, args.batch_size, args.attacks,
-                                   args.attack_examples, args.max_queries, args.max_words, args.mlm)
+                                   args.attack_examples, args.max_queries, args.max_words, args.mlm,
+                                   args.compare_to)
             if dist.rank() == 0:
                 print(robustness_table(table), end="")
             code = 0

@@ -58,11 +58,11 @@ def test_a_label_map_maps_a_files_labels_and_an_unmapped_label_is_named(tmp_path
         read_eval_set(spec, sst2)
 
 
-def _tiny_model_folder(folder, vocab_size=None):
+def _tiny_model_folder(folder, vocab_size=None, seed=0):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     tokenizer = BertTokenizerFast(vocab=str(BERT_VOCAB))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=16, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=32, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(folder)
@@ -97,6 +97,8 @@ def test_the_table_equals_the_models_own_predictions(tmp_path):
                                        return_tensors="pt")).logits
         accuracy = float((logits.argmax(-1).numpy() == np.array(columns["label"])).mean())
         assert table["models"][0]["sets"][spec.name]["accuracy"] == pytest.approx(accuracy)
+        assert table["models"][0]["predicted"][spec.name] == logits.argmax(-1).tolist()
+        assert table["labels"][spec.name] == columns["label"]
     markdown = (out / "robustness.md").read_text()
     dev = table["models"][0]["sets"]["dev"]["accuracy"]
     imdb = table["models"][0]["sets"]["imdb"]["accuracy"]
@@ -152,6 +154,35 @@ def test_attacks_on_each_model_are_recorded_and_their_adversarial_examples_reall
             assert r.succeeded == (r.clean_pred == r.label and r.adv_pred != r.label)
     first = (out / "attacks" / "tiny-char.jsonl").read_text()
     assert main(args) == 0 and (out / "attacks" / "tiny-char.jsonl").read_text() == first  # same seed, same examples
+
+
+@needs_shared
+def test_compare_to_gives_each_models_paired_difference_per_set_and_attack(tmp_path, capsys):
+    from dskd.cli import main
+    from dskd.data.significance import paired_bootstrap
+
+    a, b = _tiny_model_folder(tmp_path / "a"), _tiny_model_folder(tmp_path / "b", seed=1)
+    out = tmp_path / "report"
+    common = ["robustness", "--config", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.path={SHARED_GLUE}",
+              "--data-root", str(ROBUSTNESS), "--output", str(out), "--sets", "dev", "advglue", "--max-examples", "40",
+              "--max-length", "32", "--attacks", "char", "--attack-examples", "5", "--max-queries", "30"]
+    assert main([*common, "--models", str(a), str(b), "--compare-to", "a"]) == 0
+    table = json.loads((out / "robustness.json").read_text())
+    ref, other = table["models"]
+    assert table["compare_to"] == "a" and "compare" not in ref and list(other["compare"]) == ["dev", "advglue",
+                                                                                               "char attack"]
+    for name in ("dev", "advglue"):
+        want = paired_bootstrap("accuracy", [other["predicted"][name]], [ref["predicted"][name]], table["labels"][name])
+        assert other["compare"][name] == want
+        assert want["diff"] == pytest.approx(other["sets"][name]["accuracy"] - ref["sets"][name]["accuracy"])
+    after = other["compare"]["char attack"]
+    assert after["diff"] == pytest.approx(other["attacks"]["char"]["adversarial_accuracy"]
+                                          - ref["attacks"]["char"]["adversarial_accuracy"])
+    dev = other["compare"]["dev"]
+    assert f"| b | {100 * dev['diff']:+.1f}" in (out / "robustness.md").read_text()
+    capsys.readouterr()
+    assert main([*common, "--models", str(a), "--compare-to", "zzz"]) == 2
+    assert "--compare-to zzz is not one of --models" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value, message", [

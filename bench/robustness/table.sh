@@ -10,6 +10,6 @@ for task in sst2 rte; do
   done
   python -m dskd robustness --models $models --config configs/results/soft_kd.yaml --set data.task=$task \
     --set data.max_length=$len --output runs/robustness/$task --max-examples 2000 --seed 0 \
-    --attacks word char --attack-examples 100 > runs/robustness/$task.log 2>&1
+    --attacks word char --attack-examples 100 --compare-to L3-soft_kd-s1 > runs/robustness/$task.log 2>&1
 done
 echo done

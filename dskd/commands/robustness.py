@@ -67,15 +67,18 @@ def load_model(path: str, task):
     return Path(path).name or path, model, tokenizer
 
 
-def score(model, tokenizer, columns: dict, task, max_length: int, batch_size: int) -> dict[str, float]:
+def score(model, tokenizer, columns: dict, task, max_length: int, batch_size: int) -> tuple[dict[str, float], list]:
+    """The task's metrics on a set, and the predicted label of every example (in order)."""
     import datasets
 
     from dskd import data, models
-    from dskd.training.evaluation import evaluate
+    from dskd.training.evaluation import predict
 
     dataset = data.tokenize_split(datasets.Dataset.from_dict(columns), tokenizer, max_length, in_memory=True)
-    return evaluate(lambda b: getattr(model(**models.model_inputs(b, model)), task.prediction), dataset, task,
-                    tokenizer, batch_size, "cpu")
+    outputs, labels = predict(lambda b: getattr(model(**models.model_inputs(b, model)), task.prediction), dataset,
+                              task, tokenizer, batch_size, "cpu")
+    predicted = outputs.reshape(-1) if task.is_regression else outputs.argmax(-1)
+    return task.score(outputs, labels), predicted.tolist()
 
 
 def predictor(model, tokenizer, max_length: int, batch_size: int):
@@ -107,9 +110,10 @@ def check_attack_budget(attack_examples: int, max_queries: int, max_words: float
 
 
 def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], output: Path, *, max_length: int,
-                 batch_size: int, max_queries: int, max_words: float, seed: int, mlm=None) -> dict:
+                 batch_size: int, max_queries: int, max_words: float, seed: int, mlm=None) -> tuple[dict, dict]:
     """Each attack of ``kinds`` on every example of ``columns`` (the attacked dev subsample); the
-    adversarial examples go to ``<output>/attacks/<name>-<kind>.jsonl``, the summary is returned."""
+    adversarial examples go to ``<output>/attacks/<name>-<kind>.jsonl``. Returns the summaries and,
+    per attack, the prediction on every example after it (the clean one where it was not attacked)."""
     from dataclasses import asdict
 
     from tqdm import tqdm
@@ -123,7 +127,7 @@ def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], o
     # On several ranks each attacks every world-th example; rank 0 gathers them in order.
     rank, world = dist.rank(), dist.world_size()
     mine = list(range(rank, len(texts), world))
-    summaries = {}
+    summaries, after = {}, {}
     for kind in kinds:
         if kind == "word":
             candidates = attacks.mlm_candidates(*mlm) if mlm is not None else \
@@ -143,7 +147,8 @@ def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], o
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}-{kind}.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
         summaries[kind] = attacks.summarize(results)
-    return summaries
+        after[kind] = [r.adv_pred for r in results]
+    return summaries, after
 
 
 def _gather_in_order(local: list, indices: list[int], total: int, world: int) -> list:
@@ -180,9 +185,12 @@ def load_mlm(path: str):
 def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted=None, extra=None, label_maps=None,
                    max_examples: int | None = None, seed: int = 0, max_length: int | None = None,
                    batch_size: int = 64, attack_kinds: list[str] | None = None, attack_examples: int = 100,
-                   max_queries: int = 500, max_words: float = 0.2, mlm: str | None = None) -> dict:
+                   max_queries: int = 500, max_words: float = 0.2, mlm: str | None = None,
+                   compare_to: str | None = None) -> dict:
     """Score every model on every set, and attack it (``attack_kinds``: word, char) on a seeded
-    sample of ``attack_examples`` dev examples; write and return the table."""
+    sample of ``attack_examples`` dev examples; write and return the table. ``compare_to`` (one of
+    the models, by path or name): every other model's difference from it, per set and attack, with
+    a paired bootstrap over the examples (:func:`compare_rows`)."""
     import torch
 
     from dskd import data
@@ -192,10 +200,21 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
 
     if max_examples is not None and max_examples < 1:
         raise DskdError(f"--max-examples must be at least 1, got {max_examples}")
+    names = [str(p) for p in model_paths] + [Path(p).name for p in model_paths]
+    if compare_to is not None and compare_to not in names:
+        raise DskdError(f"--compare-to {compare_to} is not one of --models; give one of them (its path or folder "
+                        "name), e.g. the soft-label KD student")
     if attack_kinds:
         check_attack_budget(attack_examples, max_queries, max_words)
     mlm_model = load_mlm(mlm) if mlm and "word" in (attack_kinds or ()) else None
     task = data.get_task(cfg.data.task)
+    if compare_to is not None:
+        from dskd.data.significance import check_metric
+
+        try:
+            check_metric(task.main_metric, task.num_labels)
+        except ValueError as exc:
+            raise DskdError(f"--compare-to on {task.name}: {exc}") from None
     if cfg.data.path is None:
         raise DskdError("dskd robustness reads the dev split from a GLUE folder, and data.path is null (the hub); "
                         "--set data.path=../shared/data/glue")
@@ -203,7 +222,7 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
     sets = build_sets(task, dev_file, Path(resolve_path(str(root))), wanted, extra or {}, label_maps or {})
     columns = {s.name: subsample(read_eval_set(s, task), max_examples, seed) for s in sets}
     length = max_length or cfg.data.max_length
-    settings = {"task": task.name, "main_metric": task.main_metric, "max_length": length, "seed": seed,
+    settings = {"format": 2, "task": task.name, "main_metric": task.main_metric, "max_length": length, "seed": seed,
                 "max_examples": max_examples,
                 "attacks": {"kinds": attack_kinds, "examples": attack_examples, "max_queries": max_queries,
                             "max_words": max_words, "substitutes": mlm or "embedding neighbours"} if attack_kinds else None,
@@ -227,20 +246,26 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
                 print(f"[robustness] {path}: kept from the interrupted run in {output}", file=sys.stderr, flush=True)
             continue
         name, model, tokenizer = load_model(path, task)
+        row = {"model": name, "path": str(path), "sets": {}, "predicted": {}}
         with torch.no_grad():
-            results = {s.name: dict(score(model, tokenizer, columns[s.name], task, length, batch_size),
-                                    examples=len(columns[s.name]["label"])) for s in sets}
-        row = {"model": name, "path": str(path), "sets": results}
+            for s in sets:
+                metrics, row["predicted"][s.name] = score(model, tokenizer, columns[s.name], task, length, batch_size)
+                row["sets"][s.name] = dict(metrics, examples=len(columns[s.name]["label"]))
         if attack_kinds:
-            row["attacks"] = attack_model(name, model, tokenizer, attacked, attack_kinds, output, max_length=length,
-                                          batch_size=batch_size, max_queries=max_queries, max_words=max_words,
-                                          seed=seed, mlm=mlm_model)
+            row["attacks"], row["attacked_predicted"] = attack_model(
+                name, model, tokenizer, attacked, attack_kinds, output, max_length=length, batch_size=batch_size,
+                max_queries=max_queries, max_words=max_words, seed=seed, mlm=mlm_model)
         rows.append(row)
         if dist.rank() == 0:
             to_tensorboard(Path(path), row)
             output.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"settings": settings, "models": rows}) + "\n")
-    table = dict(settings, models=rows)
+    labels = {s.name: columns[s.name]["label"] for s in sets}
+    if attack_kinds:
+        labels["attacked"] = attacked["label"]
+    table = dict(settings, models=rows, labels=labels)
+    if compare_to is not None:
+        compare_rows(table, compare_to, task)
     if dist.rank() != 0:
         return table
     output.mkdir(parents=True, exist_ok=True)
@@ -248,6 +273,26 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
     (output / "robustness.md").write_text(format_table(table))
     partial.unlink(missing_ok=True)
     return table
+
+
+def compare_rows(table: dict, reference: str, task) -> None:
+    """Each model's difference from the ``reference`` model on every set (the task's main metric) and
+    under every attack (accuracy after it), with the 95% interval and p of a paired bootstrap over
+    the examples (``dskd.data.significance``): ``row["compare"]``. One run per model: seed variance
+    is not in it."""
+    from dskd.data.significance import paired_bootstrap
+
+    ref = next(r for r in table["models"] if reference in (r["path"], r["model"]))
+    table["compare_to"] = ref["model"]
+    for row in table["models"]:
+        if row is ref:
+            continue
+        row["compare"] = {name: paired_bootstrap(table["main_metric"], [row["predicted"][name]],
+                                                 [ref["predicted"][name]], labels, num_labels=task.num_labels)
+                          for name, labels in table["labels"].items() if name in row["predicted"]}
+        for kind, predicted in row.get("attacked_predicted", {}).items():
+            row["compare"][f"{kind} attack"] = paired_bootstrap("accuracy", [predicted], [ref["attacked_predicted"][kind]],
+                                                                table["labels"]["attacked"], num_labels=task.num_labels)
 
 
 def to_tensorboard(run: Path, row: dict) -> None:
@@ -297,4 +342,14 @@ def format_table(table: dict) -> str:
                 lines.append(f"| {row['model']} | {kind} | {100 * r['clean_accuracy']:.1f} | "
                              f"{100 * r['adversarial_accuracy']:.1f} | {100 * r['attack_success_rate']:.1f} | "
                              f"{100 * r['mean_words_changed']:.1f}% | {r['mean_queries']:.1f} |")
+    compared = [row for row in table["models"] if "compare" in row]
+    if compared:
+        columns = list(compared[0]["compare"])
+        lines += ["", f"Difference from {table['compare_to']} (points; sets: {metric}, attacks: accuracy under attack), "
+                      "95% interval and p of a paired bootstrap over the examples; * p < 0.05", "",
+                  "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for row in compared:
+            cells = [f"{100 * c['diff']:+.1f}{'*' if c['p'] < 0.05 else ''} [{100 * c['low']:+.1f}, "
+                     f"{100 * c['high']:+.1f}] p={c['p']:.2g}" for c in (row["compare"][k] for k in columns)]
+            lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
