@@ -98,9 +98,11 @@ def teacher_dir(root: Path, task: str, variant: str = "") -> Path:
 
 
 def teacher_sets(task: str, variant: str) -> list[str]:
-    """The teacher's data: the students' rows, or (a ``full`` variant) every training row, grouped by
-    length (a one-time cost of 8x the rows)."""
-    return TASKS[task] + (["data.train_limit=null", "finetune.group_by_length=true"] if variant else [])
+    """The teacher's data: the students' rows, or (a ``full`` variant) every training row for one
+    epoch (SST-2: 2,105 steps against the default teacher's 750), grouped by length, checkpointed
+    every 200 steps so a stopped session loses little."""
+    full = ["data.train_limit=null", "finetune.epochs=1", "finetune.group_by_length=true", "finetune.save_every=200"]
+    return TASKS[task] + (full if variant else [])
 
 
 def probes_dir(root: Path, task: str) -> Path:
@@ -219,7 +221,8 @@ def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> 
         if stale(store / "manifest.json", teacher_done):
             launch([*dskd, "cache-teacher", "--config", f"configs/results/{method}.yaml", "--output", str(store),
                     "--overwrite", *sets(given)], args.threads)
-        extra += ["data.unlabeled=true", f"teacher.cache={store}"]
+        # One epoch over all rows (SST-2: 67,349, 2,105 steps: 4x the labelled-only run's 500), checkpointed often.
+        extra += ["data.unlabeled=true", f"teacher.cache={store}", "training.epochs=1", "training.save_every=200"]
     return extra
 
 
