@@ -392,7 +392,7 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
 
 def _evaluate(engine, job, eval_batch: int, predictions_to=None):
     """The student's dev evaluation, in eval mode and inside every method's ``evaluating()``
-    (e.g. SWA's averaged weights)."""
+    (where a method may put other weights in place, e.g. a running average)."""
     engine.eval()
     with contextlib.ExitStack() as evaluating:
         for method in job.methods:
