@@ -18,7 +18,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
+# The real data (GLUE, vocabularies, WikiText-2, robustness sets) sits in ../shared beside the
+# checkout; DSKD_SHARED points elsewhere. Tests reading it go through needs_shared/require_shared,
+# so a clone without it skips them, naming what is missing.
+SHARED = Path(os.environ.get("DSKD_SHARED") or REPO.parent / "shared")
+SHARED_DATA = SHARED / "data"
+SHARED_GLUE = SHARED_DATA / "glue"
 BERT_VOCAB = REPO / "dskd" / "resources" / "bert-base-uncased" / "vocab.txt"
 
 # Small enough for seconds per run, big enough to cross an epoch boundary and a
@@ -32,6 +37,28 @@ TINY = {
     "training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "log_every": 2},
     "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 2},
 }
+
+
+def _shared_missing(parts: tuple[str, ...]) -> str | None:
+    path = SHARED_DATA.joinpath(*parts)
+    if path.exists():
+        return None
+    return (f"needs ../shared/data ({path} is missing; put the shared data beside the checkout, or set DSKD_SHARED "
+            "to the folder holding data/)")
+
+
+def needs_shared(*parts: str) -> pytest.MarkDecorator:
+    """Marker: skip unless ``SHARED_DATA/parts`` exists (checked before any fixture is built)."""
+    reason = _shared_missing(parts)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def require_shared(*parts: str) -> Path:
+    """``SHARED_DATA/parts``, or skip the calling test or fixture, naming what is missing."""
+    reason = _shared_missing(parts)
+    if reason is not None:
+        pytest.skip(reason)
+    return SHARED_DATA.joinpath(*parts)
 
 
 def write_config(path: Path, overrides: dict | None = None) -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BERT_VOCAB, SHARED_GLUE, run_dskd, write_config
+from conftest import BERT_VOCAB, require_shared, run_dskd, write_config
 from dskd.teacher import cache, cache_reader
 
 pytestmark = pytest.mark.slow
@@ -52,11 +52,12 @@ def _save_teacher(folder, seed):
 
 @pytest.fixture(scope="module")
 def setup(session_tmp):
+    glue = require_shared("glue", "MRPC").parent
     root = session_tmp / "cache"
     root.mkdir()
     teacher = _save_teacher(root / "teacher", 3)
     overrides = {
-        "data.task": "mrpc", "data.path": str(SHARED_GLUE), "data.max_length": 24,
+        "data.task": "mrpc", "data.path": str(glue), "data.max_length": 24,
         "teacher": {"path": str(teacher)}, "student.layers": 2, "losses": LOSSES,
         "training.epochs": 1, "training.save_every": 4, "training.eval_every": 8,
         "training.deepspeed": "ds_configs/zero1_fp32.json",

@@ -9,12 +9,12 @@ import json
 
 import datasets
 import pytest
-from conftest import BERT_VOCAB, REPO
+from conftest import BERT_VOCAB, REPO, SHARED_DATA, require_shared
 
 from dskd.data import corpus
 from dskd.errors import DskdError
 
-WIKITEXT = REPO.parent / "shared" / "data" / "corpus" / "wikitext-2"
+WIKITEXT = SHARED_DATA / "corpus" / "wikitext-2"
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,7 @@ def test_txt_jsonl_and_parquet_give_the_same_blocks_and_folders_are_read_in_orde
 
 
 def test_a_streamed_corpus_gives_the_blocks_of_the_in_memory_one(tokenizer):
-    if not WIKITEXT.is_dir():
-        pytest.skip(f"{WIKITEXT} is missing (../shared/data beside the checkout)")
+    require_shared("corpus", "wikitext-2")
     files = [str(WIKITEXT / "valid.txt")]
     in_memory = corpus.pack_corpus(corpus.read_corpus(files), tokenizer, 128)
     streamed = corpus.pack_corpus(corpus.read_corpus(files, streaming=True), tokenizer, 128)

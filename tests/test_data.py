@@ -4,6 +4,7 @@ import datasets
 import pytest
 import torch
 
+from conftest import BERT_VOCAB, SHARED_DATA, needs_shared
 from dskd.data import (
     GLUE_TASKS,
     collate,
@@ -14,16 +15,9 @@ from dskd.data import (
 )
 from dskd.errors import DskdError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-GLUE = SHARED / "glue"
-BERT_VOCAB = SHARED / "vocab" / "bert-base-uncased" / "vocab.txt"
+GLUE = SHARED_DATA / "glue"
 
-needs_glue = pytest.mark.skipif(
-    not GLUE.is_dir(), reason=f"real GLUE data not found at {GLUE} (the repo sits beside shared/)"
-)
-needs_vocab = pytest.mark.skipif(
-    not BERT_VOCAB.is_file(), reason=f"bert-base-uncased vocab not found at {BERT_VOCAB}"
-)
+needs_glue = needs_shared("glue")
 
 
 @pytest.fixture(autouse=True)
@@ -310,7 +304,6 @@ def test_load_split_hub_failure_suggests_data_path(monkeypatch):
 
 
 @needs_glue
-@needs_vocab
 def test_tokenize_and_collate_single_sentence(bert_tokenizer):
     ds = load_split(get_task("sst2"), str(GLUE), "dev", limit=8)
     tokenized = tokenize_split(ds, bert_tokenizer, max_length=16)
@@ -333,7 +326,6 @@ def test_tokenize_and_collate_single_sentence(bert_tokenizer):
 
 
 @needs_glue
-@needs_vocab
 def test_tokenize_pair_task_has_segment_ids(bert_tokenizer):
     ds = load_split(get_task("mrpc"), str(GLUE / "MRPC"), "dev", limit=4)
     batch = collate(list(tokenize_split(ds, bert_tokenizer, max_length=128)), bert_tokenizer)

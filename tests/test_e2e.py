@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import SHARED_GLUE, run_dskd, tree_digest, write_config
+from conftest import SHARED_GLUE, needs_shared, run_dskd, tree_digest, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +183,7 @@ def test_existing_run_is_not_overwritten_without_a_flag(previous_run, session_tm
     assert tree_digest(previous_run) == before
 
 
-@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="needs ../shared/data/glue")
+@needs_shared("glue", "RTE")
 def test_data_path_points_at_real_glue_folders(session_tmp):
     cfg = write_config(session_tmp / "rte.yaml", {"data.task": "rte", "data.path": str(SHARED_GLUE),
                                                   "data.train_limit": 64, "training.epochs": 1})

@@ -16,12 +16,12 @@ import sys
 
 import pytest
 import yaml
-from conftest import BERT_VOCAB, REPO, dskd_env, write_config
+from conftest import BERT_VOCAB, REPO, SHARED_DATA, dskd_env, require_shared, write_config
 
 # The tests on `runs` share four real (tiny) runs made in one process: about a minute in all.
 slow = pytest.mark.slow
 
-ROBERTA_VOCAB = REPO.parent / "shared" / "data" / "vocab" / "roberta-base"
+ROBERTA_VOCAB = SHARED_DATA / "vocab" / "roberta-base"
 LONG_TEXT = "a long and winding sentence about a film " * 120  # ~1000 tokens: past 512 positions
 TINY_RUN = {"data.train_limit": 32, "data.dev_limit": 16, "training.epochs": 1, "finetune.epochs": 1,
             "training.eval_every": 1, "training.save_every": 1, "finetune.save_every": 1}
@@ -36,6 +36,7 @@ def _front_matter(card: str) -> dict:
 def runs(session_tmp):
     """Four tiny runs, made in one process (imports paid once): 2 optimizer steps each, a
     checkpoint and an evaluation at every step."""
+    require_shared("vocab", "roberta-base")
     root = session_tmp / "export-runs"
     root.mkdir()
     vocab = root / "roberta-vocab"  # what a user downloads by hand: no tokenizer_config.json, no config.json

@@ -13,14 +13,14 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, dskd_env, write_config
+from conftest import REPO, SHARED_DATA, dskd_env, needs_shared, write_config
 from dskd import models
 from dskd.config import ArchConfig, StudentConfig, TeacherConfig
 from dskd.errors import DskdError
 from dskd.models import families
 from dskd.models.capture import QKCapture, forward_with_layers
 
-VOCAB = REPO.parent / "shared" / "data" / "vocab"
+VOCAB = SHARED_DATA / "vocab"
 FAMILIES = ["bert", "roberta", "electra", "albert", "distilbert", "deberta-v2"]
 # What the model's own layers are named, to check copying per family.
 LAYER_PREFIX = {"electra": "electra.encoder.layer.", "distilbert": "distilbert.transformer.layer.",
@@ -173,6 +173,7 @@ def test_arch_model_type_lists_the_families_and_embedding_size_is_checked(tmp_pa
 # ------------------------------------------------------------------ tokenizers from bare files
 
 
+@needs_shared("vocab")
 def test_tokenizers_from_bare_vocabulary_files(tmp_path):
     """spiece.model (ALBERT), vocab.txt (BERT WordPiece), vocab.json + merges.txt (RoBERTa BPE):
     folders without tokenizer_config.json, or the file itself."""
@@ -195,6 +196,7 @@ def test_tokenizers_from_bare_vocabulary_files(tmp_path):
         assert tok.padding_side == "right" and tok.pad_token_id is not None
 
 
+@needs_shared("vocab", "albert-base-v2")
 def test_tokenizer_errors_are_ours_and_true(tmp_path, monkeypatch):
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(DskdError, match=r"holds no tokenizer: .*vocab.txt: WordPiece; vocab.json \+ merges.txt.*"
@@ -244,6 +246,7 @@ def _family_config(tmp_path, name, model_type, losses, tokenizer="pkg://bert-bas
 
 
 @pytest.mark.slow
+@needs_shared("vocab", "albert-base-v2")
 def test_every_family_finetunes_and_distils_with_every_term_it_supports(tmp_path):
     """Real `dskd finetune` + `dskd distill` for each family (one process, as tests/cli_batch.py
     runs commands): the state and logit terms everywhere, the attention terms where Q/K reproduce

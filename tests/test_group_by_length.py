@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED_GLUE, assert_same_run, run_dskd, write_config
+from conftest import SHARED_GLUE, assert_same_run, needs_shared, run_dskd, write_config
 
 from dskd.data import epoch_batches, example_lengths, padding_efficiency
 from dskd.errors import DskdError
@@ -76,7 +76,7 @@ def test_bad_grouping_keys_are_named(tmp_path, overrides, message):
         load_experiment(write_config(tmp_path / "c.yaml", overrides))
 
 
-@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="needs ../shared/data/glue")
+@needs_shared("glue", "SST-2")
 def test_padding_on_the_real_sst2_train_file():
     from dskd.config import TeacherConfig
     from dskd.data import get_task, load_split, tokenize_split

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BERT_VOCAB, REPO, SHARED_GLUE
+from conftest import BERT_VOCAB, REPO, SHARED_DATA, SHARED_GLUE
+from conftest import needs_shared as _needs_shared
 from dskd.data.robustness import EvalSet, read_eval_set, shipped_sets, subsample
 from dskd.data.tasks import get_task
 from dskd.errors import DskdError
 
-ROBUSTNESS = SHARED_GLUE.parent / "robustness"
-needs_shared = pytest.mark.skipif(not ROBUSTNESS.is_dir(), reason=f"needs the shared data folder {ROBUSTNESS}")
+ROBUSTNESS = SHARED_DATA / "robustness"
+needs_shared = _needs_shared("robustness")
 
 
 @needs_shared

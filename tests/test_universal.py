@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -322,7 +324,14 @@ def test_train_probes_reports_dev_accuracy_saves_probes_that_load_back_and_refus
     # Refusals: existing probes without --overwrite, a folder of something else, regression, several ranks.
     with pytest.raises(DskdError, match=r"already holds teacher probes; pass --overwrite"):
         train_probes(cfg, out, epochs=1)
-    assert train_probes(cfg, out, epochs=1, layers=[1], overwrite=True)["layers"] == [1]
+    old_umask = os.umask(0o027)
+    try:
+        assert train_probes(cfg, out, epochs=1, layers=[1], overwrite=True)["layers"] == [1]
+    finally:
+        os.umask(old_umask)
+    # Group-readable as the umask allows (safetensors alone writes 0o600).
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]} == {
+        "probes": 0o750, MANIFEST: 0o640, WEIGHTS: 0o640}
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     with pytest.raises(DskdError, match=r"is not empty and holds no teacher probes; choose another folder"):

@@ -262,11 +262,12 @@ def embedding_neighbours(model, tokenizer, k: int = 8) -> Callable[[str], list[s
     words = _whole_words(tokenizer)
     names = list(words)
     with torch.no_grad():
-        ids = torch.tensor([words[n] for n in names])
         embeddings = model.get_input_embeddings()
+        weights = next(embeddings.parameters(), None)  # where the model is (the module may hold none itself)
+        ids = torch.tensor([words[n] for n in names], device=weights.device if weights is not None else "cpu")
         # A factored table (KroneckerBERT's) has no weight matrix: look the rows up through the module.
         table = embeddings.weight[ids] if hasattr(embeddings, "weight") else embeddings(ids)
-        table = torch.nn.functional.normalize(table.detach().float(), dim=-1).numpy()
+        table = torch.nn.functional.normalize(table.detach().float(), dim=-1).cpu().numpy()
     row = {name: i for i, name in enumerate(names)}
     cache: dict[str, list[str]] = {}
 

@@ -67,7 +67,8 @@ def load_model(path: str, task):
     return Path(path).name or path, model, tokenizer
 
 
-def score(model, tokenizer, columns: dict, task, max_length: int, batch_size: int) -> tuple[dict[str, float], list]:
+def score(model, tokenizer, columns: dict, task, max_length: int, batch_size: int,
+          device="cpu") -> tuple[dict[str, float], list]:
     """The task's metrics on a set, and the predicted label of every example (in order)."""
     import datasets
 
@@ -76,12 +77,12 @@ def score(model, tokenizer, columns: dict, task, max_length: int, batch_size: in
 
     dataset = data.tokenize_split(datasets.Dataset.from_dict(columns), tokenizer, max_length, in_memory=True)
     outputs, labels = predict(lambda b: getattr(model(**models.model_inputs(b, model)), task.prediction), dataset,
-                              task, tokenizer, batch_size, "cpu")
+                              task, tokenizer, batch_size, device)
     predicted = outputs.reshape(-1) if task.is_regression else outputs.argmax(-1)
     return task.score(outputs, labels), predicted.tolist()
 
 
-def predictor(model, tokenizer, max_length: int, batch_size: int):
+def predictor(model, tokenizer, max_length: int, batch_size: int, device="cpu"):
     """texts -> class probabilities, batched: what the attacks query (``attacks.Predictor``)."""
     import numpy as np
     import torch
@@ -92,9 +93,11 @@ def predictor(model, tokenizer, max_length: int, batch_size: int):
         out = []
         for start in range(0, len(examples), batch_size):
             columns = list(zip(*examples[start:start + batch_size], strict=True))
-            encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            encoded = tokenizer(*columns, truncation=True, max_length=max_length, padding=True,
+                                return_tensors="pt").to(device)
             with torch.no_grad():
-                out.append(torch.softmax(model(**models.model_inputs(encoded, model)).logits.float(), -1).numpy())
+                logits = model(**models.model_inputs(encoded, model)).logits.float()
+                out.append(torch.softmax(logits, -1).cpu().numpy())
         return np.concatenate(out)
 
     return predict
@@ -110,7 +113,8 @@ def check_attack_budget(attack_examples: int, max_queries: int, max_words: float
 
 
 def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], output: Path, *, max_length: int,
-                 batch_size: int, max_queries: int, max_words: float, seed: int, mlm=None) -> tuple[dict, dict]:
+                 batch_size: int, max_queries: int, max_words: float, seed: int, mlm=None,
+                 device="cpu") -> tuple[dict, dict]:
     """Each attack of ``kinds`` on every example of ``columns`` (the attacked dev subsample); the
     adversarial examples go to ``<output>/attacks/<name>-<kind>.jsonl``. Returns the summaries and,
     per attack, the prediction on every example after it (the clean one where it was not attacked)."""
@@ -122,7 +126,7 @@ def attack_model(name: str, model, tokenizer, columns: dict, kinds: list[str], o
 
     from dskd.runtime import dist
 
-    predict = predictor(model, tokenizer, max_length, batch_size)
+    predict = predictor(model, tokenizer, max_length, batch_size, device)
     texts = list(zip(*(columns[c] for c in ("text_a", "text_b") if c in columns), strict=True))
     # On several ranks each attacks every world-th example; rank 0 gathers them in order.
     rank, world = dist.rank(), dist.world_size()
@@ -186,9 +190,9 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
                    max_examples: int | None = None, seed: int = 0, max_length: int | None = None,
                    batch_size: int = 64, attack_kinds: list[str] | None = None, attack_examples: int = 100,
                    max_queries: int = 500, max_words: float = 0.2, mlm: str | None = None,
-                   compare_to: str | None = None) -> dict:
+                   compare_to: str | None = None, device="cpu") -> dict:
     """Score every model on every set, and attack it (``attack_kinds``: word, char) on a seeded
-    sample of ``attack_examples`` dev examples; write and return the table. ``compare_to`` (one of
+    sample of ``attack_examples`` dev examples, on ``device``; write and return the table. ``compare_to`` (one of
     the models, by path or name): every other model's difference from it, per set and attack, with
     a paired bootstrap over the examples (:func:`compare_rows`)."""
     import torch
@@ -246,15 +250,17 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
                 print(f"[robustness] {path}: kept from the interrupted run in {output}", file=sys.stderr, flush=True)
             continue
         name, model, tokenizer = load_model(path, task)
+        model.to(device)
         row = {"model": name, "path": str(path), "sets": {}, "predicted": {}}
         with torch.no_grad():
             for s in sets:
-                metrics, row["predicted"][s.name] = score(model, tokenizer, columns[s.name], task, length, batch_size)
+                metrics, row["predicted"][s.name] = score(model, tokenizer, columns[s.name], task, length, batch_size,
+                                                          device)
                 row["sets"][s.name] = dict(metrics, examples=len(columns[s.name]["label"]))
         if attack_kinds:
             row["attacks"], row["attacked_predicted"] = attack_model(
                 name, model, tokenizer, attacked, attack_kinds, output, max_length=length, batch_size=batch_size,
-                max_queries=max_queries, max_words=max_words, seed=seed, mlm=mlm_model)
+                max_queries=max_queries, max_words=max_words, seed=seed, mlm=mlm_model, device=device)
         rows.append(row)
         if dist.rank() == 0:
             to_tensorboard(Path(path), row)

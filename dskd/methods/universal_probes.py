@@ -16,6 +16,7 @@ from torch import nn
 from dskd.errors import DskdError
 from dskd.losses import term_type
 from dskd.methods.universal_kd import MANIFEST, PROBES_FORMAT, PROBES_VERSION, WEIGHTS
+from dskd.runtime.files import follow_umask
 
 
 def _config_layers(cfg) -> list[int] | None:
@@ -173,6 +174,7 @@ def train_probes(cfg, out: Path, batch_size: int | None = None, epochs: int = 20
         tensors[f"L{i}.bias"] = bias[k].contiguous()
     save_file(tensors, str(partial / WEIGHTS))
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: its presence means complete
+    follow_umask(partial)  # safetensors writes its file 0o600
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

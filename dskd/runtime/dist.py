@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from dskd.errors import DskdError
+
 
 def prepare_environment(announce: bool = False) -> None:
     """Environment that must be set before ``import deepspeed``: the accelerator, and the
@@ -63,3 +65,23 @@ def device() -> torch.device:
     if is_cpu():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(request: str, flag: str = "--device") -> torch.device:
+    """A command's ``--device``: ``auto`` is this rank's GPU when there is one (as training
+    chooses: not with ``DS_ACCELERATOR=cpu``), else the CPU; ``cpu``; ``cuda`` or ``cuda:N``
+    only where that GPU exists."""
+    if request == "auto":
+        return device()
+    if request == "cpu":
+        return torch.device("cpu")
+    if request == "cuda" or (request.startswith("cuda:") and request[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DskdError(f"{flag} {request}: no CUDA GPU is visible to this process (torch.cuda.is_available() "
+                            f"is False, torch {torch.__version__}); use {flag} cpu or auto")
+        index = int(request[5:]) if ":" in request else int(os.environ.get("LOCAL_RANK", "0"))
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise DskdError(f"{flag} {request}: this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", index)
+    raise DskdError(f"{flag} {request!r}: expected auto, cpu, cuda or cuda:N")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import transformers
 from dskd import data, models
 from dskd.errors import DskdError
 from dskd.methods import exported_state
+from dskd.runtime.files import follow_umask
 from dskd.training import checkpoint, model_card
 from dskd.training.run_dir import MODEL_CONFIG_DIR, RUN_FILE
 
@@ -36,8 +38,9 @@ PER_CALL_KEYS = ("max_length", "stride", "truncation_strategy", "truncation", "p
 
 
 def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = True,
-               final_metrics: dict | None = None) -> Path:
-    """``verify``: check the checkpoint against its manifest first (the newest that passes when
+               final_metrics: dict | None = None, overwrite: bool = False) -> Path:
+    """``overwrite``: replace the model folder ``out`` holds (otherwise refused, as runs are).
+    ``verify``: check the checkpoint against its manifest first (the newest that passes when
     no ``tag`` is given); a run exporting the checkpoint it has just written skips it.
     ``final_metrics``: the run's result, when the run exports its final model before writing
     ``metrics.json`` (the model card then calls it final and shows them)."""
@@ -45,6 +48,7 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / RUN_FILE).is_file():
         raise DskdError(f"--run {run_dir} is not a dskd run folder (no {RUN_FILE}); pass the --output of a run")
+    check_out(out, overwrite)
     ckpt_dir = run_dir / "checkpoints"
     if tag is None and verify:
         tag, skipped = checkpoint.newest_verified(ckpt_dir)
@@ -57,8 +61,6 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = 
     if problem:
         raise DskdError(f"--run {run_dir}: checkpoint {tag} does not match its manifest ({problem}); export an "
                         f"older one with --tag (complete: {', '.join(checkpoint.complete_tags(ckpt_dir))})")
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise DskdError(f"--out {out} exists and is not a model folder; choose an empty or new folder")
     info = json.loads((run_dir / RUN_FILE).read_text())
     # A method may make other weights the result (a weight average), not the last trained ones.
     state = exported_state(ckpt_dir / tag) or checkpoint.consolidated_state_dict(ckpt_dir, tag,
@@ -80,13 +82,38 @@ def export_run(run_dir: Path, out: Path, tag: str | None = None, verify: bool = 
         )
     if model_class == models.SEQUENCE_CLASSIFIER and info.get("task") in data.GLUE_TASKS:
         name_classes(model.config, data.get_task(info["task"]))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    # Written beside --out and renamed into place: a failed export leaves the old folder as it was,
+    # and a replaced one keeps no stale file of the model it held.
+    staging = out.with_name(f".{out.name}.exporting")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
     max_tokens = max_positions(model)
-    save_tokenizer(run_dir / MODEL_CONFIG_DIR, out, max_tokens)
-    (out / CARD_FILE).write_text(model_card.render(run_dir, out, tag, model, info, max_tokens, final_metrics))
-    make_readable(out)
+    save_tokenizer(run_dir / MODEL_CONFIG_DIR, staging, max_tokens)
+    (staging / CARD_FILE).write_text(model_card.render(run_dir, out, tag, model, info, max_tokens, final_metrics))
+    follow_umask(staging)
+    if out.exists() and any(out.iterdir()):
+        replaced = out.with_name(f".{out.name}.replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(out, replaced)
+        os.replace(staging, out)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(staging, out)  # onto an empty folder too
     return out
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Before anything heavy: ``--out`` is new, empty, or (with ``overwrite``) a model folder."""
+    if out.exists() and not out.is_dir():
+        raise DskdError(f"--out {out} is a file; give a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "config.json").is_file():
+        raise DskdError(f"--out {out} exists and is not a model folder; choose an empty or new folder")
+    if not overwrite:
+        raise DskdError(f"--out {out} already holds an exported model; replace it with --overwrite, "
+                        "or choose another folder")
 
 
 def name_classes(config, task: data.TaskSpec) -> None:
@@ -127,17 +154,3 @@ def save_tokenizer(source: Path, out: Path, positions: int | None) -> None:
         kept = {k: v for k, v in saved.items() if k not in PER_CALL_KEYS}
         if kept != saved:
             path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
-
-
-def make_readable(out: Path) -> None:
-    """Files 0o666 and folders 0o777, less the umask, as any new file gets: safetensors writes its
-    file 0o600, which colleagues on a shared file system cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [out, *out.rglob("*")]:
-        if path.is_symlink():
-            continue
-        try:
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        except OSError:  # another user's file left in the folder, or a file system without modes
-            pass

@@ -84,7 +84,8 @@ class RunView:
         ``final_metrics``: the run's result, when this is its final model."""
         from dskd.training.export import export_run
 
-        export_run(self.job.out, dest, tag, verify=False, final_metrics=final_metrics)  # the checkpoint just written
+        # The checkpoint just written; the folder is the run's own (a resumed run's replaces its earlier export).
+        export_run(self.job.out, dest, tag, verify=False, final_metrics=final_metrics, overwrite=True)
 
 
 def seed_everything(seed: int) -> None:
