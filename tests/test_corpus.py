@@ -9,7 +9,7 @@ import json
 
 import datasets
 import pytest
-from conftest import BERT_VOCAB, REPO, SHARED_DATA, require_shared
+from conftest import BERT_VOCAB, SHARED_DATA, require_shared
 
 from dskd.data import corpus
 from dskd.errors import DskdError
