@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dskd.errors import DskdError
-from dskd.runtime.launch import choose_threads, detect, first_host, local_ranks
+from dskd.runtime.launch import choose_threads, configure_threads, detect, first_host, local_ranks
 
 
 def test_single_process():
@@ -165,6 +165,28 @@ def test_wait_policy_given_is_kept_and_bad_thread_counts_are_refused():
             choose_threads({"OMP_NUM_THREADS": value}, 4, 2)
         assert str(info.value) == (f"OMP_NUM_THREADS={value!r} is not a positive integer; set e.g. OMP_NUM_THREADS=2, "
                                    "or unset it for the default (2 on this node)")
+
+
+def test_configure_threads_exports_the_choice_and_resizes_a_running_torch(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    import dskd.runtime.launch as launch_module
+
+    monkeypatch.setattr(launch_module, "cpu_count", lambda: 4)
+    monkeypatch.setattr(launch_module, "_applied", None)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    env = {}
+    assert configure_threads(env).describe() == (
+        "OMP_NUM_THREADS=4 (default: 4 CPU(s) / 1 local rank(s)), OMP_WAIT_POLICY=PASSIVE (default)")
+    assert env == {"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "PASSIVE"}  # read by OpenMP when torch loads it
+    # torch already imported (a library caller): its pool is resized; the wait policy can no longer change
+    resized = []
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(set_num_threads=resized.append))
+    env = dict(TORCHRUN, LOCAL_WORLD_SIZE="2")
+    assert configure_threads(env).describe() == (
+        "OMP_NUM_THREADS=2 (default: 4 CPU(s) / 2 local rank(s)), OpenMP's wait policy (torch was imported first)")
+    assert resized == [2] and env["OMP_NUM_THREADS"] == "2" and "OMP_WAIT_POLICY" not in env
 
 
 def test_a_run_without_thread_settings_uses_the_default_and_prints_it(tmp_path):
