@@ -98,7 +98,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({
         "steps": args.steps, "rounds": args.rounds, "contend": args.contend, "cpus": len(os.sched_getaffinity(0)),
-        "variants": {name: {"env": env, "wall_s": walls[name], "median_s": statistics.median(walls[name]),
+        "variants": {name: {"env": env, "wall_s": walls[name], "median_s": round(statistics.median(walls[name]), 1),
                             "load_at_start": loads[name]} for name, env in variants},
     }, indent=2))
 
