@@ -74,9 +74,9 @@ class Launch:
         --cpus-per-task under Slurm 22.05-23.02 binds each task to one core)."""
         if self.threads is None or self.threads.threads <= self.cpus:
             return None
-        return (f"[launch] warning: rank {self.rank} may run on {self.cpus} CPU(s) but OMP_NUM_THREADS={self.threads.threads}, "
-                "so its threads share cores; under Slurm give srun --cpus-per-task (slurm/lib.sh does), elsewhere "
-                "lower OMP_NUM_THREADS")
+        return (f"[launch] warning: rank {self.rank} may run on {self.cpus} CPU(s) but "
+                f"OMP_NUM_THREADS={self.threads.threads}, so its threads share cores; under Slurm give srun "
+                "--cpus-per-task (slurm/lib.sh does), elsewhere lower OMP_NUM_THREADS")
 
 
 def _int(env, name: str) -> int:
