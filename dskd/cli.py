@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import os
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: the newest complete one); the card of a "
                                  "checkpoint before the run's end says it is not the final model")
     p.add_argument("--overwrite", action="store_true", help="replace the exported model --out holds")
+    parser.set_defaults(command_names=list(sub.choices))
     return parser
 
 
@@ -218,6 +220,20 @@ KNOWN_NOISE = (
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
      r"torch\.distributed"),
 )
+
+# Other spellings of a command: suggested when one is given instead.
+COMMAND_ALIASES = {"distil": "distill", "fine-tune": "finetune", "fine_tune": "finetune", "train": "finetune",
+                   "eval": "evaluate", "cache": "cache-teacher", "probes": "train-probes"}
+
+
+def _check_command(parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """An unknown command gets a suggestion (argparse only lists the choices)."""
+    names = parser.get_default("command_names")
+    if not words or words[0].startswith("-") or words[0] in names:
+        return
+    close = COMMAND_ALIASES.get(words[0]) or next(iter(difflib.get_close_matches(words[0], names, n=1)), None)
+    hint = f"; did you mean `dskd {close}`?" if close else "."
+    parser.error(f"unknown command `{words[0]}`{hint} Commands: {', '.join(names)}")
 
 
 def _quiet_libraries() -> None:
@@ -387,12 +403,29 @@ def _train_probes(args) -> int:
     return 0
 
 
+def _check_config_early(args) -> None:
+    """Validate the experiment's schema and --set overrides before anything imports torch,
+    transformers or datasets (seconds): a typo is answered at once. dskd.config is torch-free;
+    the loss terms' and methods' checks need their registries and follow in load_experiment."""
+    if getattr(args, "config", None) is not None:
+        from dskd.config import load_config
+
+        load_config(args.config, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _check_command(parser, sys.argv[1:] if argv is None else [str(a) for a in argv])
+    args = parser.parse_args(argv)
     # What run.json records as the command: the arguments given, also when called in-process.
     args.argv = list(sys.argv) if argv is None else ["dskd", *map(str, argv)]
-    _quiet_libraries()
     try:
+        _check_config_early(args)
+        # Before torch is imported: OpenMP reads its thread settings once, when torch loads it.
+        from dskd.runtime.launch import configure_threads
+
+        configure_threads()
+        _quiet_libraries()
         if args.command in ("finetune", "distill"):
             code = _train(args, args.command)
         elif args.command == "plan" or (args.command == "cache-teacher" and args.dry_run):

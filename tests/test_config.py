@@ -29,6 +29,11 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     "overrides, message",
     [
         ({"training.lr_rate": 1}, r"unknown key `training.lr_rate`; did you mean `training.lr`\?"),
+        # Hugging Face's names for our keys
+        ({"training.learning_rate": 1}, r"unknown key `training.learning_rate`; did you mean `training.lr`\?"),
+        ({"finetune.num_train_epochs": 1}, r"unknown key `finetune.num_train_epochs`; did you mean `finetune.epochs`\?"),
+        ({"data.max_seq_length": 64}, r"unknown key `data.max_seq_length`; did you mean `data.max_length`\?"),
+        ({"training.epoch": 1}, r"unknown key `training.epoch`; did you mean `training.epochs`\?"),
         ({"training.epochs": "three"}, r"`training.epochs` must be a number, got 'three'"),
         ({"training.batch_size": True}, r"`training.batch_size` must be an integer"),
         ({"teacher.arch.layers": 2.5}, r"`teacher.arch.layers` must be an integer"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dskd.errors import DskdError
-from dskd.runtime.launch import detect, first_host
+from dskd.runtime.launch import choose_threads, configure_threads, detect, first_host, local_ranks
 
 
 def test_single_process():
@@ -122,12 +122,96 @@ def test_the_launch_line_shows_the_cpus_and_warns_when_threads_outnumber_them(mo
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "5",
            "SLURM_STEP_NODELIST": "vm", "MASTER_ADDR": "vm"}
     launch = detect(dict(env, OMP_NUM_THREADS="8"))
-    assert launch.describe().endswith("master vm:20005, 1 CPU(s), OMP_NUM_THREADS=8")
+    assert launch.describe().endswith(
+        "master vm:20005, 1 CPU(s), OMP_NUM_THREADS=8 (given), OMP_WAIT_POLICY=PASSIVE (default)")
     assert launch.cpu_warning() == (
         "[launch] warning: rank 0 may run on 1 CPU(s) but OMP_NUM_THREADS=8, so its threads share cores; under "
         "Slurm give srun --cpus-per-task (slurm/lib.sh does), elsewhere lower OMP_NUM_THREADS")
     assert detect(dict(env, OMP_NUM_THREADS="1")).cpu_warning() is None
-    assert detect(env).cpu_warning() is None and detect(env).describe().endswith("OMP_NUM_THREADS=unset")
+    # Unset, the default never outnumbers the CPUs: 1 CPU shared by the 2 ranks of this node is still 1 thread.
+    assert detect(env).cpu_warning() is None and detect(env).describe().endswith(
+        "1 CPU(s), OMP_NUM_THREADS=1 (default: 1 CPU(s) / 2 local rank(s)), OMP_WAIT_POLICY=PASSIVE (default)")
+
+
+TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1"}
+SRUN = {"SLURM_PROCID": "6", "SLURM_NTASKS": "7", "SLURM_STEP_NUM_TASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}
+
+
+@pytest.mark.parametrize("env, cpus, threads, source", [
+    ({}, 2, 2, "default: 2 CPU(s) / 1 local rank(s)"),
+    ({"OMP_NUM_THREADS": "3"}, 2, 3, "given"),
+    ({"OMP_NUM_THREADS": "4,2"}, 8, 4, "given"),  # one count per nesting level: torch's pool is the first
+    ({"SLURM_CPUS_PER_TASK": "6"}, 16, 6, "from SLURM_CPUS_PER_TASK"),
+    ({"SLURM_CPUS_PER_TASK": "6", "OMP_NUM_THREADS": "1"}, 16, 1, "given"),
+    (dict(TORCHRUN, LOCAL_WORLD_SIZE="4"), 16, 4, "default: 16 CPU(s) / 4 local rank(s)"),  # torchrun, local.sh
+    (dict(TORCHRUN, LOCAL_SIZE="3"), 16, 5, "default: 16 CPU(s) / 3 local rank(s)"),  # the deepspeed launcher
+    (TORCHRUN, 16, 2, "default: 16 CPU(s) / 8 local rank(s)"),  # no local count: every rank may be here
+    (dict(TORCHRUN, LOCAL_WORLD_SIZE="4"), 2, 1, "default: 2 CPU(s) / 4 local rank(s)"),  # at least one
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 12, 6,
+     "default: 12 CPU(s) / 2 local rank(s)"),
+    (dict(SRUN, SLURM_NODEID="1"), 8, 4, "default: 8 CPU(s) / 2 local rank(s)"),
+    (dict(SRUN, SLURM_NODEID="3"), 8, 8, "default: 8 CPU(s) / 1 local rank(s)"),  # the last node holds one task
+])
+def test_threads_per_rank_from_env_cpus_and_local_ranks(env, cpus, threads, source):
+    choice = choose_threads(env, cpus, local_ranks(env))
+    assert (choice.threads, choice.source, choice.wait_policy) == (threads, source, "OMP_WAIT_POLICY=PASSIVE (default)")
+
+
+def test_wait_policy_given_is_kept_and_bad_thread_counts_are_refused():
+    assert choose_threads({"OMP_WAIT_POLICY": "active"}, 2, 1).wait_policy == "OMP_WAIT_POLICY=active (given)"
+    assert choose_threads({"GOMP_SPINCOUNT": "10000"}, 2, 1).wait_policy == "GOMP_SPINCOUNT=10000 (given)"
+    for value in ("0", "two"):
+        with pytest.raises(DskdError) as info:
+            choose_threads({"OMP_NUM_THREADS": value}, 4, 2)
+        assert str(info.value) == (f"OMP_NUM_THREADS={value!r} is not a positive integer; set e.g. OMP_NUM_THREADS=2, "
+                                   "or unset it for the default (2 on this node)")
+
+
+def test_configure_threads_exports_the_choice_and_resizes_a_running_torch(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    import dskd.runtime.launch as launch_module
+
+    monkeypatch.setattr(launch_module, "cpu_count", lambda: 4)
+    monkeypatch.setattr(launch_module, "_applied", None)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    env = {}
+    assert configure_threads(env).describe() == (
+        "OMP_NUM_THREADS=4 (default: 4 CPU(s) / 1 local rank(s)), OMP_WAIT_POLICY=PASSIVE (default)")
+    assert env == {"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "PASSIVE"}  # read by OpenMP when torch loads it
+    # torch already imported (a library caller): its pool is resized; the wait policy can no longer change
+    resized = []
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(set_num_threads=resized.append))
+    env = dict(TORCHRUN, LOCAL_WORLD_SIZE="2")
+    assert configure_threads(env).describe() == (
+        "OMP_NUM_THREADS=2 (default: 4 CPU(s) / 2 local rank(s)), OpenMP's wait policy (torch was imported first)")
+    assert resized == [2] and env["OMP_NUM_THREADS"] == "2" and "OMP_WAIT_POLICY" not in env
+
+
+def test_a_run_without_thread_settings_uses_the_default_and_prints_it(tmp_path):
+    """A real `dskd finetune` in a fresh process with OMP_NUM_THREADS unset: the [launch] line
+    names the default, and torch (imported after the CLI chose) runs with exactly that many."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, dskd_env, write_config
+
+    env = dskd_env(tmp_path)
+    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SLURM_CPUS_PER_TASK"):
+        env.pop(name, None)
+    cpus = len(os.sched_getaffinity(0))
+    args = ["finetune", "--config", str(write_config(tmp_path / "c.yaml")), "--output", str(tmp_path / "run"),
+            "--set", "finetune.max_steps=2", "--set", "data.dev_limit=16"]
+    code = ("import os, sys; from dskd.cli import main; code = main(sys.argv[1:]); import torch; "
+            "print('torch threads', torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], flush=True); os._exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f", {cpus} CPU(s), OMP_NUM_THREADS={cpus} (default: {cpus} CPU(s) / 1 local rank(s)), "
+            "OMP_WAIT_POLICY=PASSIVE (default)\n") in proc.stderr
+    assert f"torch threads {cpus} PASSIVE\n" in proc.stdout
 
 
 @pytest.mark.slow

@@ -106,8 +106,23 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not user input
 
 
+# Names other tools use for a key of ours (Hugging Face's TrainingArguments, most of them):
+# suggested wherever the key they point to exists.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "train_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "warmup": "warmup_ratio", "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints", "max_seq_length": "max_length", "model_name_or_path": "path",
+    "num_layers": "layers", "num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
+    "intermediate_size": "intermediate",
+}
+
+
 def _suggest(key: str, known: list[str]) -> str | None:
-    """The known key a typo most likely meant: a shared word prefix first (lr_rate -> lr), else spelling."""
+    """The known key a typo most likely meant: another tool's name for it (learning_rate -> lr),
+    a shared word prefix (lr_rate -> lr), else the closest spelling."""
+    if ALIASES.get(key) in known:
+        return ALIASES[key]
     head = key.split("_")[0]
     if head != key and head in known:
         return head

@@ -20,6 +20,8 @@ def prepare_environment(announce: bool = False) -> None:
 
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
+    if launch.applied_threads() is None:  # not started by the CLI, which sets them before importing torch
+        launch.configure_threads()
     detected = launch.detect()
     launch.apply(detected)
     if announce:

@@ -17,6 +17,15 @@ before DeepSpeed starts, from whichever launcher it finds (first match wins):
 
 Inconsistent environments (a rank outside the world, ``RANK`` without ``WORLD_SIZE``, the
 batch script of a multi-task Slurm job running dskd without ``srun``) stop with a message.
+
+Threads (``choose_threads``, applied by the CLI before torch is imported): ``OMP_NUM_THREADS``
+when set, else ``SLURM_CPUS_PER_TASK``, else the CPUs of this process's affinity mask divided by
+the ranks of the job on this node. OpenMP threads also sleep instead of spinning while they wait
+(``OMP_WAIT_POLICY=PASSIVE``) unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set: spinning
+threads that share a core with another busy process slow a run several times over
+(docs/benchmarks.md, "Threads under CPU contention").
+
+This module imports no torch: the CLI reads it before torch starts its thread pool.
 """
 
 from __future__ import annotations
@@ -26,9 +35,22 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from dskd.errors import DskdError
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The OpenMP threads of one rank, where the number came from, and the wait policy."""
+
+    threads: int
+    source: str  # "given", "from SLURM_CPUS_PER_TASK" or "default: N CPU(s) / M local rank(s)"
+    wait_policy: str  # what OpenMP threads do between parallel regions
+
+    def describe(self) -> str:
+        return f"OMP_NUM_THREADS={self.threads} ({self.source}), {self.wait_policy}"
 
 
 @dataclass(frozen=True)
@@ -40,21 +62,21 @@ class Launch:
     master_addr: str
     master_port: int
     cpus: int = 0  # the CPUs this process may run on (its affinity mask; what Slurm bound the task to)
-    threads: str | None = None  # OMP_NUM_THREADS as given
+    threads: ThreadChoice | None = None
 
     def describe(self) -> str:
         return (f"[launch] {self.launcher}: {self.world} rank(s), this is rank {self.rank} (local {self.local_rank}), "
                 f"master {self.master_addr}:{self.master_port}, {self.cpus} CPU(s), "
-                f"OMP_NUM_THREADS={self.threads or 'unset'}")
+                + (self.threads.describe() if self.threads else "OMP_NUM_THREADS=unset"))
 
     def cpu_warning(self) -> str | None:
         """More OpenMP threads than CPUs: the threads of this rank share cores (an `srun` without
         --cpus-per-task under Slurm 22.05-23.02 binds each task to one core)."""
-        if self.threads is None or not self.threads.isdigit() or int(self.threads) <= self.cpus:
+        if self.threads is None or self.threads.threads <= self.cpus:
             return None
-        return (f"[launch] warning: rank {self.rank} may run on {self.cpus} CPU(s) but OMP_NUM_THREADS={self.threads}, "
-                "so its threads share cores; under Slurm give srun --cpus-per-task (slurm/lib.sh does), elsewhere "
-                "lower OMP_NUM_THREADS")
+        return (f"[launch] warning: rank {self.rank} may run on {self.cpus} CPU(s) but "
+                f"OMP_NUM_THREADS={self.threads.threads}, so its threads share cores; under Slurm give srun "
+                "--cpus-per-task (slurm/lib.sh does), elsewhere lower OMP_NUM_THREADS")
 
 
 def _int(env, name: str) -> int:
@@ -142,9 +164,92 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def detect(env=None) -> Launch:
+def _count(env, name: str) -> int | None:
+    """A positive integer variable, or None when unset or not one (then a default applies)."""
+    value = env.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _slurm_tasks_here(env) -> int | None:
+    """This node's tasks from SLURM_STEP_TASKS_PER_NODE ("2(x3),1": 2 on nodes 0-2, 1 on node 3)."""
+    per_node: list[int] = []
+    for item in filter(None, env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")).split(",")):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not match:
+            return None
+        per_node += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", "0")) if env.get("SLURM_NODEID", "0").isdigit() else 0
+    return per_node[node] if node < len(per_node) else None
+
+
+def local_ranks(env) -> int:
+    """The ranks of this job on this node, read as ``_detect`` reads the launcher (1: one process).
+    Where a launcher does not say, all ranks count as local: too few threads rather than too many."""
+    if "RANK" in env:
+        found = _count(env, "LOCAL_WORLD_SIZE") or _count(env, "LOCAL_SIZE") or _count(env, "WORLD_SIZE")
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        found = _count(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or _count(env, "OMPI_COMM_WORLD_SIZE")
+    elif "SLURM_PROCID" in env:
+        found = (_slurm_tasks_here(env) or _count(env, "SLURM_NTASKS_PER_NODE")
+                 or _count(env, "SLURM_STEP_NUM_TASKS") or _count(env, "SLURM_NTASKS"))
+    else:
+        found = 1
+    return found or 1
+
+
+def choose_threads(env, cpus: int, local: int) -> ThreadChoice:
+    """OMP_NUM_THREADS when set, else SLURM_CPUS_PER_TASK, else this process's CPUs shared by the
+    local ranks (at least 1); and OpenMP threads sleep while they wait unless told otherwise."""
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given:
+        first = given.split(",")[0].strip()  # OpenMP allows a list per nesting level; torch uses the first
+        if not first.isdigit() or int(first) < 1:
+            raise DskdError(f"OMP_NUM_THREADS={given!r} is not a positive integer; set e.g. OMP_NUM_THREADS=2, or "
+                            f"unset it for the default ({max(1, cpus // max(1, local))} on this node)")
+        threads, source = int(first), "given"
+    elif _count(env, "SLURM_CPUS_PER_TASK"):
+        threads, source = _count(env, "SLURM_CPUS_PER_TASK"), "from SLURM_CPUS_PER_TASK"
+    else:
+        threads, source = max(1, cpus // max(1, local)), f"default: {cpus} CPU(s) / {local} local rank(s)"
+    if env.get("OMP_WAIT_POLICY"):
+        wait = f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} (given)"
+    elif env.get("GOMP_SPINCOUNT"):
+        wait = f"GOMP_SPINCOUNT={env['GOMP_SPINCOUNT']} (given)"
+    else:
+        wait = "OMP_WAIT_POLICY=PASSIVE (default)"
+    return ThreadChoice(threads, source, wait)
+
+
+_applied: ThreadChoice | None = None  # what configure_threads chose for this process
+
+
+def applied_threads() -> ThreadChoice | None:
+    return _applied
+
+
+def configure_threads(env=None) -> ThreadChoice:
+    """Choose the threads and export them: OpenMP (libgomp) reads its variables once, when
+    torch is imported, so this runs before; if torch is already there, its pool is resized."""
+    global _applied
     env = os.environ if env is None else env
-    return dataclasses.replace(_detect(env), cpus=cpu_count(), threads=env.get("OMP_NUM_THREADS"))
+    choice = choose_threads(env, cpu_count(), local_ranks(env))
+    env["OMP_NUM_THREADS"] = str(choice.threads)
+    torch = sys.modules.get("torch")
+    if choice.wait_policy.endswith("(default)"):
+        if torch is None:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        else:  # too late: OpenMP read its settings when torch loaded it
+            choice = dataclasses.replace(choice, wait_policy="OpenMP's wait policy (torch was imported first)")
+    if torch is not None:
+        torch.set_num_threads(choice.threads)
+    _applied = choice
+    return choice
+
+
+def detect(env=None) -> Launch:
+    environ = os.environ if env is None else env
+    threads = _applied if env is None and _applied else choose_threads(environ, cpu_count(), local_ranks(environ))
+    return dataclasses.replace(_detect(environ), cpus=cpu_count(), threads=threads)
 
 
 def _detect(env) -> Launch:
