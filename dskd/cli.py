@@ -230,6 +230,25 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
+def _check_path_flags(args) -> None:
+    """The model flags, checked before anything heavy is imported: a mistyped path fails at once
+    instead of becoming a hub request (``dskd.config.paths``)."""
+    from dskd.config.paths import check_source
+
+    if args.command == "evaluate":
+        check_source(args.model, "--model")
+    elif args.command == "robustness":
+        from dskd.commands.robustness import MLM
+
+        for model in args.models:
+            check_source(model, "--models")
+        if args.mlm is not None:
+            check_source(args.mlm, "--mlm", MLM)
+    elif args.command == "export" and not args.run.is_dir():
+        raise DskdError(f"--run points to {args.run}, which does not exist; give the --output folder of a "
+                        "finetune or distill run")
+
+
 def _glue_only(cfg, config: str, command: str, why: str) -> None:
     """Commands of GLUE jobs refuse a corpus config (data.corpus) with what they do instead."""
     if cfg.data.corpus is not None:
@@ -391,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # What run.json records as the command: the arguments given, also when called in-process.
     args.argv = list(sys.argv) if argv is None else ["dskd", *map(str, argv)]
-    _quiet_libraries()
     try:
+        _check_path_flags(args)
+        _quiet_libraries()
         if args.command in ("finetune", "distill"):
             code = _train(args, args.command)
         elif args.command == "plan" or (args.command == "cache-teacher" and args.dry_run):

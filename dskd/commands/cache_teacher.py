@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from dskd import data, models
+from dskd.config import check_trained_teacher
 from dskd.errors import DskdError
 from dskd.losses import mapped_pairs, spec_for
 from dskd.methods import glitter
@@ -32,6 +33,7 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
     task = data.get_task(cfg.data.task)
     if cfg.teacher.path is None and cfg.teacher.arch is None:
         raise DskdError("`dskd cache-teacher` runs the teacher: set `teacher.path` or `teacher.arch`")
+    check_trained_teacher(cfg, "cache-teacher")
     tokenizer = models.load_tokenizer(cfg.teacher)
     fingerprints: dict = {}
     train_set, dev_set = data.load_data(cfg, task, tokenizer, fingerprints)
