@@ -21,6 +21,7 @@ from dskd.training import engine as eng
 def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None, batch_size: int | None,
                   overwrite: bool, argv: list[str]) -> dict:
     """``dskd cache-teacher``: run the teacher once over train and dev, every rank its shard."""
+    check_trained_teacher(cfg, "cache-teacher")
     eng.init_distributed()
     training = cfg.training
     ds_config, _ = eng.load_ds_config(deepspeed_path or training.deepspeed, training)
@@ -33,7 +34,6 @@ def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None,
     task = data.get_task(cfg.data.task)
     if cfg.teacher.path is None and cfg.teacher.arch is None:
         raise DskdError("`dskd cache-teacher` runs the teacher: set `teacher.path` or `teacher.arch`")
-    check_trained_teacher(cfg, "cache-teacher")
     tokenizer = models.load_tokenizer(cfg.teacher)
     fingerprints: dict = {}
     train_set, dev_set = data.load_data(cfg, task, tokenizer, fingerprints)

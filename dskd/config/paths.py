@@ -75,7 +75,7 @@ def check_source(value: str, key: str, what: str = MODEL) -> None:
     if path.exists():
         return
     if looks_local(value) or not is_hub_name(value):
-        shown = value if str(path) == value else f"{value} ({path})"
+        shown = value if path == Path(value) else f"{value} ({path})"  # where ~ and pkg:// led
         raise DskdError(f"{key} points to {shown}, which does not exist; give {what}")
     if in_hub_cache(value):
         return
