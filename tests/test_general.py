@@ -297,7 +297,7 @@ def test_block_length_beyond_the_teachers_positions_is_refused(tmp_path, session
     assert "`data.max_length` is 600, but the teacher has 512 positions" in _refused(tmp_path, session_tmp, cfg)
 
 
-@pytest.mark.parametrize("command", [["evaluate", "--model", "x"], ["cache-teacher", "--output", "x"],
+@pytest.mark.parametrize("command", [["evaluate", "--model", "."], ["cache-teacher", "--output", "x"],
                                      ["augment", "--output", "x"], ["train-probes", "--output", "x"]])
 def test_glue_commands_refuse_a_corpus_config(tmp_path, command, capsys):
     from dskd.cli import main

@@ -107,7 +107,8 @@ def check_config_paths(cfg, source: str) -> None:
     check(cfg.teacher.tokenizer, "teacher.tokenizer", TOKENIZER)
     check(cfg.student.init, "student.init", MODEL)
     for i, stage in enumerate(cfg.schedule):
-        check(stage.teacher, f"schedule[{i}].teacher", MODEL)
+        if stage.teacher is not None and not stage.teacher.startswith("trajectory:"):  # Pro-KD resolves those
+            check(stage.teacher, f"schedule[{i}].teacher", MODEL)
     data = cfg.data
     if data.corpus is None and data.path is not None:  # a string is always a folder; null loads from the hub
         folder = Path(resolve_path(data.path)).expanduser()
