@@ -237,13 +237,11 @@ def _check_path_flags(args) -> None:
 
     if args.command == "evaluate":
         check_source(args.model, "--model")
-    elif args.command == "robustness":
+    elif args.command == "robustness" and args.mlm is not None:
+        # --models are checked as each one's turn comes (also fast): those before keep their results
         from dskd.commands.robustness import MLM
 
-        for model in args.models:
-            check_source(model, "--models")
-        if args.mlm is not None:
-            check_source(args.mlm, "--mlm", MLM)
+        check_source(args.mlm, "--mlm", MLM)
     elif args.command == "export" and not args.run.is_dir():
         raise DskdError(f"--run points to {args.run}, which does not exist; give the --output folder of a "
                         "finetune or distill run")

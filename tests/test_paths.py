@@ -120,11 +120,25 @@ def test_schedule_teachers_and_corpus_files_are_checked_at_load(offline):
     assert load_experiment(config, ["data.corpus.files=[./more.txt]"], check_paths=False).data.corpus.files
 
 
+def test_models_are_loaded_only_from_what_exists_or_a_hub_that_can_serve_them(offline, monkeypatch):
+    """What `dskd robustness --models` (each in its turn), plan and the teacher loaders go through."""
+    from dskd import models
+    from dskd.config import TeacherConfig
+
+    message = timed_error(lambda: models.load_tokenizer(TeacherConfig(path="./nope"), key="--models"))
+    assert message == f"`--models` points to ./nope, which does not exist; {MODEL}"
+    message = timed_error(lambda: models.load_pretrained("runs/typo", 2, for_finetune=False))
+    assert message == f"`teacher.path` points to runs/typo, which does not exist; {MODEL}"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(paths, "hub_unreachable", lambda: "huggingface.co:443 cannot be reached: test")
+    message = timed_error(lambda: models.pretrained_config("org/teacher", 2))
+    assert message.startswith("`teacher.path` is org/teacher: no such local folder, and as a hub name it cannot be "
+                              "loaded because the hub is offline (huggingface.co:443 cannot be reached: test)")
+
+
 @pytest.mark.parametrize("args, message", [
     (["evaluate", "--model", "runs/nope", "--config", "configs/tiny.yaml"],
      f"--model points to runs/nope, which does not exist; {MODEL}"),
-    (["robustness", "--models", "runs/teacher", "./nope", "--config", "configs/tiny.yaml", "--output", "x"],
-     f"--models points to ./nope, which does not exist; {MODEL}"),
     (["robustness", "--models", "runs/teacher", "--mlm", "/no/such/mlm", "--config", "configs/tiny.yaml",
       "--output", "x"],
      "--mlm points to /no/such/mlm, which does not exist; give a folder with a masked-LM model (e.g. bert-base with "
