@@ -90,6 +90,14 @@ def test_an_unreachable_endpoint_is_found_in_one_short_attempt(monkeypatch):
     finally:
         paths.hub_unreachable.cache_clear()
     assert why is not None and why.startswith("127.0.0.1:9 cannot be reached: ")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # behind a proxy, the proxy must answer
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        assert paths.hub_unreachable().startswith("127.0.0.1:9 cannot be reached: ")
+    finally:
+        paths.hub_unreachable.cache_clear()
 
 
 @pytest.mark.parametrize("key, value, what", [

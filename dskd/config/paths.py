@@ -126,12 +126,16 @@ def check_config_paths(cfg, source: str) -> None:
 def hub_unreachable() -> str | None:
     """Why the hub cannot be reached (None: it can), from one short connection attempt, once per
     process: on a compute node without network, transformers would otherwise retry for most of a
-    minute and then blame the connection."""
+    minute and then blame the connection. Behind a proxy (HTTPS_PROXY, ...) the proxy is what must answer."""
     from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
 
     from huggingface_hub.constants import ENDPOINT
 
     url = urlsplit(ENDPOINT)
+    proxy = getproxies().get(url.scheme)
+    if proxy and not proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
