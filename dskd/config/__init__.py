@@ -21,6 +21,6 @@ from dskd.config.validation import check_trained_teacher, validate
 __all__ = [
     "PACKAGE_RESOURCES", "PROJECT_ROOT", "ArchConfig", "CorpusConfig", "DataConfig", "ExperimentConfig", "KroneckerConfig",
     "LabelNoiseConfig", "PlateauConfig", "StageConfig", "StudentConfig", "SwaConfig", "TeacherConfig",
-    "TrainingConfig", "apply_override", "check_source", "check_trained_teacher", "build_dataclass", "dump_config", "load_config", "resolve_path", "to_dict",
-    "validate",
+    "TrainingConfig", "apply_override", "build_dataclass", "check_source", "check_trained_teacher", "dump_config",
+    "load_config", "resolve_path", "to_dict", "validate",
 ]
