@@ -67,6 +67,7 @@ teacher:
   arch: {{layers: {args.teacher_layers}, hidden: {args.hidden}, heads: {args.heads}, intermediate: {4 * args.hidden},
           dropout: 0.1}}
   tokenizer: pkg://bert-base-uncased
+  random_ok: true  # a random teacher times the same as a trained one
 student: {student}
 losses:
   hard_ce: {{weight: 0.5}}

@@ -31,7 +31,9 @@ BERT_VOCAB = REPO / "dskd" / "resources" / "bert-base-uncased" / "vocab.txt"
 TINY = {
     "seed": 7,
     "data": {"task": "sst2", "path": "pkg://glue-sample", "max_length": 32, "train_limit": 256, "dev_limit": 64},
-    "teacher": {"arch": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}, "tokenizer": "pkg://bert-base-uncased"},
+    # random_ok: the tests distil from this never-trained teacher on purpose (the machinery, not accuracy)
+    "teacher": {"arch": {"layers": 2, "hidden": 32, "heads": 2, "intermediate": 64}, "tokenizer": "pkg://bert-base-uncased",
+                "random_ok": True},
     "student": {"init_from_teacher": True, "layers": 1},
     "losses": {"hard_ce": {"weight": 0.5}, "soft_kd": {"weight": 0.5, "temperature": 2.0}},
     "training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "log_every": 2},

@@ -357,7 +357,7 @@ CONFIG_CASES = {
     "wrong type": ({"training.batch_size": "many"}, [], r"`training.batch_size` must be an integer, got 'many'"),
     "missing teacher": ({"teacher.path": "/no/teacher"}, [],
                         r"`teacher.path` points to /no/teacher, which does not exist"),
-    "missing data": ({"data.path": "/no/glue"}, [], r"data.path: /no/glue does not exist"),
+    "missing data": ({"data.path": "/no/glue"}, [], r"`data.path` points to /no/glue, which does not exist"),
     "unknown task": ({"data.task": "sst"}, [], r"data.task.*sst2"),
     "layer out of range": ({"student.layers": None, "student.teacher_layers": [1, 3]}, [],
                            r"`student.teacher_layers\[1\]` is 3, out of range: the teacher has 2 layers"),

@@ -17,8 +17,8 @@ def test_loads_tiny_yaml_into_typed_schema(tmp_path):
 
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = write_config(tmp_path / "c.yaml")
-    cfg = load_experiment(path, ["training.lr=3e-5", "data.path=/x/glue", "student.teacher_layers=[2]"])
-    assert cfg.training.lr == 3e-5 and cfg.data.path == "/x/glue" and cfg.student.teacher_layers == [2]
+    cfg = load_experiment(path, ["training.lr=3e-5", f"data.path={tmp_path}", "student.teacher_layers=[2]"])
+    assert cfg.training.lr == 3e-5 and cfg.data.path == str(tmp_path) and cfg.student.teacher_layers == [2]
     with pytest.raises(DskdError, match=r"`training.batch_size` must be an integer, got 'big'"):
         load_experiment(path, ["training.batch_size=big"])
     with pytest.raises(DskdError, match=r"expected key.sub=value"):
@@ -93,8 +93,8 @@ def test_shipped_configs_validate():
 
     paths = sorted((REPO / "configs").rglob("*.yaml"))  # the recipes under results/ and noise/ too
     assert len(paths) > 20
-    for path in paths:
-        load_experiment(path)
+    for path in paths:  # as recipes: their teachers are runs that earlier commands write
+        load_experiment(path, check_paths=False)
 
 
 def test_pypkg_paths_resolve_inside_installed_packages():

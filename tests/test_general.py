@@ -297,7 +297,7 @@ def test_block_length_beyond_the_teachers_positions_is_refused(tmp_path, session
     assert "`data.max_length` is 600, but the teacher has 512 positions" in _refused(tmp_path, session_tmp, cfg)
 
 
-@pytest.mark.parametrize("command", [["evaluate", "--model", "x"], ["cache-teacher", "--output", "x"],
+@pytest.mark.parametrize("command", [["evaluate", "--model", "."], ["cache-teacher", "--output", "x"],
                                      ["augment", "--output", "x"], ["train-probes", "--output", "x"]])
 def test_glue_commands_refuse_a_corpus_config(tmp_path, command, capsys):
     from dskd.cli import main
@@ -406,7 +406,7 @@ def test_corpus_run_resumes_mid_stream_exactly_and_its_export_starts_a_task_stag
     task_cfg = write_config(tmp_path / "task.yaml", {
         "student": {"init": str(full), "init_from_teacher": True},
         "teacher": {"arch": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128},
-                    "tokenizer": "pkg://bert-base-uncased"},
+                    "tokenizer": "pkg://bert-base-uncased", "random_ok": True},
         "training.halt_after_steps": 1, "training.save_every": 1, "training.lr": 1e-12,
     })
     task = tmp_path / "task"

@@ -190,7 +190,7 @@ def test_compare_to_gives_each_models_paired_difference_per_set_and_attack(tmp_p
     ("--max-queries", "0", r"--max-queries must be at least 1"),
     ("--max-words", "0", r"--max-words must be a share of the words in \(0, 1\]"),
     ("--attack-examples", "0", r"--attack-examples must be at least 1"),
-    ("--mlm", "/no/such/mlm", r"--mlm /no/such/mlm does not exist"),
+    ("--mlm", "/no/such/mlm", r"--mlm points to /no/such/mlm, which does not exist"),
 ])
 def test_bad_attack_settings_are_one_line(tmp_path, capsys, flag, value, message):
     import re

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from dskd import data, models
+from dskd.config import check_trained_teacher
 from dskd.errors import DskdError
 from dskd.losses import mapped_pairs, spec_for
 from dskd.methods import glitter
@@ -20,6 +21,7 @@ from dskd.training import engine as eng
 def cache_teacher(cfg, out: Path, deepspeed_path: str | None, dtype: str | None, batch_size: int | None,
                   overwrite: bool, argv: list[str]) -> dict:
     """``dskd cache-teacher``: run the teacher once over train and dev, every rank its shard."""
+    check_trained_teacher(cfg, "cache-teacher")
     eng.init_distributed()
     training = cfg.training
     ds_config, _ = eng.load_ds_config(deepspeed_path or training.deepspeed, training)

@@ -241,8 +241,9 @@ def _any_config(path: str, key: str = "teacher.path"):
     from dskd import models
 
     models.register_model_types()
+    source, hub = models.model_source(path, key)
     try:
-        return AutoConfig.from_pretrained(models.resolve_model_path(path))
+        return AutoConfig.from_pretrained(source, **hub)
     except Exception as exc:
         raise DskdError(f"`{key}`: could not read a model config from {path}: {exc}") from None
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from dskd.errors import DskdError
 
+MLM = ("a folder with a masked-LM model (e.g. bert-base with its MLM head), or leave --mlm out to use each "
+       "model's own embedding neighbours")
+
 
 def parse_named(values: list[str], what: str) -> dict[str, str]:
     """``["imdb=path", ...]`` (or ``NAME:map`` with ``sep=":"``) -> {name: value}."""
@@ -175,11 +178,8 @@ def load_mlm(path: str):
     try:
         from transformers import AutoModelForMaskedLM
 
-        source = models.resolve_model_path(path)
-        if not Path(source).exists():
-            raise DskdError(f"--mlm {path} does not exist; give a folder with a masked-LM model (e.g. bert-base "
-                            "with its MLM head), or leave --mlm out to use each model's own embedding neighbours")
-        model = AutoModelForMaskedLM.from_pretrained(source).eval()
+        source, hub = models.model_source(path, "--mlm", MLM)
+        model = AutoModelForMaskedLM.from_pretrained(source, **hub).eval()
     except (OSError, ValueError) as exc:
         raise DskdError(f"--mlm {path}: not a masked-LM model ({str(exc).splitlines()[0]}); the word attack needs one "
                         "with its MLM head, or leave --mlm out to use each model's own embedding neighbours") from None

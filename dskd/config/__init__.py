@@ -15,11 +15,12 @@ from dskd.config.schema import (
     PACKAGE_RESOURCES, PROJECT_ROOT, ArchConfig, CorpusConfig, DataConfig, ExperimentConfig, KroneckerConfig, LabelNoiseConfig,
     PlateauConfig, StageConfig, StudentConfig, SwaConfig, TeacherConfig, TrainingConfig, resolve_path,
 )
-from dskd.config.validation import validate
+from dskd.config.paths import check_source
+from dskd.config.validation import check_trained_teacher, validate
 
 __all__ = [
     "PACKAGE_RESOURCES", "PROJECT_ROOT", "ArchConfig", "CorpusConfig", "DataConfig", "ExperimentConfig", "KroneckerConfig",
     "LabelNoiseConfig", "PlateauConfig", "StageConfig", "StudentConfig", "SwaConfig", "TeacherConfig",
-    "TrainingConfig", "apply_override", "build_dataclass", "dump_config", "load_config", "resolve_path", "to_dict",
-    "validate",
+    "TrainingConfig", "apply_override", "build_dataclass", "check_source", "check_trained_teacher", "dump_config",
+    "load_config", "resolve_path", "to_dict", "validate",
 ]

@@ -133,6 +133,9 @@ class TeacherConfig:
     # How the cache's files are checked before use: `full` recomputes every file's
     # checksum (each rank a share of the files), `sizes` only checks shapes and sizes.
     cache_check: Literal["full", "sizes"] = "full"
+    # `dskd distill`, `cache-teacher` and `train-probes` refuse a teacher built from `arch` (randomly
+    # initialised, never fine-tuned) unless this is true: forgetting `teacher.path` is otherwise silent.
+    random_ok: bool = False
 
 
 @dataclass

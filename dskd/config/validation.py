@@ -275,3 +275,14 @@ def _validate_kronecker(student: StudentConfig, fail) -> None:
         if spec.embeddings is not None and arch.hidden % spec.embeddings[1]:
             fail(f"`{key}.embeddings` is {spec.embeddings}: {spec.embeddings[1]} does not divide the hidden size "
                  f"{arch.hidden} of the word embeddings")
+
+
+def check_trained_teacher(cfg: ExperimentConfig, command: str) -> None:
+    """``command`` learns from the teacher; one built from `teacher.arch` is random (never fine-tuned),
+    which nothing but a chance-level teacher accuracy would show. It takes `teacher.random_ok: true`."""
+    if cfg.teacher.path is None and cfg.teacher.arch is not None and not cfg.teacher.random_ok:
+        raise DskdError(
+            f"`dskd {command}` would use a randomly initialised teacher: `teacher.path` is not set, so the teacher "
+            "is built from `teacher.arch` and was never trained. Set `teacher.path` to a fine-tuned run "
+            "(dskd finetune --config C --output DIR, then --set teacher.path=DIR), or set `teacher.random_ok: true` "
+            "to use a random teacher on purpose (smoke tests)")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dskd.config import check_trained_teacher
 from dskd.errors import DskdError
 from dskd.losses import term_type
 from dskd.methods.universal_kd import MANIFEST, PROBES_FORMAT, PROBES_VERSION, WEIGHTS
@@ -124,6 +125,7 @@ def train_probes(cfg, out: Path, batch_size: int | None = None, epochs: int = 20
                         "class labels")
     if cfg.teacher.path is None and cfg.teacher.arch is None:
         raise DskdError("`dskd train-probes` runs the teacher: set `teacher.path` or `teacher.arch`")
+    check_trained_teacher(cfg, "train-probes")
     out = Path(out)
     _prepare_output(out, overwrite)
     batch_size = batch_size or 2 * cfg.training.batch_size

@@ -9,7 +9,7 @@ chosen teacher layers (embeddings and head copied too).
 """
 
 from dskd.models.loading import (
-    resolve_model_path, load_tokenizer, arch_config, build_from_arch, pretrained_config, load_pretrained,
+    resolve_model_path, model_source, load_tokenizer, arch_config, build_from_arch, pretrained_config, load_pretrained,
     freeze, teacher_outputs, model_inputs, register_model_types, mlm_head, SEQUENCE_CLASSIFIER,
 )
 from dskd.models.students import (
@@ -19,7 +19,7 @@ from dskd.models.students import (
 
 __all__ = [
     "SEQUENCE_CLASSIFIER", "arch_config", "build_from_arch", "build_student", "copied_layers", "every_kth_layer", "freeze", "load_pretrained",
-    "load_tokenizer", "mlm_head", "model_inputs", "pretrained_config", "register_model_types", "resolve_layer_map",
+    "load_tokenizer", "mlm_head", "model_inputs", "model_source", "pretrained_config", "register_model_types", "resolve_layer_map",
     "resolve_model_path", "safetensors_files", "student_from_teacher", "student_from_folder", "student_from_teacher_files",
     "student_layer_plan", "teacher_outputs",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dskd.config import ArchConfig, TeacherConfig, resolve_path
+from dskd.config.paths import MODEL, TOKENIZER, check_source, hub_kwargs, offline_message
 from dskd.errors import DskdError
 from dskd.models import families
 
@@ -22,8 +23,21 @@ def resolve_model_path(path: str) -> str:
     return str(p)
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists()
+def model_source(path: str, key: str, what: str = MODEL) -> tuple[str, dict]:
+    """The folder or hub name ``path`` loads from and ``from_pretrained``'s keywords for it; a path that
+    does not exist, or a hub name the hub cannot serve, fails here at once (``dskd.config.paths``)."""
+    check_source(path, f"`{key}`", what)
+    source = resolve_model_path(path)
+    return source, hub_kwargs(source, f"`{key}`", what)
+
+
+def _load_failure(exc: Exception, source: str, key: str, what: str, usual: str) -> str:
+    """``usual``, or the offline message when a hub download failed on the network (transformers
+    then says "check your internet connection", the wrong advice on a compute node)."""
+    text = str(exc).strip()
+    if not Path(source).exists() and any(word in text.lower() for word in ("connect", "offline")):
+        return offline_message(source, f"`{key}`", what, text.splitlines()[0])
+    return usual
 
 
 def load_tokenizer(cfg: TeacherConfig, key: str | None = None):
@@ -50,11 +64,8 @@ def _load_tokenizer(cfg: TeacherConfig, key: str | None):
     from transformers import AutoTokenizer
 
     key = key or ("teacher.tokenizer" if cfg.tokenizer else "teacher.path")
-    source = resolve_model_path(cfg.tokenizer or cfg.path)
+    source, hub = model_source(cfg.tokenizer or cfg.path, key, TOKENIZER if cfg.tokenizer else MODEL)
     p = Path(source)
-    if _looks_local(source) and not p.exists():
-        raise DskdError(f"`{key}` points to {source}, which does not exist; give a tokenizer folder, a vocab.txt "
-                        "or a sentencepiece .model file")
     if p.is_file() and p.suffix in (".txt", ".model"):
         return _bare_tokenizer(p.parent, [p.name], "BertTokenizerFast" if p.suffix == ".txt" else
                                "DebertaV2Tokenizer" if p.name == "spm.model" else "AlbertTokenizer", key)
@@ -67,9 +78,10 @@ def _load_tokenizer(cfg: TeacherConfig, key: str | None):
             "vocabularies dskd reads (vocab.txt: WordPiece; vocab.json + merges.txt: byte-level BPE; spiece.model or "
             f"spm.model: sentencepiece). It holds: {', '.join(sorted(f.name for f in p.iterdir())[:8]) or 'nothing'}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     except Exception as exc:  # transformers raises many types for a bad folder or hub name
-        raise DskdError(f"`{key}`: could not load a tokenizer from {source}: {_tokenizer_failure(exc)}") from None
+        raise DskdError(_load_failure(exc, source, key, TOKENIZER, f"`{key}`: could not load a tokenizer from "
+                                      f"{source}: {_tokenizer_failure(exc)}")) from None
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         # transformers builds a tokenizer of special tokens only when the config names a class
         # but the vocabulary file is missing; it would tokenise every word as unknown.
@@ -168,13 +180,12 @@ def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
 
     register_model_types()
 
-    source = resolve_model_path(path)
-    if _looks_local(source) and not Path(source).exists():
-        raise DskdError(f"`{key}` points to {source}, which does not exist; give a model folder, hub name or dskd run")
+    source, hub = model_source(path, key, MODEL)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **hub)
     except Exception as exc:
-        raise DskdError(f"`{key}`: could not read a model config from {source}: {exc}") from None
+        raise DskdError(_load_failure(exc, source, key, MODEL,
+                                      f"`{key}`: could not read a model config from {source}: {exc}")) from None
     families.check_loaded(config, key)
     if config.num_labels != num_labels:
         raise DskdError(
@@ -193,17 +204,17 @@ def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "
 
     register_model_types()
 
-    source = resolve_model_path(path)
+    source, hub = model_source(path, key, MODEL)
     if model_class == SEQUENCE_CLASSIFIER and not for_finetune:
         pretrained_config(path, num_labels, key)
-    elif _looks_local(source) and not Path(source).exists():
-        raise DskdError(f"`{key}` points to {source}, which does not exist; give a model folder, hub name or dskd run")
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": for_finetune} \
         if model_class == SEQUENCE_CLASSIFIER else {}
     try:
-        model, info = getattr(transformers, model_class).from_pretrained(source, output_loading_info=True, **kwargs)
+        model, info = getattr(transformers, model_class).from_pretrained(source, output_loading_info=True, **kwargs,
+                                                                         **hub)
     except Exception as exc:
-        raise DskdError(f"`{key}`: could not load a model from {source}: {exc}") from None
+        raise DskdError(_load_failure(exc, source, key, MODEL,
+                                      f"`{key}`: could not load a model from {source}: {exc}")) from None
     families.check_loaded(model.config, key)
     missing = info.get("missing_keys", [])
     fresh = [k for k in missing if "classifier" in k or "score" in k]

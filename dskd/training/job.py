@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dskd import data, models
-from dskd.config import ExperimentConfig, TrainingConfig, resolve_path
+from dskd.config import ExperimentConfig, TrainingConfig, check_trained_teacher, resolve_path
 from dskd.errors import DskdError
 from dskd.losses import LayerGeometry, build_loss_terms, mapped_pairs, spec_for, teacher_head_reader, uses_mlm
 from dskd.methods import Method, enabled_methods
@@ -98,6 +98,8 @@ class Job:
 
 def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | None, resume: bool, overwrite: bool,
             auto_resume: bool = False) -> Job:
+    if role == "distill":
+        check_trained_teacher(cfg, "distill")
     eng.init_distributed()
     section = "finetune" if role == "finetune" else "training"
     training = eng.at_world_size(getattr(cfg, section), eng.world_size(), section)

@@ -31,7 +31,8 @@ MODEL_CONFIG_DIR = "model_config"  # the trained model's HF config + tokenizer, 
 STAGE_BEST_DIR = "stage_best"  # checkpoint of the best dev evaluation of a `keep_best` stage
 # Keys that may differ between a run and its resumption.
 RESUME_MUTABLE_KEYS = {(section, key) for section in ("training", "finetune")
-                       for key in ("halt_after_steps", "checkpoint_check", "progress", "log_every_seconds")}
+                       for key in ("halt_after_steps", "checkpoint_check", "progress", "log_every_seconds")} \
+    | {("teacher", "random_ok")}  # a permission, not a setting: a run started before the key resumes with it
 
 
 REPLACED_DIR = ".replaced"  # the run --overwrite replaces, kept until the new run's first checkpoint
