@@ -209,9 +209,12 @@ def _check_config_early(args) -> None:
     transformers or datasets (seconds): a typo is answered at once. dskd.config is torch-free;
     the loss terms' and methods' checks need their registries and follow in load_experiment."""
     if getattr(args, "config", None) is not None:
-        from dskd.config import load_config
+        from dskd.config import check_trained_teacher, load_config
 
-        load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
+        learns = args.command in ("distill", "train-probes") or (args.command == "cache-teacher" and not args.dry_run)
+        if learns:  # checked again where the teacher is built, for callers that skip the CLI
+            check_trained_teacher(cfg, args.command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,3 +60,16 @@ def test_an_unknown_command_without_a_close_one_lists_them(tmp_path):
     proc, _ = _dskd(["frobnicate"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
         "dskd: error: unknown command `frobnicate`. Commands: finetune, distill, ")
+
+
+def test_a_random_teacher_is_refused_before_torch_is_imported(tmp_path):
+    """The quick-start config without teacher.path: refused at once, in the CLI's early check."""
+    code = ("import sys; from dskd.cli import main; code = main(['distill', '--config', 'configs/quickstart.yaml', "
+            "'--output', 'unused']); "
+            f"print(code, [m for m in {HEAVY!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dskd_env(tmp_path), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout == "2 []\n", proc.stderr[-2000:]
+    assert proc.stderr.startswith("dskd: error: `dskd distill` would use a randomly initialised teacher: "
+                                  "`teacher.path` is not set")
+    assert not (REPO / "unused").exists()
