@@ -217,7 +217,7 @@ def test_an_interrupted_table_keeps_the_models_it_finished(tmp_path, capsys):
     capsys.readouterr()
     b = _tiny_model_folder(tmp_path / "b")
     assert main([*common, "--models", str(a), str(b)]) == 0
-    assert f"[robustness] {a}: kept from the interrupted run" in capsys.readouterr().err
+    assert f"[robustness] {a}: kept from {out / 'robustness.partial.json'} (same settings)" in capsys.readouterr().err
     table = json.loads((out / "robustness.json").read_text())
     assert [r["model"] for r in table["models"]] == ["a", "b"] and not (out / "robustness.partial.json").exists()
     assert table["models"][0]["sets"] == table["models"][1]["sets"]  # the same weights (seed 0) score the same
@@ -225,7 +225,13 @@ def test_an_interrupted_table_keeps_the_models_it_finished(tmp_path, capsys):
     assert main([*common, "--models", str(a), str(tmp_path / "c"), "--seed", "1"]) == 2
     capsys.readouterr()
     assert main([*common, "--models", str(a), "--seed", "2"]) == 0
-    assert "kept from the interrupted run" not in capsys.readouterr().err
+    assert "kept from" not in capsys.readouterr().err
+    # A finished table of the same settings keeps its models too: extending it scores only the new one.
+    assert main([*common, "--models", str(a), str(b), "--seed", "2"]) == 0
+    assert f"[robustness] {a}: kept from {out / 'robustness.json'} (same settings)" in capsys.readouterr().err
+    extended = json.loads((out / "robustness.json").read_text())
+    assert [r["model"] for r in extended["models"]] == ["a", "b"] and extended["models"][0]["sets"] == \
+        extended["models"][1]["sets"]
 
 
 @needs_shared

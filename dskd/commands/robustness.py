@@ -235,19 +235,23 @@ def run_robustness(cfg, model_paths: list[str], root: Path, output: Path, wanted
     if attack_kinds:
         dev = columns["dev"] if "dev" in columns else read_eval_set(EvalSet("dev", "in-domain", dev_file), task)
         attacked = subsample(dev, attack_examples, seed)
-    # Interrupted and started again with the same settings: the models already done are kept.
+    # The models an interrupted run (robustness.partial.json) or a finished table (robustness.json)
+    # of the same settings scored are kept: a resumed or extended table scores only the others.
     partial = output / "robustness.partial.json"
     done = {}
-    if partial.is_file():
-        earlier = json.loads(partial.read_text())
-        if earlier.get("settings") == settings:
-            done = {row["path"]: row for row in earlier["models"]}
+    for file in (output / "robustness.json", partial):
+        if file.is_file():
+            earlier = json.loads(file.read_text())
+            if earlier.get("settings", {key: earlier.get(key) for key in settings}) == settings:
+                done.update({row["path"]: (file.name, {k: v for k, v in row.items() if k != "compare"})
+                             for row in earlier["models"]})
     rows = []
     for path in model_paths:
         if str(path) in done:
-            rows.append(done[str(path)])
+            source, row = done[str(path)]
+            rows.append(row)
             if dist.rank() == 0:
-                print(f"[robustness] {path}: kept from the interrupted run in {output}", file=sys.stderr, flush=True)
+                print(f"[robustness] {path}: kept from {output / source} (same settings)", file=sys.stderr, flush=True)
             continue
         name, model, tokenizer = load_model(path, task)
         model.to(device)
