@@ -116,7 +116,8 @@ def run_grid(args) -> None:
                 student = ([f"student.init={general_dir(args.root, general)}", "student.layers=null"] if general
                            else ["student.layers=3"]) + extra
                 launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",
-                        *sets(TASKS[task] + [f"teacher.path={teacher}", f"seed={seed}"] + student)], args.threads)
+                        *sets(TASKS[task] + [f"teacher.path={teacher}", f"seed={seed}"] + student
+                              + args.student_sets)], args.threads, out)
 
 
 def collect(args) -> dict:
@@ -165,6 +166,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--set", dest="student_sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every task-stage run (repeatable), e.g. training.group_by_length=true")
     parser.add_argument("--table-only", action="store_true", help="collect finished runs, run nothing")
     parser.add_argument("--json", action="store_true", help="print the collected numbers as JSON")
     args = parser.parse_args()

@@ -69,6 +69,13 @@ METHODS = {
     "glitter": "Glitter (soft-label KD + KD on the top-2 of 8 EDA candidates by KL, T 5, cached teacher)",
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
+# Two-stage rows bench/general.py makes (stage 1 on WikiText-2, then the task stage) in the same
+# folders (ROOT/TASK/L3-<row>-s<seed>): collected here, so they get the same statistics.
+GENERAL_ROWS = {
+    "general_init": "stage 1 on WikiText-2 (from teacher layers), then soft-label KD",
+    "codir_general": "CoDIR pre-training form on WikiText-2, then CoDIR fine-tuning",
+    "kronecker_general": "KroneckerBERT, stage 1 on WikiText-2, then its task recipe",
+}
 # Teacher variants a method may carry after "@" (see the module doc); "" is the default teacher.
 VARIANTS = {
     "": "",
@@ -226,12 +233,18 @@ def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> 
     return extra
 
 
+def table_rows() -> list[str]:
+    """Every row the table may hold: methods, their teacher variants, then the two-stage rows."""
+    return list(METHODS) + [f"{m}@{v}" for m in METHODS for v in VARIANTS if v] + list(GENERAL_ROWS)
+
+
 def reference(name: str) -> str | None:
     """The row a method's cell is compared with (see the module doc)."""
     method, variant = split_method(name)
     if variant:
         return method if variant == "full" else f"{method}@full"
-    return {"no_teacher": None, "soft_kd": "no_teacher"}.get(method, "soft_kd")
+    two_stage = {"general_init": "soft_kd", "codir_general": "codir", "kronecker_general": "kroneckerbert"}
+    return {"no_teacher": None, "soft_kd": "no_teacher", **two_stage}.get(method, "soft_kd")
 
 
 def _predicted(run: Path) -> list[int] | None:
@@ -249,7 +262,7 @@ def collect(args) -> dict:
     """Per task: the teachers' metrics, and per row (``L<layers>/<method>``) every completed seed's
     metrics, predictions and wall seconds, and the comparison with its reference row."""
     table = {}
-    methods = list(METHODS) + [f"{m}@{v}" for m in METHODS for v in VARIANTS if v]
+    methods = table_rows()
     for task in args.tasks:
         spec = get_task(task)
         teacher = teacher_dir(args.root, task)
@@ -310,6 +323,8 @@ def _delta(stats: dict | None) -> str:
 
 
 def _label(name: str) -> str:
+    if name in GENERAL_ROWS:
+        return GENERAL_ROWS[name]
     method, variant = split_method(name)
     return METHODS[method] + (f" ({VARIANTS[variant]})" if variant else "")
 
@@ -324,7 +339,7 @@ def markdown(table: dict, layers_list: list[int]) -> str:
         lines.append("| teacher on all training rows | - | | " + " | ".join(
             (f"{100 * table[t]['teacher_full'][table[t]['metric']]:.1f} | " if "teacher_full" in table[t] else "- | ")
             for t in tasks) + " |")
-    methods = list(METHODS) + [f"{m}@{v}" for m in METHODS for v in VARIANTS if v]
+    methods = table_rows()
     for layers in layers_list:
         for name in methods:
             cells, seen = [], False

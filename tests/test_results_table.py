@@ -78,6 +78,7 @@ def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
     assert "soft-label KD (teacher fine-tuned on all training rows) | soft-label KD |" in text
     assert results.student_dir(tmp_path, "sst2", 3, "soft_kd@full+unlabeled", 2).name == "L3-soft_kd@full+unlabeled-s2"
     assert results.reference("soft_kd@full+unlabeled") == "soft_kd@full" and results.reference("no_teacher") is None
+    assert results.reference("codir_general") == "codir" and "general_init" in results.table_rows()
 
 
 def test_noise_table_reuses_the_clean_rows_at_rate_zero_and_leaves_missing_cells_empty(tmp_path):
