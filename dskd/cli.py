@@ -60,7 +60,7 @@ def _evaluate(args) -> dict:
     from dskd.runtime import dist
     from dskd.training.evaluation import predict, write_predictions
 
-    cfg = load_experiment(args.config, args.overrides)
+    cfg = load_experiment(args.config, args.overrides, check_paths=CONFIG_PATHS["evaluate"])
     _glue_only(cfg, args.config, "evaluate", "scores a model on a GLUE task's dev set. A corpus run's held-out "
                "metrics are in its metrics.json; to score a general student on a task, fine-tune or distil it first "
                "(student.init)")
@@ -204,6 +204,11 @@ def _train_probes(args) -> int:
     return 0
 
 
+# Commands whose models come from flags (--model, --models): their config gives the task and the
+# data, so its model paths (a recipe's teacher.path, say) need not exist.
+CONFIG_PATHS = {"evaluate": "data", "robustness": "data"}
+
+
 def _check_config_early(args) -> None:
     """Validate the experiment's schema and --set overrides before anything imports torch,
     transformers or datasets (seconds): a typo is answered at once. dskd.config is torch-free;
@@ -211,7 +216,7 @@ def _check_config_early(args) -> None:
     if getattr(args, "config", None) is not None:
         from dskd.config import check_trained_teacher, load_config
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check_paths=CONFIG_PATHS.get(args.command, True))
         learns = args.command in ("distill", "train-probes") or (args.command == "cache-teacher" and not args.dry_run)
         if learns:  # checked again where the teacher is built, for callers that skip the CLI
             check_trained_teacher(cfg, args.command)
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from dskd.runtime import dist, launch
 
-            cfg = load_experiment(args.config, args.overrides)
+            cfg = load_experiment(args.config, args.overrides, check_paths=CONFIG_PATHS["robustness"])
             _glue_only(cfg, args.config, "robustness", "scores classifiers on a task's sets")
             if launch.detect().world > 1:  # launched on several ranks: they share the sets and the attacks
                 dist.init_distributed()

@@ -175,6 +175,23 @@ def test_model_flags_fail_before_anything_heavy_is_imported(args, message, tmp_p
     assert elapsed < 20  # no torch: well under a second on an idle machine
 
 
+def test_commands_with_models_from_flags_check_only_the_configs_data_paths(tmp_path):
+    """evaluate and robustness take their models from --model(s): a recipe's teacher.path that does not
+    exist here (configs/results/* name runs/...) is no reason to refuse, a missing data.path is."""
+    from dskd.config import load_config
+
+    recipe = REPO / "configs" / "results" / "soft_kd.yaml"
+    missing = [f"teacher.path={tmp_path / 'no-teacher'}", f"data.path={tmp_path}"]
+    with pytest.raises(DskdError, match=r"`teacher.path` points to .*no-teacher, which does not exist"):
+        load_config(recipe, missing)
+    assert load_config(recipe, missing, check_paths="data").teacher.path == str(tmp_path / "no-teacher")
+    with pytest.raises(DskdError, match=r"`data.path` points to .*no-data, which does not exist"):
+        load_config(recipe, [missing[0], f"data.path={tmp_path / 'no-data'}"], check_paths="data")
+    from dskd.cli import CONFIG_PATHS
+
+    assert CONFIG_PATHS == {"evaluate": "data", "robustness": "data"}
+
+
 # ------------------------------------------------------------------------ no silent random teacher
 
 RANDOM = ("`dskd {}` would use a randomly initialised teacher: `teacher.path` is not set, so the teacher is built "

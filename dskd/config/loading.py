@@ -225,14 +225,15 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                 checks: tuple[Callable[[ExperimentConfig, str], None], ...] = (),
-                check_paths: bool = True) -> ExperimentConfig:
+                check_paths: bool | str = True) -> ExperimentConfig:
     """Read a YAML experiment (or the defaults when ``path`` is None), apply ``--set``s, validate.
 
     ``checks`` are run last with the config and its source name; higher layers pass the
     checks that need their registries (``dskd.methods.load_experiment`` passes the loss
     terms' and the methods'), so this layer imports none of them. ``check_paths``: that every model,
-    tokenizer and data path exists (or is a hub name that can be loaded); False checks a recipe
-    whose inputs other commands have yet to write."""
+    tokenizer and data path exists (or is a hub name that can be loaded); ``"data"`` only the data
+    paths (a command whose models come from flags); False checks a recipe whose inputs other
+    commands have yet to write."""
     source = str(path) if path is not None else "<defaults>"
     raw: dict = {}
     if path is not None:
@@ -251,7 +252,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for check in checks:
         check(cfg, source)
     if check_paths:  # last: a config wrong in itself says so before a path is looked up
-        check_config_paths(cfg, source)
+        check_config_paths(cfg, source, models=check_paths != "data")
     return cfg
 
 

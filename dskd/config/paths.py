@@ -88,10 +88,11 @@ def check_source(value: str, key: str, what: str = MODEL) -> None:
         raise DskdError(offline_message(value, key, what, why))
 
 
-def check_config_paths(cfg, source: str) -> None:
+def check_config_paths(cfg, source: str, models: bool = True) -> None:
     """Every key of an experiment that names a model, a tokenizer or input data, checked before
     anything is loaded. Outputs of other dskd commands (`teacher.cache`, `data.augment`, probes) are
-    left to the step that reads them: the config that writes them names them too."""
+    left to the step that reads them: the config that writes them names them too. ``models=False``:
+    the data keys only, for commands that take their models from flags (evaluate, robustness)."""
 
     def fail(message: str) -> None:
         raise DskdError(f"{source}: {message}")
@@ -103,12 +104,13 @@ def check_config_paths(cfg, source: str) -> None:
             except DskdError as exc:
                 fail(str(exc))
 
-    check(cfg.teacher.path, "teacher.path", MODEL)
-    check(cfg.teacher.tokenizer, "teacher.tokenizer", TOKENIZER)
-    check(cfg.student.init, "student.init", MODEL)
-    for i, stage in enumerate(cfg.schedule):
-        if stage.teacher is not None and not stage.teacher.startswith("trajectory:"):  # Pro-KD resolves those
-            check(stage.teacher, f"schedule[{i}].teacher", MODEL)
+    if models:
+        check(cfg.teacher.path, "teacher.path", MODEL)
+        check(cfg.teacher.tokenizer, "teacher.tokenizer", TOKENIZER)
+        check(cfg.student.init, "student.init", MODEL)
+        for i, stage in enumerate(cfg.schedule):
+            if stage.teacher is not None and not stage.teacher.startswith("trajectory:"):  # Pro-KD resolves those
+                check(stage.teacher, f"schedule[{i}].teacher", MODEL)
     data = cfg.data
     if data.corpus is None and data.path is not None:  # a string is always a folder; null loads from the hub
         folder = Path(resolve_path(data.path)).expanduser()

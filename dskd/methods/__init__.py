@@ -33,7 +33,7 @@ def check_losses(cfg: ExperimentConfig, source: str) -> None:
         method.check_config(cfg, source)
 
 
-def load_experiment(path, overrides=(), check_paths: bool = True) -> ExperimentConfig:
+def load_experiment(path, overrides=(), check_paths: bool | str = True) -> ExperimentConfig:
     """``dskd.config.load_config`` plus the checks of every registered loss term and method:
     what every command loads an experiment with."""
     return load_config(path, overrides, checks=(check_losses,), check_paths=check_paths)
