@@ -247,15 +247,13 @@ def reference(name: str) -> str | None:
     return {"no_teacher": None, "soft_kd": "no_teacher", **two_stage}.get(method, "soft_kd")
 
 
-def _predicted(run: Path) -> list[int] | None:
+def _predictions(run: Path) -> tuple[list[int], list[int]] | None:
+    """(predicted, gold) labels of the run's dev examples, from its dev_predictions.jsonl."""
     path = run / PREDICTIONS
     if not path.is_file():
         return None
-    return [json.loads(line)["predicted"] for line in path.read_text().splitlines() if line]
-
-
-def _labels(run: Path) -> list[int]:
-    return [json.loads(line)["label"] for line in (run / PREDICTIONS).read_text().splitlines() if line]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r["predicted"] for r in rows], [r["label"] for r in rows]
 
 
 def collect(args) -> dict:
@@ -293,9 +291,9 @@ def _run_record(run: Path) -> dict:
     record = dict(json.loads((run / "metrics.json").read_text()), run=run.name)
     if (run / WALL).is_file():
         record["wall_seconds"] = sum(json.loads((run / WALL).read_text())["seconds"])
-    predicted = _predicted(run)
-    if predicted is not None:
-        record["predicted"], record["labels"] = predicted, _labels(run)
+    kept = _predictions(run)
+    if kept is not None:
+        record["predicted"], record["labels"] = kept
     return record
 
 

@@ -13,7 +13,8 @@ from dskd.data.noise import apply_label_noise, label_noise, split_holdout
 from dskd.data.tasks import GLUE_TASKS, SPLITS, TaskSpec, get_task
 
 __all__ = [
-    "GLUE_TASKS", "SPLITS", "UNLABELED", "labelled_rows", "CorpusTask", "TaskSpec", "apply_label_noise", "collate", "data_fingerprint", "epoch_batches",
-    "eval_loader", "example_lengths", "first_batches", "get_task", "grouping_note", "label_noise", "load_data",
+    "GLUE_TASKS", "SPLITS", "UNLABELED", "CorpusTask", "TaskSpec", "apply_label_noise", "collate", "data_fingerprint",
+    "epoch_batches", "eval_loader", "example_lengths", "first_batches", "get_task", "grouping_note", "labelled_rows",
+    "label_noise", "load_data",
     "load_split", "loader", "padding_efficiency", "read_glue_tsv", "split_holdout", "task_for", "tokenize_split", "training_split",
 ]

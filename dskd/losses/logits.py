@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dskd.data import UNLABELED
 from dskd.kernels import reference, soft_kl_rows
 from dskd.losses.base import LossTerm, _check_kernel, register_loss
 
@@ -23,11 +24,10 @@ class HardLabelLoss(LossTerm):
         logits, labels = student["logits"], teacher["labels"]
         if logits.shape[-1] == 1:
             return F.mse_loss(logits.float().squeeze(-1), labels.float())
-        labelled = labels != -100  # rows of `data.unlabeled` have none: the mean is over the others
-        if labelled.all():
-            return F.cross_entropy(logits.float(), labels)
-        # A batch of unlabeled rows only contributes 0 (cross_entropy's mean would be NaN), still in the graph.
-        return F.cross_entropy(logits.float(), labels, reduction="sum") / labelled.sum().clamp(min=1)
+        # Rows of `data.unlabeled` (label UNLABELED, cross_entropy's ignore_index) are skipped: the mean is over
+        # the others, and a batch without any gives 0, not NaN. No branch on the labels: no host sync per step.
+        labelled = (labels != UNLABELED).sum().clamp(min=1)
+        return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=UNLABELED) / labelled
 
 
 @register_loss("soft_kd")

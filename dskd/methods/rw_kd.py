@@ -65,7 +65,6 @@ class ReweightedKD(LossTerm):
 
     gold_labels = "every"  # the CE of every example, and its meta batches
 
-
     def __init__(self, temperature: float = 2.0, hidden: int = 16, meta_lr: float = 1e-3, meta_every: int = 1,
                  inner_lr: float = 0.0):
         super().__init__()

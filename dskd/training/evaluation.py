@@ -61,10 +61,6 @@ def write_predictions(path: Path, task, predictions, labels) -> None:
     tmp.replace(path)
 
 
-def read_predictions(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-
-
 def dev_loss(task, predictions, labels) -> float:
     """The student's own loss on the dev labels: cross-entropy, or the squared error of a
     regression task (what HF Trainer reports as ``eval_loss``)."""

@@ -226,6 +226,7 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
     current_stage = stage_at(state["step"]).name if state["step"] < stages[-1].end else None
     entered = None  # the stage whose `Method.on_stage` hooks have run
     halted = preempted = False
+    predictions_written = False  # the final evaluation wrote dev_predictions.jsonl for the weights that are exported
     stop = stop or StopRequest()
     engine.train()
     if state["step"] < stages[-1].end and stop.agreed(device)[0]:  # a signal during start-up: nothing to save
@@ -319,7 +320,8 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
             if (training.eval_every and step % training.eval_every == 0) or (
                 not training.eval_every and end_of_epoch
             ) or finished or (stage.keep_best and step == stage.end):
-                result, about = _evaluate(engine, job, eval_batch)
+                predictions_written = finished and task.prediction is not None
+                result, about = _evaluate(engine, job, eval_batch, out / PREDICTIONS_FILE if predictions_written else None)
                 monitor.scalars({f"eval/{k}": v for k, v in about.items()}, step)
                 main = result[task.main_metric]
                 if state["best"] is None or main > state["best"][task.main_metric]:
@@ -338,6 +340,7 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
                                     monitor)
                     if step == stage.end:
                         restore_stage_best(engine, out, state, stage, task.main_metric, monitor)
+                        predictions_written = False  # other weights now: the end predicts again
                 if snapshot_example is not None:
                     attention_snapshot(engine, job.teacher, snapshot_example, job.pairs, attention_terms[0].groups,
                                        training.attention_images, monitor, step, snapshot_tokens)
@@ -376,7 +379,7 @@ def _train(job: Job, engine, monitor: Monitor, stages: list[Stage], state: dict,
 
     if last_save_step != state["step"]:
         save()
-    if task.prediction is not None:  # the final weights' (also after a keep_best restore): what metrics.json scores
+    if task.prediction is not None and not predictions_written:  # after a restore, or resumed past the last eval
         _evaluate(engine, job, eval_batch, out / PREDICTIONS_FILE)
     final = {k: v for k, v in state["last_eval"].items() if k != "step"}
     result = {"task": task.name, **final, "step": state["step"], "best": state["best"]}
