@@ -256,25 +256,35 @@ def _predictions(run: Path) -> tuple[list[int], list[int]] | None:
     return [r["predicted"] for r in rows], [r["label"] for r in rows]
 
 
-def collect(args) -> dict:
-    """Per task: the teachers' metrics, and per row (``L<layers>/<method>``) every completed seed's
-    metrics, predictions and wall seconds, and the comparison with its reference row."""
+def collect_with_predictions(args, root: Path) -> dict:
+    """Per task under ``root``: the teachers' metrics and, per row (``L<layers>/<method>``), every
+    completed seed's metrics, wall seconds and (when kept) dev predictions."""
     table = {}
-    methods = table_rows()
     for task in args.tasks:
         spec = get_task(task)
-        teacher = teacher_dir(args.root, task)
+        teacher = teacher_dir(root, task)
         if not completed(teacher):
             continue
         entry = {"metric": spec.main_metric, "teacher": json.loads((teacher / "metrics.json").read_text()), "rows": {}}
-        if completed(teacher_dir(args.root, task, "full")):
-            entry["teacher_full"] = json.loads((teacher_dir(args.root, task, "full") / "metrics.json").read_text())
+        if completed(teacher_dir(root, task, "full")):
+            entry["teacher_full"] = json.loads((teacher_dir(root, task, "full") / "metrics.json").read_text())
         for layers in args.layers:
-            for name in methods:
-                runs = [r for r in (student_dir(args.root, task, layers, name, s) for s in args.seeds) if completed(r)]
+            for name in table_rows():
+                runs = [r for r in (student_dir(root, task, layers, name, s) for s in args.seeds) if completed(r)]
                 if runs:
                     entry["rows"][f"L{layers}/{name}"] = [_run_record(r) for r in runs]
-            for name in methods:
+        table[task] = entry
+    return table
+
+
+def collect(args) -> dict:
+    """``collect_with_predictions`` for ``args.root``, with each row's comparison against its
+    reference row; the predictions themselves are dropped from the result."""
+    table = collect_with_predictions(args, args.root)
+    for task, entry in table.items():
+        spec = get_task(task)
+        for layers in args.layers:
+            for name in table_rows():
                 row, ref = f"L{layers}/{name}", reference(name)
                 if row in entry["rows"] and ref is not None and f"L{layers}/{ref}" in entry["rows"]:
                     stats = compare(entry["rows"][row], entry["rows"][f"L{layers}/{ref}"], spec)
@@ -283,7 +293,6 @@ def collect(args) -> dict:
         for rows in entry["rows"].values():
             for record in rows:
                 record.pop("predicted", None), record.pop("labels", None)
-        table[task] = entry
     return table
 
 
@@ -327,6 +336,59 @@ def _label(name: str) -> str:
     return METHODS[method] + (f" ({VARIANTS[variant]})" if variant else "")
 
 
+def _teacher_metric(entry: dict, name: str) -> float:
+    """The score of the teacher a row was distilled from (a ``@full`` variant: the full teacher)."""
+    full = bool(split_method(name)[1])
+    return (entry["teacher_full"] if full else entry["teacher"])[entry["metric"]]
+
+
+def cost_markdown(table: dict, layers_list: list[int]) -> str:
+    """Per row and task: the students' mean as a share of their own teacher's score, and the median
+    wall minutes of a run (all its launches summed; blank for runs from before wall.json)."""
+    tasks = list(table)
+    lines = ["| student | method | " + " | ".join(f"{t} % of teacher | {t} min/run" for t in tasks) + " |",
+             "|" + "---|" * (2 * len(tasks) + 2)]
+    for layers in layers_list:
+        for name in table_rows():
+            cells, seen = [], False
+            for t in tasks:
+                entry, runs = table[t], table[t]["rows"].get(f"L{layers}/{name}", [])
+                seen |= bool(runs)
+                if not runs or (split_method(name)[1] and "teacher_full" not in entry):
+                    cells += ["-", "-"]
+                    continue
+                share = statistics.fmean(r[entry["metric"]] for r in runs) / _teacher_metric(entry, name)
+                walls = [r["wall_seconds"] / 60 for r in runs if "wall_seconds" in r]
+                cells += [f"{100 * share:.1f}", f"{statistics.median(walls):.1f}" if walls else "-"]
+            if seen:
+                lines.append(f"| {layers} layers | {_label(name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_roots(args, other: Path) -> dict:
+    """Each row's runs here against the same row's runs under ``other`` (another grid of the same
+    recipes, e.g. without length-grouped batches): a paired bootstrap per task and row."""
+    here, there = collect_with_predictions(args, args.root), collect_with_predictions(args, other)
+    out = {}
+    for task, entry in here.items():
+        spec = get_task(task)
+        for row, runs in entry["rows"].items():
+            theirs = there.get(task, {}).get("rows", {}).get(row)
+            if theirs and (stats := compare(runs, theirs, spec)) is not None:
+                out.setdefault(task, {})[row] = dict(stats, n=len(runs), n_other=len(theirs))
+    return out
+
+
+def compare_roots_markdown(result: dict, other: Path) -> str:
+    lines = [f"| task | row | n here / n in {other.name} | Δ here - {other.name} [95% CI] p |", "|---|---|---|---|"]
+    for task, rows in result.items():
+        for row, stats in rows.items():
+            layers, name = row.split("/", 1)
+            lines.append(f"| {task} | {layers[1:]} layers, {_label(name)} | {stats['n']} / {stats['n_other']} | "
+                         f"{_delta(stats)} |")
+    return "\n".join(lines)
+
+
 def markdown(table: dict, layers_list: list[int]) -> str:
     tasks = list(table)
     head = "| student | method | vs | " + " | ".join(f"{t} {table[t]['metric']} | Δ [95% CI] p" for t in tasks) + " |"
@@ -367,12 +429,24 @@ def main() -> None:
                         help="a config override for every student run (repeatable)")
     parser.add_argument("--table-only", action="store_true", help="collect finished runs, run nothing")
     parser.add_argument("--json", action="store_true", help="print the collected numbers as JSON")
+    parser.add_argument("--compare-root", type=Path, metavar="ROOT",
+                        help="also compare each row with the same row's runs under ROOT (paired bootstrap)")
     args = parser.parse_args()
     args.root = args.root.resolve()
+    if args.compare_root is not None and not args.compare_root.is_dir():
+        parser.error(f"--compare-root {args.compare_root}: no such folder")
     if not args.table_only:
         run_grid(args)
     table = collect(args)
-    print(json.dumps(table, indent=1) if args.json else markdown(table, args.layers))
+    if args.compare_root is not None:
+        table["compare_root"] = {"root": str(args.compare_root), "rows": compare_roots(args, args.compare_root)}
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return
+    tasks = {t: e for t, e in table.items() if t != "compare_root"}
+    print(markdown(tasks, args.layers) + "\n\n" + cost_markdown(tasks, args.layers))
+    if args.compare_root is not None:
+        print("\n" + compare_roots_markdown(table["compare_root"]["rows"], args.compare_root))
 
 
 if __name__ == "__main__":

@@ -103,3 +103,50 @@ def test_noise_table_reuses_the_clean_rows_at_rate_zero_and_leaves_missing_cells
     assert "| 3 layers, no KD (CE on the noisy labels alone) | 83.0 | 77.8 |" in text
     assert "| 3 layers, KD (0.5 CE + 0.5 KD) | 83.6 | - |" in text
     assert "| 3 layers, mitigation 2: small-loss selection (drop <= 20%) | 83.7 | - |" in text
+
+
+def test_cost_table_gives_each_row_its_own_teachers_share_and_the_median_wall_minutes(tmp_path):
+    results = _results_module()
+    _fake_run(results.teacher_dir(tmp_path, "sst2"), {"accuracy": 0.80})
+    _fake_run(results.teacher_dir(tmp_path, "sst2", "full"), {"accuracy": 0.90})
+    for seed, (acc, minutes) in enumerate(((0.70, 4), (0.74, 5), (0.78, 9)), start=1):
+        for name in ("soft_kd", "soft_kd@full"):
+            folder = results.student_dir(tmp_path, "sst2", 3, name, seed)
+            _fake_run(folder, {"accuracy": acc})
+            # A run resumed once: its launches are summed.
+            folder.joinpath("wall.json").write_text(json.dumps({"seconds": [60.0 * minutes - 30, 30.0]}))
+    table = results.collect(Namespace(root=tmp_path, tasks=["sst2"], layers=[3], seeds=[1, 2, 3]))
+    text = results.cost_markdown(table, [3])
+    # Mean 0.74: 92.5% of the 0.80 teacher; the @full row against the 0.90 teacher: 82.2%.
+    assert "| 3 layers | soft-label KD | 92.5 | 5.0 |" in text
+    assert "| 3 layers | soft-label KD (teacher fine-tuned on all training rows) | 82.2 | 5.0 |" in text
+
+
+def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_path):
+    import numpy as np
+
+    from dskd.data.significance import paired_bootstrap
+
+    results = _results_module()
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 200).tolist()
+    here, there = tmp_path / "grouped", tmp_path / "plain"
+    kept = {}
+    for root, seeds in ((here, (1, 2, 3)), (there, (1,))):
+        _fake_run(results.teacher_dir(root, "sst2"), {"accuracy": 0.85})
+        kept[root] = []
+        for seed in seeds:
+            predicted = [y if rng.random() < 0.8 else 1 - y for y in labels]
+            folder = results.student_dir(root, "sst2", 3, "soft_kd", seed)
+            _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
+            _predictions(folder, predicted, labels)
+            kept[root].append(predicted)
+    _fake_run(results.student_dir(here, "sst2", 3, "tinybert", 1), {"accuracy": 0.8})  # only here: no row
+    args = Namespace(root=here, tasks=["sst2"], layers=[3], seeds=[1, 2, 3])
+    result = results.compare_roots(args, there)
+    assert list(result["sst2"]) == ["L3/soft_kd"]
+    want = paired_bootstrap("accuracy", kept[here], kept[there], labels)
+    assert {k: result["sst2"]["L3/soft_kd"][k] for k in want} == want
+    assert (result["sst2"]["L3/soft_kd"]["n"], result["sst2"]["L3/soft_kd"]["n_other"]) == (3, 1)
+    text = results.compare_roots_markdown(result, there)
+    assert f"| sst2 | 3 layers, soft-label KD | 3 / 1 | {100 * want['diff']:+.1f}" in text
