@@ -20,7 +20,11 @@ from ``dskd evaluate --predictions``) and the wall time of each launch (``wall.j
 table gives mean ± standard deviation over seeds and, per cell, the difference to a reference
 row (a method: soft-label KD; soft-label KD: no teacher; a variant: the row without it) with the
 95% interval and p of a paired bootstrap over dev examples and seeds (dskd/data/significance.py);
-``*`` marks p < 0.05. The table (markdown) goes to stdout; ``--json`` prints the numbers instead.
+``*`` marks p < 0.05. A second table gives each row's share of its own teacher and the median
+wall minutes of a run. ``--compare-root ROOT`` adds each row against the same row of another grid
+(e.g. one without length-grouped batches) and the mean of those differences over rows, with the
+same bootstrap (the examples drawn once for every row). Markdown goes to stdout; ``--json``
+prints the numbers instead.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dskd.data import get_task  # noqa: E402
-from dskd.data.significance import paired_bootstrap  # noqa: E402
+from dskd.data.significance import paired_bootstrap, pooled_paired_bootstrap  # noqa: E402
 
 # Per-task data settings (shared by teacher and students). SST-2 is subsampled to its
 # first 8,000 training sentences so the grid fits two CPU cores; MRPC and RTE are whole.
@@ -83,6 +87,7 @@ VARIANTS = {
     "full+unlabeled": "teacher on all rows, + the other rows unlabeled",
 }
 PREDICTIONS, WALL = "dev_predictions.jsonl", "wall.json"
+POOLED = "mean over rows"  # compare_roots' key for the pooled test
 ALPHA = 0.05
 
 
@@ -372,10 +377,17 @@ def compare_roots(args, other: Path) -> dict:
     out = {}
     for task, entry in here.items():
         spec = get_task(task)
+        pairs = []
         for row, runs in entry["rows"].items():
             theirs = there.get(task, {}).get("rows", {}).get(row)
             if theirs and (stats := compare(runs, theirs, spec)) is not None:
                 out.setdefault(task, {})[row] = dict(stats, n=len(runs), n_other=len(theirs))
+                pairs.append(([r["predicted"] for r in runs], [r["predicted"] for r in theirs]))
+                labels = runs[0]["labels"]
+        if len(pairs) > 1:
+            # Across rows: does the other grid's setting move every method the same way?
+            pooled = pooled_paired_bootstrap(spec.main_metric, pairs, labels, num_labels=spec.num_labels)
+            out[task][POOLED] = dict(pooled, n=len(pairs), n_other=len(pairs))
     return out
 
 
@@ -383,6 +395,9 @@ def compare_roots_markdown(result: dict, other: Path) -> str:
     lines = [f"| task | row | n here / n in {other.name} | Δ here - {other.name} [95% CI] p |", "|---|---|---|---|"]
     for task, rows in result.items():
         for row, stats in rows.items():
+            if row == POOLED:
+                lines.append(f"| {task} | mean over the {stats['n']} rows above | - | {_delta(stats)} |")
+                continue
             layers, name = row.split("/", 1)
             lines.append(f"| {task} | {layers[1:]} layers, {_label(name)} | {stats['n']} / {stats['n_other']} | "
                          f"{_delta(stats)} |")

@@ -124,8 +124,9 @@ def test_cost_table_gives_each_row_its_own_teachers_share_and_the_median_wall_mi
 
 def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_path):
     import numpy as np
+    import pytest
 
-    from dskd.data.significance import paired_bootstrap
+    from dskd.data.significance import paired_bootstrap, pooled_paired_bootstrap
 
     results = _results_module()
     rng = np.random.default_rng(1)
@@ -134,19 +135,26 @@ def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_pa
     kept = {}
     for root, seeds in ((here, (1, 2, 3)), (there, (1,))):
         _fake_run(results.teacher_dir(root, "sst2"), {"accuracy": 0.85})
-        kept[root] = []
-        for seed in seeds:
-            predicted = [y if rng.random() < 0.8 else 1 - y for y in labels]
-            folder = results.student_dir(root, "sst2", 3, "soft_kd", seed)
-            _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
-            _predictions(folder, predicted, labels)
-            kept[root].append(predicted)
+        for method in ("soft_kd", "minilm"):
+            kept[root, method] = []
+            for seed in seeds:
+                predicted = [y if rng.random() < 0.8 else 1 - y for y in labels]
+                folder = results.student_dir(root, "sst2", 3, method, seed)
+                _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
+                _predictions(folder, predicted, labels)
+                kept[root, method].append(predicted)
     _fake_run(results.student_dir(here, "sst2", 3, "tinybert", 1), {"accuracy": 0.8})  # only here: no row
     args = Namespace(root=here, tasks=["sst2"], layers=[3], seeds=[1, 2, 3])
     result = results.compare_roots(args, there)
-    assert list(result["sst2"]) == ["L3/soft_kd"]
-    want = paired_bootstrap("accuracy", kept[here], kept[there], labels)
+    assert list(result["sst2"]) == ["L3/soft_kd", "L3/minilm", results.POOLED]
+    want = paired_bootstrap("accuracy", kept[here, "soft_kd"], kept[there, "soft_kd"], labels)
     assert {k: result["sst2"]["L3/soft_kd"][k] for k in want} == want
     assert (result["sst2"]["L3/soft_kd"]["n"], result["sst2"]["L3/soft_kd"]["n_other"]) == (3, 1)
+    # The pooled line: the mean of the rows' differences, on examples drawn once for both rows.
+    pooled = pooled_paired_bootstrap("accuracy", [(kept[here, m], kept[there, m]) for m in ("soft_kd", "minilm")],
+                                     labels)
+    assert {k: result["sst2"][results.POOLED][k] for k in pooled} == pooled
+    assert pooled["diff"] == pytest.approx((want["diff"] + result["sst2"]["L3/minilm"]["diff"]) / 2)
     text = results.compare_roots_markdown(result, there)
     assert f"| sst2 | 3 layers, soft-label KD | 3 / 1 | {100 * want['diff']:+.1f}" in text
+    assert f"| sst2 | mean over the 2 rows above | - | {100 * pooled['diff']:+.1f}" in text

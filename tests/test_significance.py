@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dskd.data import metrics
-from dskd.data.significance import _replicate_scores, paired_bootstrap
+from dskd.data.significance import _replicate_scores, paired_bootstrap, pooled_paired_bootstrap
 
 METRIC_FNS = {"accuracy": metrics.accuracy, "f1": metrics.f1, "matthews_corrcoef": metrics.matthews_corrcoef}
 
@@ -79,3 +79,27 @@ def test_same_seed_same_answer_and_bad_input_named():
         paired_bootstrap("pearson", a, b, labels)
     with pytest.raises(ValueError, match="F1/MCC of two classes"):
         paired_bootstrap("f1", a, b, labels, num_labels=3)
+
+
+def test_pooled_bootstrap_averages_the_pairs_differences_on_shared_examples():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 400)
+
+    def run(right):
+        return np.where(rng.random(400) < right, labels, 1 - labels)
+
+    better, worse, base = [run(0.88)], [run(0.66)], [run(0.78)]
+    up = paired_bootstrap("accuracy", better, base, labels, replicates=3000)
+    down = paired_bootstrap("accuracy", worse, base, labels, replicates=3000)
+    assert up["p"] < 0.01 and down["p"] < 0.01 and up["diff"] > 0 > down["diff"]
+    # One pair, or the same single-seed pair twice: exactly paired_bootstrap's answer.
+    once = pooled_paired_bootstrap("accuracy", [(better, base)], labels, replicates=3000)
+    twice = pooled_paired_bootstrap("accuracy", [(better, base), (better, base)], labels, replicates=3000)
+    for key in ("a", "b", "diff", "low", "high", "p"):
+        assert once[key] == up[key] and twice[key] == pytest.approx(up[key])
+    # A gain on one method and a loss on another: the pooled difference is their mean.
+    both = pooled_paired_bootstrap("accuracy", [(better, base), (worse, base)], labels, replicates=3000)
+    assert both["diff"] == pytest.approx((up["diff"] + down["diff"]) / 2)
+    assert both["seeds"] == [[1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="at least one"):
+        pooled_paired_bootstrap("accuracy", [], labels)

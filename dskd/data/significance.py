@@ -54,23 +54,40 @@ def paired_bootstrap(metric: str, a: list, b: list, labels, replicates: int = 10
     """Compare method A (``a``: its runs' predicted labels, one array per seed) with method B on
     the same dev set (``labels``). Returns the means over seeds, their difference A - B, the 95%
     bootstrap interval of the difference and the two-sided ``p`` value (see the module doc)."""
+    result = pooled_paired_bootstrap(metric, [(a, b)], labels, replicates, seed, num_labels)
+    return dict(result, seeds=result.pop("seeds")[0])
+
+
+def pooled_paired_bootstrap(metric: str, pairs: list, labels, replicates: int = 10_000, seed: int = 0,
+                            num_labels: int = 2) -> dict:
+    """The mean of several paired differences on one dev set, e.g. every method of a grid run two
+    ways (``pairs``: ``(a, b)`` per method, each a list of runs' predictions). Each replicate
+    draws the examples once for all pairs, so the test keeps the pairing and counts each method's
+    own difference; the seeds are drawn per row as in ``paired_bootstrap`` (one pair: the same
+    draws, the same answer)."""
     check_metric(metric, num_labels)
+    if not pairs:
+        raise ValueError("pooled_paired_bootstrap needs at least one (a, b) pair")
     labels = np.asarray(labels).reshape(-1)
-    a, b = np.asarray(a).reshape(len(a), -1), np.asarray(b).reshape(len(b), -1)
-    if a.shape[1] != labels.size or b.shape[1] != labels.size:
-        raise ValueError(f"every run needs one prediction per dev example ({labels.size}); got "
-                         f"{a.shape[1]} and {b.shape[1]}")
-    rng = np.random.default_rng(seed)
     n = labels.size
+    pairs = [tuple(np.asarray(runs).reshape(len(runs), -1) for runs in pair) for pair in pairs]
+    for a, b in pairs:
+        if a.shape[1] != n or b.shape[1] != n:
+            raise ValueError(f"every run needs one prediction per dev example ({n}); got {a.shape[1]} and {b.shape[1]}")
+    rng = np.random.default_rng(seed)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
-    scores_a = _replicate_scores(metric, a, labels, weights)
-    scores_b = _replicate_scores(metric, b, labels, weights)
-    picks_a = rng.integers(0, len(a), size=(replicates, len(a)))
-    picks_b = rng.integers(0, len(b), size=(replicates, len(b)))
-    diffs = (np.take_along_axis(scores_a, picks_a, 1).mean(1) - np.take_along_axis(scores_b, picks_b, 1).mean(1))
     full = np.ones((1, n))
-    mean_a = float(_replicate_scores(metric, a, labels, full).mean())
-    mean_b = float(_replicate_scores(metric, b, labels, full).mean())
+    diffs, means_a, means_b = np.zeros(replicates), [], []
+    for a, b in pairs:
+        scores_a = _replicate_scores(metric, a, labels, weights)
+        scores_b = _replicate_scores(metric, b, labels, weights)
+        picks_a = rng.integers(0, len(a), size=(replicates, len(a)))
+        picks_b = rng.integers(0, len(b), size=(replicates, len(b)))
+        diffs += (np.take_along_axis(scores_a, picks_a, 1).mean(1) - np.take_along_axis(scores_b, picks_b, 1).mean(1))
+        means_a.append(float(_replicate_scores(metric, a, labels, full).mean()))
+        means_b.append(float(_replicate_scores(metric, b, labels, full).mean()))
+    diffs /= len(pairs)
+    mean_a, mean_b = float(np.mean(means_a)), float(np.mean(means_b))
     far = min(np.mean(diffs <= 0), np.mean(diffs >= 0))
     return {
         "metric": metric,
@@ -80,6 +97,6 @@ def paired_bootstrap(metric: str, a: list, b: list, labels, replicates: int = 10
         "low": float(np.percentile(diffs, 2.5)),
         "high": float(np.percentile(diffs, 97.5)),
         "p": float(min(1.0, max(2 * far, 1.0 / replicates))),
-        "seeds": [len(a), len(b)],
+        "seeds": [[len(a), len(b)] for a, b in pairs],
         "replicates": replicates,
     }
