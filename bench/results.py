@@ -282,10 +282,10 @@ def collect_with_predictions(args, root: Path) -> dict:
     return table
 
 
-def collect(args) -> dict:
-    """``collect_with_predictions`` for ``args.root``, with each row's comparison against its
-    reference row; the predictions themselves are dropped from the result."""
-    table = collect_with_predictions(args, args.root)
+def collect(args, table: dict | None = None) -> dict:
+    """``collect_with_predictions`` for ``args.root`` (or ``table``, already collected), with each
+    row's comparison against its reference row; the predictions themselves are dropped."""
+    table = collect_with_predictions(args, args.root) if table is None else table
     for task, entry in table.items():
         spec = get_task(task)
         for layers in args.layers:
@@ -370,10 +370,11 @@ def cost_markdown(table: dict, layers_list: list[int]) -> str:
     return "\n".join(lines)
 
 
-def compare_roots(args, other: Path) -> dict:
-    """Each row's runs here against the same row's runs under ``other`` (another grid of the same
-    recipes, e.g. without length-grouped batches): a paired bootstrap per task and row."""
-    here, there = collect_with_predictions(args, args.root), collect_with_predictions(args, other)
+def compare_roots(args, here: dict, other: Path) -> dict:
+    """Each row's runs in ``here`` (``collect_with_predictions`` of ``args.root``) against the same
+    row's runs under ``other`` (another grid of the same recipes, e.g. without length-grouped
+    batches): a paired bootstrap per task and row, and their pooled mean."""
+    there = collect_with_predictions(args, other)
     out = {}
     for task, entry in here.items():
         spec = get_task(task)
@@ -392,6 +393,9 @@ def compare_roots(args, other: Path) -> dict:
 
 
 def compare_roots_markdown(result: dict, other: Path) -> str:
+    if not result:
+        return (f"No row has completed runs with dev predictions both here and under {other} "
+                "(same --tasks, --layers and --seeds).")
     lines = [f"| task | row | n here / n in {other.name} | Δ here - {other.name} [95% CI] p |", "|---|---|---|---|"]
     for task, rows in result.items():
         for row, stats in rows.items():
@@ -452,9 +456,11 @@ def main() -> None:
         parser.error(f"--compare-root {args.compare_root}: no such folder")
     if not args.table_only:
         run_grid(args)
-    table = collect(args)
-    if args.compare_root is not None:
-        table["compare_root"] = {"root": str(args.compare_root), "rows": compare_roots(args, args.compare_root)}
+    here = collect_with_predictions(args, args.root)
+    other = compare_roots(args, here, args.compare_root) if args.compare_root is not None else None
+    table = collect(args, here)  # drops the predictions: compare_roots first
+    if other is not None:
+        table["compare_root"] = {"root": str(args.compare_root), "rows": other}
     if args.json:
         print(json.dumps(table, indent=1))
         return

@@ -145,7 +145,7 @@ def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_pa
                 kept[root, method].append(predicted)
     _fake_run(results.student_dir(here, "sst2", 3, "tinybert", 1), {"accuracy": 0.8})  # only here: no row
     args = Namespace(root=here, tasks=["sst2"], layers=[3], seeds=[1, 2, 3])
-    result = results.compare_roots(args, there)
+    result = results.compare_roots(args, results.collect_with_predictions(args, here), there)
     assert list(result["sst2"]) == ["L3/soft_kd", "L3/minilm", results.POOLED]
     want = paired_bootstrap("accuracy", kept[here, "soft_kd"], kept[there, "soft_kd"], labels)
     assert {k: result["sst2"]["L3/soft_kd"][k] for k in want} == want
@@ -158,3 +158,6 @@ def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_pa
     text = results.compare_roots_markdown(result, there)
     assert f"| sst2 | 3 layers, soft-label KD | 3 / 1 | {100 * want['diff']:+.1f}" in text
     assert f"| sst2 | mean over the 2 rows above | - | {100 * pooled['diff']:+.1f}" in text
+    nothing = results.compare_roots(args, results.collect_with_predictions(args, here), tmp_path / "empty")
+    assert nothing == {} and results.compare_roots_markdown(nothing, tmp_path / "empty").startswith(
+        f"No row has completed runs with dev predictions both here and under {tmp_path / 'empty'}")

@@ -55,7 +55,8 @@ def paired_bootstrap(metric: str, a: list, b: list, labels, replicates: int = 10
     the same dev set (``labels``). Returns the means over seeds, their difference A - B, the 95%
     bootstrap interval of the difference and the two-sided ``p`` value (see the module doc)."""
     result = pooled_paired_bootstrap(metric, [(a, b)], labels, replicates, seed, num_labels)
-    return dict(result, seeds=result.pop("seeds")[0])
+    result["seeds"] = result["seeds"][0]  # [seeds of a, seeds of b], not one such pair per row
+    return result
 
 
 def pooled_paired_bootstrap(metric: str, pairs: list, labels, replicates: int = 10_000, seed: int = 0,
