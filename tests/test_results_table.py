@@ -161,3 +161,42 @@ def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_pa
     nothing = results.compare_roots(args, results.collect_with_predictions(args, here), tmp_path / "empty")
     assert nothing == {} and results.compare_roots_markdown(nothing, tmp_path / "empty").startswith(
         f"No row has completed runs with dev predictions both here and under {tmp_path / 'empty'}")
+
+
+def test_pairs_test_two_rows_against_each_other_and_refuse_a_row_that_is_not_one(tmp_path):
+    import argparse
+
+    import numpy as np
+    import pytest
+
+    from dskd.data.significance import paired_bootstrap
+
+    results = _results_module()
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 600).tolist()
+    _fake_run(results.teacher_dir(tmp_path, "sst2"), {"accuracy": 0.9})
+    kept = {}
+    for method, right, seeds in (("internal_all", 0.7, (1, 2, 3)), ("internal_pid", 0.9, (1, 2)),
+                                 ("codir", 0.8, (1,))):
+        kept[method] = []
+        for seed in seeds:
+            predicted = [y if rng.random() < right else 1 - y for y in labels]
+            folder = results.student_dir(tmp_path, "sst2", 3, method, seed)
+            _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
+            _predictions(folder, predicted, labels)
+            kept[method].append(predicted)
+    args = Namespace(root=tmp_path, tasks=["sst2"], layers=[3], seeds=[1, 2, 3])
+    pairs = [results.pair_arg("internal_pid:internal_all"), results.pair_arg("minilm:internal_all")]
+    result = results.compare_pairs(args, results.collect_with_predictions(args, tmp_path), pairs)
+    # MiniLM has no runs: its pair is left out; the other is the bootstrap of the two rows' seeds.
+    assert [(s["row"], s["other"], s["n"], s["n_other"]) for s in result["sst2"]] == [
+        ("L3/internal_pid", "L3/internal_all", 2, 3)]
+    want = paired_bootstrap("accuracy", kept["internal_pid"], kept["internal_all"], labels)
+    assert {k: result["sst2"][0][k] for k in want} == want and want["diff"] > 0.1 and want["p"] < 0.05
+    text = results.pairs_markdown(result)
+    assert (f"| sst2 | 3 layers, internal KD, PID | internal KD, all layers | 2 / 3 | {100 * want['diff']:+.1f}*"
+            in text)
+    for bad in ("internal_pid", "internal_pid:nope", "soft_kd:soft_kd"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a pair is ROW:OTHER"):
+            results.pair_arg(bad)
+    assert results.pairs_markdown({}).startswith("No pair has completed runs")

