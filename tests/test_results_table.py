@@ -45,6 +45,23 @@ def _predictions(folder, predicted, labels):
         for i, (p, y) in enumerate(zip(predicted, labels))))
 
 
+def _fake_runs_with_predictions(results, root, rows, labels, rng):
+    """SST-2 runs under ``root``: per method, (share right, seeds); each seed's predictions get the
+    gold label with that probability. Returns each method's kept predictions, seed by seed."""
+    import numpy as np
+
+    kept = {}
+    for method, (right, seeds) in rows.items():
+        kept[method] = []
+        for seed in seeds:
+            predicted = [y if rng.random() < right else 1 - y for y in labels]
+            folder = results.student_dir(root, "sst2", 3, method, seed)
+            _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
+            _predictions(folder, predicted, labels)
+            kept[method].append(predicted)
+    return kept
+
+
 def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
     import numpy as np
 
@@ -54,15 +71,8 @@ def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 300).tolist()
     _fake_run(results.teacher_dir(tmp_path, "sst2"), {"accuracy": 0.9})
-    runs = {}
-    for method, right in (("no_teacher", 0.70), ("soft_kd", 0.72), ("internal_sid", 0.85), ("soft_kd@full", 0.73)):
-        runs[method] = []
-        for seed in (1, 2, 3):
-            predicted = [y if rng.random() < right else 1 - y for y in labels]
-            folder = results.student_dir(tmp_path, "sst2", 3, method, seed)
-            _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
-            _predictions(folder, predicted, labels)
-            runs[method].append(predicted)
+    runs = _fake_runs_with_predictions(results, tmp_path, {m: (right, (1, 2, 3)) for m, right in (
+        ("no_teacher", 0.70), ("soft_kd", 0.72), ("internal_sid", 0.85), ("soft_kd@full", 0.73))}, labels, rng)
     _fake_run(results.teacher_dir(tmp_path, "sst2", "full"), {"accuracy": 0.93})
     table = results.collect(Namespace(root=tmp_path, tasks=["sst2"], layers=[3], seeds=[1, 2, 3]))
     compare = table["sst2"]["compare"]
@@ -135,14 +145,8 @@ def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_pa
     kept = {}
     for root, seeds in ((here, (1, 2, 3)), (there, (1,))):
         _fake_run(results.teacher_dir(root, "sst2"), {"accuracy": 0.85})
-        for method in ("soft_kd", "minilm"):
-            kept[root, method] = []
-            for seed in seeds:
-                predicted = [y if rng.random() < 0.8 else 1 - y for y in labels]
-                folder = results.student_dir(root, "sst2", 3, method, seed)
-                _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
-                _predictions(folder, predicted, labels)
-                kept[root, method].append(predicted)
+        made = _fake_runs_with_predictions(results, root, {m: (0.8, seeds) for m in ("soft_kd", "minilm")}, labels, rng)
+        kept.update({(root, m): predicted for m, predicted in made.items()})
     _fake_run(results.student_dir(here, "sst2", 3, "tinybert", 1), {"accuracy": 0.8})  # only here: no row
     args = Namespace(root=here, tasks=["sst2"], layers=[3], seeds=[1, 2, 3])
     result = results.compare_roots(args, results.collect_with_predictions(args, here), there)
@@ -175,16 +179,9 @@ def test_pairs_test_two_rows_against_each_other_and_refuse_a_row_that_is_not_one
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 2, 600).tolist()
     _fake_run(results.teacher_dir(tmp_path, "sst2"), {"accuracy": 0.9})
-    kept = {}
-    for method, right, seeds in (("internal_all", 0.7, (1, 2, 3)), ("internal_pid", 0.9, (1, 2)),
-                                 ("codir", 0.8, (1,))):
-        kept[method] = []
-        for seed in seeds:
-            predicted = [y if rng.random() < right else 1 - y for y in labels]
-            folder = results.student_dir(tmp_path, "sst2", 3, method, seed)
-            _fake_run(folder, {"accuracy": float(np.mean(np.array(predicted) == labels))})
-            _predictions(folder, predicted, labels)
-            kept[method].append(predicted)
+    kept = _fake_runs_with_predictions(results, tmp_path, {"internal_all": (0.7, (1, 2, 3)),
+                                                           "internal_pid": (0.9, (1, 2)), "codir": (0.8, (1,))},
+                                       labels, rng)
     args = Namespace(root=tmp_path, tasks=["sst2"], layers=[3], seeds=[1, 2, 3])
     pairs = [results.pair_arg("internal_pid:internal_all"), results.pair_arg("minilm:internal_all")]
     result = results.compare_pairs(args, results.collect_with_predictions(args, tmp_path), pairs)
