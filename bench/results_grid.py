@@ -51,9 +51,12 @@ METHODS = {
 }
 DEFAULT_METHODS = ["no_teacher", "soft_kd", "internal_all", "internal_pid", "internal_sid"]
 # Two-stage rows bench/general.py makes (stage 1 on WikiText-2, then the task stage) in the same
-# folders (ROOT/TASK/L3-<row>-s<seed>): collected here, so they get the same statistics.
+# folders (ROOT/TASK/L3-<row>-s<seed>): collected here, so they get the same statistics. Stage 1
+# is one run shared by every seed; the seeds are the task stage's. pretrained_copy is stage 1's
+# own starting point without stage 1 (``--pairs general_init:pretrained_copy``: what stage 1 adds).
 GENERAL_ROWS = {
     "general_init": "stage 1 on WikiText-2 (from teacher layers), then soft-label KD",
+    "pretrained_copy": "student copied from the pretrained teacher's layers (no stage 1), then soft-label KD",
     "codir_general": "CoDIR pre-training form on WikiText-2, then CoDIR fine-tuning",
     "kronecker_general": "KroneckerBERT, stage 1 on WikiText-2, then its task recipe",
 }
@@ -223,7 +226,8 @@ def reference(name: str) -> str | None:
     method, variant = split_method(name)
     if variant:
         return method if variant == "full" else f"{method}@full"
-    two_stage = {"general_init": "soft_kd", "codir_general": "codir", "kronecker_general": "kroneckerbert"}
+    two_stage = {"general_init": "soft_kd", "pretrained_copy": "soft_kd", "codir_general": "codir",
+                 "kronecker_general": "kroneckerbert"}
     return {"no_teacher": None, "soft_kd": "no_teacher", **two_stage}.get(method, "soft_kd")
 
 
