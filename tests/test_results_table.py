@@ -197,3 +197,28 @@ def test_pairs_test_two_rows_against_each_other_and_refuse_a_row_that_is_not_one
         with pytest.raises(argparse.ArgumentTypeError, match="a pair is ROW:OTHER"):
             results.pair_arg(bad)
     assert results.pairs_markdown({}).startswith("No pair has completed runs")
+
+
+def test_two_stage_rows_of_bench_general_are_the_folders_the_results_table_collects(tmp_path, monkeypatch):
+    """bench/general.py writes the two-stage runs, bench/results.py collects them: one folder each."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("general_bench", REPO / "bench" / "general.py")
+    general = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(general)
+    results = _results_module()
+    for name in results.GENERAL_ROWS:
+        assert name in general.ROWS
+        assert general.task_dir(tmp_path, "mrpc", name, 2) == results.student_dir(tmp_path, "mrpc", 3, name, 2)
+    for name, method in general.FROM_RESULTS.items():  # rows both scripts make: the same run
+        assert method in results.METHODS
+        assert general.task_dir(tmp_path, "mrpc", name, 3) == results.student_dir(tmp_path, "mrpc", 3, method, 3)
+    _fake_run(results.teacher_dir(tmp_path, "mrpc"), {"f1": 0.85})
+    for seed, f1 in ((1, 0.80), (2, 0.82)):
+        _fake_run(general.task_dir(tmp_path, "mrpc", "general_init", seed), {"f1": f1})
+    _fake_run(general.general_dir(tmp_path, "minilm_l3"), {"loss": 0.5, "loss/minilm": 0.2, "step": 274})
+    args = Namespace(root=tmp_path, tasks=["mrpc"], layers=[3], seeds=[1, 2, 3])
+    text = general.markdown(general.collect(args))
+    assert "| stage 1 (init from teacher layers 2, 4, 6), then soft-label KD | 81.0 ± 1.4 (n=2) |" in text
+    assert "| minilm_l3 | 274 | 0.5000 | minilm 0.2000 |" in text
+    table = results.collect(args)
+    assert [r["f1"] for r in table["mrpc"]["rows"]["L3/general_init"]] == [0.80, 0.82]
