@@ -101,7 +101,9 @@ def collect(args, table: dict | None = None) -> dict:
 def _run_record(run: Path) -> dict:
     record = dict(json.loads((run / "metrics.json").read_text()), run=run.name)
     if (run / WALL).is_file():
-        record["wall_seconds"] = sum(json.loads((run / WALL).read_text())["seconds"])
+        wall = json.loads((run / WALL).read_text())
+        # paused_seconds: time the run's processes were stopped (kill -STOP) for another measurement
+        record["wall_seconds"] = sum(wall["seconds"]) - wall.get("paused_seconds", 0)
     kept = _predictions(run)
     if kept is not None:
         record["predicted"], record["labels"] = kept

@@ -123,8 +123,9 @@ def test_cost_table_gives_each_row_its_own_teachers_share_and_the_median_wall_mi
         for name in ("soft_kd", "soft_kd@full"):
             folder = results.student_dir(tmp_path, "sst2", 3, name, seed)
             _fake_run(folder, {"accuracy": acc})
-            # A run resumed once: its launches are summed.
-            folder.joinpath("wall.json").write_text(json.dumps({"seconds": [60.0 * minutes - 30, 30.0]}))
+            # A run resumed once (its launches are summed), one of them paused for 2 minutes (not counted).
+            folder.joinpath("wall.json").write_text(json.dumps({"seconds": [60.0 * minutes - 30, 30.0 + 120 * (seed == 2)],
+                                                                "paused_seconds": 120 * (seed == 2)}))
     table = results.collect(Namespace(root=tmp_path, tasks=["sst2"], layers=[3], seeds=[1, 2, 3]))
     text = results.cost_markdown(table, [3])
     # Mean 0.74: 92.5% of the 0.80 teacher; the @full row against the 0.90 teacher: 82.2%.
