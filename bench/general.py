@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from results import _cell
-from results_grid import REPO, TASKS, completed, launch, sets, student_dir, teacher_dir
+from results_grid import (REPO, TASKS, completed, ensure_teacher, keep_record, kept, launch, sets, student_dir,
+                          teacher_dir)
 
 from dskd.data import get_task
 
@@ -96,29 +97,41 @@ def write_pretrained_copy(out: Path) -> None:
 
 
 def run_grid(args) -> None:
-    dskd = [sys.executable, "-m", "dskd"]
+    """Every (row, task, seed) task-stage run not completed, here or in ``args.keep``; a stage-1 run
+    and a teacher are made only when a task-stage run needs them."""
     for row in args.rows:
         _, general, recipe, extra = ROWS[row]
-        if general == "pretrained_copy" and not completed(general_dir(args.root, general)):
-            write_pretrained_copy(general_dir(args.root, general))
-        elif general is not None and not completed(general_dir(args.root, general)):
-            launch([*dskd, "distill", "--config", GENERAL[general], "--output", str(general_dir(args.root, general)),
-                    "--auto-resume"], args.threads)
         for task in args.tasks:
             teacher = teacher_dir(args.root, task)
-            wait_for(teacher)
-            if not completed(teacher):
-                launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output", str(teacher),
-                        "--auto-resume", *sets(TASKS[task])], args.threads)
             for seed in args.seeds:
                 out = task_dir(args.root, task, row, seed)
                 if completed(out):
+                    keep_record(args.keep, out)
                     continue
+                if (dest := kept(args.keep, out)) is not None and completed(dest):
+                    continue
+                ensure_general(args, general)
+                wait_for(teacher)
+                ensure_teacher(args, task, "")
                 student = ([f"student.init={general_dir(args.root, general)}", "student.layers=null"] if general
                            else ["student.layers=3"]) + extra
-                launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",
+                launch([sys.executable, "-m", "dskd", "distill", "--config", recipe, "--output", str(out), "--auto-resume",
                         *sets(TASKS[task] + [f"teacher.path={teacher}", f"seed={seed}"] + student
                               + args.student_sets)], args.threads, out)
+                keep_record(args.keep, out)
+
+
+def ensure_general(args, general: str | None) -> None:
+    """The stage-1 student a row starts from (None: the row has no stage 1)."""
+    if general is None:
+        return
+    run = general_dir(args.root, general)
+    if general == "pretrained_copy" and not completed(run):
+        write_pretrained_copy(run)
+    elif not completed(run):
+        launch([sys.executable, "-m", "dskd", "distill", "--config", GENERAL[general], "--output", str(run),
+                "--auto-resume"], args.threads)
+    keep_record(args.keep, run)
 
 
 def collect(args) -> dict:
@@ -169,6 +182,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--set", dest="student_sets", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every task-stage run (repeatable), e.g. training.group_by_length=true")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy each finished run's record (metrics, dev predictions, wall time) to DIR/TASK/RUN "
+                             "and skip the runs kept there (bench/results.py --keep)")
     parser.add_argument("--table-only", action="store_true", help="collect finished runs, run nothing")
     parser.add_argument("--json", action="store_true", help="print the collected numbers as JSON")
     args = parser.parse_args()

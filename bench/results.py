@@ -283,6 +283,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--set", dest="student_sets", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every student run (repeatable)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy each finished run's record (metrics, run status, dev predictions, wall time; no "
+                             "weights) to DIR/TASK/RUN and skip the runs kept there: a grid that outlives its "
+                             "checkout (results/ in the repository). The table of DIR: --root DIR --table-only")
     parser.add_argument("--table-only", action="store_true", help="collect finished runs, run nothing")
     parser.add_argument("--json", action="store_true", help="print the collected numbers as JSON")
     parser.add_argument("--compare-root", type=Path, metavar="ROOT",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,9 @@ VARIANTS = {
     "full+unlabeled": "teacher on all rows, + the other rows unlabeled",
 }
 PREDICTIONS, WALL = "dev_predictions.jsonl", "wall.json"
+# A run's record: all the tables read (a few kB, no weights). ``--keep DIR`` copies it to DIR/TASK/RUN
+# (results/ in the repository), so a finished run outlives its checkout and is not run again.
+RECORD = ("metrics.json", "run.json", PREDICTIONS, WALL)
 
 
 def split_method(name: str) -> tuple[str, str]:
@@ -124,6 +128,37 @@ def completed(run: Path) -> bool:
     return (run / "metrics.json").is_file() and info.is_file() and json.loads(info.read_text())["status"] == "completed"
 
 
+def kept(keep: Path | None, run: Path) -> Path | None:
+    """Where ``run``'s record is kept under ``keep`` (same TASK/RUN layout), or None without ``keep``."""
+    return None if keep is None else keep / run.parent.name / run.name
+
+
+def keep_record(keep: Path | None, run: Path) -> None:
+    """Copy a completed run's record to ``kept(keep, run)``."""
+    dest = kept(keep, run)
+    if dest is None or not completed(run):
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORD:
+        if (run / name).is_file():
+            shutil.copyfile(run / name, dest / name)
+
+
+def check_teacher(keep: Path | None, teacher: Path) -> None:
+    """A teacher fine-tuned again (a new checkout) must predict the dev set as the kept one did, else
+    the kept students learned from another teacher than the new ones would."""
+    dest = kept(keep, teacher)
+    if dest is None or not (dest / PREDICTIONS).is_file() or not (teacher / PREDICTIONS).is_file():
+        return
+    old, new = ([json.loads(line)["predicted"] for line in (d / PREDICTIONS).read_text().splitlines() if line]
+                for d in (dest, teacher))
+    if old != new:
+        differ = sum(a != b for a, b in zip(old, new)) + abs(len(old) - len(new))
+        raise SystemExit(f"{teacher}: this teacher predicts {differ} of {len(old)} dev examples otherwise than the "
+                         f"teacher kept in {dest}, whose students are kept there too; restore that teacher's "
+                         f"model, or keep the new grid in another --keep folder")
+
+
 def sets(assignments: list[str]) -> list[str]:
     return [arg for a in assignments for arg in ("--set", a)]
 
@@ -156,27 +191,39 @@ def ensure_predictions(run: Path, recipe_file: str, assignments: list[str], thre
 
 
 def run_grid(args) -> None:
-    dskd = [sys.executable, "-m", "dskd"]
+    """Every (seed, layers, task, method) student not completed, here or in ``args.keep``; a teacher,
+    and a method's inputs, are made only when a student needs them."""
+    dskd, keep = [sys.executable, "-m", "dskd"], args.keep
     for seed in args.seeds:
         for layers in args.layers:
             for task in args.tasks:
                 for name in args.methods:
                     method, variant = split_method(name)
-                    teacher = teacher_dir(args.root, task, variant)
-                    if not completed(teacher):
-                        launch([*dskd, "finetune", "--config", "configs/results/teacher.yaml", "--output",
-                                str(teacher), "--auto-resume", *sets(teacher_sets(task, variant))], args.threads,
-                               teacher)
-                    ensure_predictions(teacher, "configs/results/teacher.yaml", TASKS[task], args.threads)
                     out = student_dir(args.root, task, layers, name, seed)
                     recipe = f"configs/results/{method}.yaml"
+                    teacher = teacher_dir(args.root, task, variant)
                     base = TASKS[task] + [f"teacher.path={teacher}", f"student.layers={layers}", f"seed={seed}"]
                     if completed(out):
                         ensure_predictions(out, recipe, base + args.student_sets, args.threads)
+                        keep_record(keep, out)
                         continue
+                    if (dest := kept(keep, out)) is not None and completed(dest):
+                        continue
+                    ensure_teacher(args, task, variant)
                     launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",
                             *sets(base + args.student_sets + method_inputs(args, task, method, variant, teacher))],
                            args.threads, out)
+                    keep_record(keep, out)
+
+
+def ensure_teacher(args, task: str, variant: str) -> None:
+    teacher, keep = teacher_dir(args.root, task, variant), args.keep
+    if not completed(teacher):
+        launch([sys.executable, "-m", "dskd", "finetune", "--config", "configs/results/teacher.yaml", "--output",
+                str(teacher), "--auto-resume", *sets(teacher_sets(task, variant))], args.threads, teacher)
+    ensure_predictions(teacher, "configs/results/teacher.yaml", TASKS[task], args.threads)
+    check_teacher(keep, teacher)
+    keep_record(keep, teacher)
 
 
 def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> list[str]:

@@ -223,3 +223,53 @@ def test_two_stage_rows_of_bench_general_are_the_folders_the_results_table_colle
     assert "| minilm_l3 | 274 | 0.5000 | minilm 0.2000 |" in text
     table = results.collect(args)
     assert [r["f1"] for r in table["mrpc"]["rows"]["L3/general_init"]] == [0.80, 0.82]
+
+
+def test_keep_copies_each_finished_record_and_a_new_checkout_runs_only_what_is_not_kept(tmp_path, monkeypatch):
+    """--keep: a run's record outlives its run folder; the grid skips what is kept, refuses a teacher that differs."""
+    import sys
+
+    import pytest
+
+    results = _results_module()
+    grid = sys.modules["results_grid"]
+    launched = []
+
+    def fake_launch(cmd, threads, run=None):  # a distill that completes at once, with an accuracy per seed
+        launched.append(cmd[3])
+        if cmd[3] == "distill":
+            out = __import__("pathlib").Path(cmd[cmd.index("--output") + 1])
+            _fake_run(out, {"accuracy": (80 + int(out.name[-1])) / 100})
+            _predictions(out, [1, 0, 1], [1, 1, 1])
+
+    monkeypatch.setattr(grid, "launch", fake_launch)
+    here, keep = tmp_path / "runs", tmp_path / "results"
+    _fake_run(results.teacher_dir(here, "sst2"), {"accuracy": 0.85})
+    _predictions(results.teacher_dir(here, "sst2"), [1, 1, 1], [1, 1, 1])
+    _fake_run(results.student_dir(here, "sst2", 3, "soft_kd", 1), {"accuracy": 0.81})  # finished before --keep
+    _predictions(results.student_dir(here, "sst2", 3, "soft_kd", 1), [1, 0, 1], [1, 1, 1])
+    args = Namespace(root=here, keep=keep, tasks=["sst2"], layers=[3], seeds=[1, 2], methods=["soft_kd"],
+                     student_sets=[], threads=1)
+    grid.run_grid(args)
+    assert launched == ["distill"]  # seed 2 only
+    for seed in (1, 2):
+        run = results.student_dir(here, "sst2", 3, "soft_kd", seed)
+        for name in ("metrics.json", "run.json", "dev_predictions.jsonl"):
+            assert (grid.kept(keep, run) / name).read_bytes() == (run / name).read_bytes()
+    assert not (grid.kept(keep, results.student_dir(here, "sst2", 3, "soft_kd", 1)) / "model").exists()
+    # A new checkout (no runs/): nothing is run again, not even the teacher; the kept records make the table.
+    fresh = tmp_path / "fresh"
+    grid.run_grid(Namespace(**dict(vars(args), root=fresh)))
+    assert launched == ["distill"] and not fresh.exists()
+    table = results.collect(Namespace(root=keep, tasks=["sst2"], layers=[3], seeds=[1, 2]))
+    assert [r["accuracy"] for r in table["sst2"]["rows"]["L3/soft_kd"]] == [0.81, 0.82]
+    # Seed 3 needs the teacher: one fine-tuned again that predicts otherwise is refused.
+    _fake_run(results.teacher_dir(fresh, "sst2"), {"accuracy": 0.85})
+    _predictions(results.teacher_dir(fresh, "sst2"), [1, 0, 1], [1, 1, 1])
+    with pytest.raises(SystemExit, match="predicts 1 of 3 dev examples otherwise than the teacher kept in"):
+        grid.run_grid(Namespace(**dict(vars(args), root=fresh, seeds=[3])))
+    assert launched == ["distill"]
+    _predictions(results.teacher_dir(fresh, "sst2"), [1, 1, 1], [1, 1, 1])  # the same teacher: seed 3 runs
+    grid.run_grid(Namespace(**dict(vars(args), root=fresh, seeds=[3])))
+    assert launched == ["distill", "distill"]
+    assert grid.completed(grid.kept(keep, results.student_dir(fresh, "sst2", 3, "soft_kd", 3)))
