@@ -77,6 +77,22 @@ def test_tokenizer_from_vocab_file_has_full_vocabulary():
         models.load_tokenizer(TeacherConfig(tokenizer="/no/such/vocab.txt"))
 
 
+def test_a_fine_tuned_models_new_head_is_deterministic_in_seed_and_the_loaded_body_is_untouched(tmp_path):
+    """dskd finetune of the same folder with the same seed starts from the same head (it did not: every
+    teacher fine-tuned again differed), and the seed does not leak into the caller's random stream."""
+    tiny_teacher().save_pretrained(tmp_path / "t2")
+    torch.manual_seed(123)
+    a, b, c = (models.load_pretrained(str(tmp_path / "t2"), 3, for_finetune=True, seed=s) for s in (5, 5, 6))
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(1))
+    assert a.classifier.weight.shape == (3, 32)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert torch.equal(a.bert.encoder.layer[0].attention.self.query.weight,
+                       c.bert.encoder.layer[0].attention.self.query.weight)
+
+
 def test_distill_teacher_needs_a_trained_head(tmp_path):
     body = tiny_teacher()
     body.save_pretrained(tmp_path / "t3")

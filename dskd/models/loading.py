@@ -196,10 +196,11 @@ def pretrained_config(path: str, num_labels: int, key: str = "teacher.path"):
 
 
 def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "teacher.path",
-                    model_class: str = SEQUENCE_CLASSIFIER, needed_by: str | None = None):
+                    model_class: str = SEQUENCE_CLASSIFIER, needed_by: str | None = None, seed: int = 0):
     """Load a model with the task's Auto class. A sequence classifier's head must already match
     the task unless ``for_finetune``; a masked-LM head must be in the weights when ``needed_by``
-    (the loss term that reads it) is given."""
+    (the loss term that reads it) is given. Weights the folder lacks (a fine-tuned model's new
+    head) are initialised from ``seed``, so that fine-tuning the same folder twice gives the same model."""
     import transformers
 
     register_model_types()
@@ -210,8 +211,10 @@ def load_pretrained(path: str, num_labels: int, for_finetune: bool, key: str = "
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": for_finetune} \
         if model_class == SEQUENCE_CLASSIFIER else {}
     try:
-        model, info = getattr(transformers, model_class).from_pretrained(source, output_loading_info=True, **kwargs,
-                                                                         **hub)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, info = getattr(transformers, model_class).from_pretrained(source, output_loading_info=True,
+                                                                             **kwargs, **hub)
     except Exception as exc:
         raise DskdError(_load_failure(exc, source, key, MODEL,
                                       f"`{key}`: could not load a model from {source}: {exc}")) from None

@@ -8,7 +8,6 @@ import math
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dskd.config import StudentConfig
@@ -184,6 +183,5 @@ def student_from_folder(path: str, num_labels: int, seed: int, model_class: str 
     """``student.init``: a model folder or dskd run (e.g. a general student exported after a corpus
     job) with the job's head; a head the folder lacks is initialised from ``seed``, so the
     task stage of a two-stage pipeline is reproducible."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        return load_pretrained(path, num_labels, for_finetune=True, key="student.init", model_class=model_class).float()
+    return load_pretrained(path, num_labels, for_finetune=True, key="student.init", model_class=model_class,
+                           seed=seed + 1).float()

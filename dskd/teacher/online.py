@@ -46,7 +46,7 @@ def load_teacher(cfg, task, tokenizer, for_finetune: bool = False, head_needed_b
     `teacher.arch`. ``head_needed_by``: the loss term that reads its masked-LM head (corpus jobs)."""
     if cfg.teacher.path is not None:
         return models.load_pretrained(cfg.teacher.path, task.num_labels, for_finetune=for_finetune,
-                                      model_class=task.model_class, needed_by=head_needed_by)
+                                      model_class=task.model_class, needed_by=head_needed_by, seed=cfg.seed + 1)
     return models.build_from_arch(cfg.teacher.arch, len(tokenizer), task.num_labels, tokenizer.pad_token_id,
                                   cfg.seed, "teacher.arch", task.model_class)
 
