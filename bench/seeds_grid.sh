@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seeds grid of docs/results.md ("Seeds, intervals and paired tests") in two lanes that never
 # share a run folder, split by measured run time, one thread each:
-#   S: SST-2's core rows (seeds 1-3), then MRPC's seed 3;
+#   S: SST-2's core rows (seeds 1-3), then MRPC's seed 3, then the stronger SST-2 teacher's rows;
 #   M: MRPC's seeds 1-2, then the two-stage rows (bench/general.py) on MRPC and SST-2.
 # Start both, side by side, once each task's teacher is fine-tuned (or let one lane fine-tune it first):
 #   for L in S M; do nohup bench/seeds_grid.sh $L >> runs/logs/seeds-$L.log 2>&1 & done
@@ -15,11 +15,12 @@ CORE=(no_teacher soft_kd internal_all internal_pid internal_sid codir tinybert m
 core() { python bench/results.py "${G[@]}" --tasks "$1" --seeds "$2" --methods "${CORE[@]}"; }
 case "${1:-}" in
   S) for seed in 1 2 3; do core sst2 "$seed"; done
-     core mrpc 3 ;;
+     core mrpc 3
+     python bench/results.py "${G[@]}" --tasks sst2 --seeds 1 2 3 --methods soft_kd@full soft_kd@full+unlabeled ;;
   M) for seed in 1 2; do core mrpc "$seed"; done
      python bench/general.py --root runs/seeds --keep results/seeds --seeds 1 2 3 --threads 1 \
        --set training.group_by_length=true --tasks mrpc sst2 \
        --rows general_init codir_general kronecker_general kronecker_single pretrained_copy ;;
-  *) echo "usage: bench/seeds_grid.sh S|M  (the lane: S = SST-2 core rows, then MRPC seed 3; M = MRPC seeds 1-2, then the two-stage rows)" >&2
+  *) echo "usage: bench/seeds_grid.sh S|M  (the lane: S = SST-2 core rows, then MRPC seed 3 and the stronger teacher; M = MRPC seeds 1-2, then the two-stage rows)" >&2
      exit 2 ;;
 esac
