@@ -104,6 +104,19 @@ def probes_dir(root: Path, task: str) -> Path:
     return root / task / "probes"
 
 
+# Rows whose terms read only what a teacher cache stores (logits, [CLS], Q/K of the mapped layers):
+# they read the task's shared cache instead of running the teacher (0.41-0.47x the step time,
+# docs/benchmarks.md "Teacher cache"). TinyBERT (hidden states), MiniLM (values) and Combined-KD
+# (the generator's text) need the online teacher; Glitter reads its own cache with the candidates.
+TEACHER_CACHED = ("soft_kd", "internal_all", "internal_pid", "internal_sid", "codir", "annealing_kd", "pkd")
+CACHE_RECIPE = "configs/results/internal_all.yaml"  # its terms need every field the rows above read
+
+
+def teacher_cache_dir(root: Path, task: str) -> Path:
+    """The default teacher's outputs on the task's train and dev sets, shared by the TEACHER_CACHED rows."""
+    return root / task / "teacher-cache"
+
+
 def pool_dir(root: Path, task: str) -> Path:
     """Glitter's candidate pool (`dskd augment`), one per task (it depends on the data only)."""
     return root / task / "pool"
@@ -228,7 +241,8 @@ def ensure_teacher(args, task: str, variant: str) -> None:
 
 def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> list[str]:
     """What a method reads beside its recipe, made first when missing or older than the teacher:
-    Universal-KD's probes, Glitter's pool and cache, the unlabeled rows' teacher cache."""
+    the shared teacher cache, Universal-KD's probes, Glitter's pool and cache, the unlabeled rows'
+    teacher cache."""
     dskd = [sys.executable, "-m", "dskd"]
 
     def stale(manifest: Path, *inputs: Path) -> bool:
@@ -236,6 +250,12 @@ def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> 
 
     teacher_done = teacher / "metrics.json"
     extra = []
+    if method in TEACHER_CACHED and not variant:
+        store = teacher_cache_dir(args.root, task)
+        if stale(store / "manifest.json", teacher_done):
+            launch([*dskd, "cache-teacher", "--config", CACHE_RECIPE, "--output", str(store), "--overwrite",
+                    *sets(TASKS[task] + [f"teacher.path={teacher}"])], args.threads)
+        extra = [f"teacher.cache={store}"]
     if method == "universal_kd":
         probes = probes_dir(args.root, task)
         if stale(probes / "manifest.json", teacher_done):

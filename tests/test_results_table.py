@@ -237,7 +237,12 @@ def test_keep_copies_each_finished_record_and_a_new_checkout_runs_only_what_is_n
 
     def fake_launch(cmd, threads, run=None):  # a distill that completes at once, with an accuracy per seed
         launched.append(cmd[3])
+        if cmd[3] == "cache-teacher":
+            out = __import__("pathlib").Path(cmd[cmd.index("--output") + 1])
+            out.mkdir(parents=True)
+            (out / "manifest.json").write_text("{}")
         if cmd[3] == "distill":
+            assert f"teacher.cache={grid.teacher_cache_dir(args.root, 'sst2')}" in cmd  # soft_kd reads the shared cache
             out = __import__("pathlib").Path(cmd[cmd.index("--output") + 1])
             _fake_run(out, {"accuracy": (80 + int(out.name[-1])) / 100})
             _predictions(out, [1, 0, 1], [1, 1, 1])
@@ -251,7 +256,7 @@ def test_keep_copies_each_finished_record_and_a_new_checkout_runs_only_what_is_n
     args = Namespace(root=here, keep=keep, tasks=["sst2"], layers=[3], seeds=[1, 2], methods=["soft_kd"],
                      student_sets=[], threads=1)
     grid.run_grid(args)
-    assert launched == ["distill"]  # seed 2 only
+    assert launched == ["cache-teacher", "distill"]  # seed 2 only
     for seed in (1, 2):
         run = results.student_dir(here, "sst2", 3, "soft_kd", seed)
         for name in ("metrics.json", "run.json", "dev_predictions.jsonl"):
@@ -259,17 +264,48 @@ def test_keep_copies_each_finished_record_and_a_new_checkout_runs_only_what_is_n
     assert not (grid.kept(keep, results.student_dir(here, "sst2", 3, "soft_kd", 1)) / "model").exists()
     # A new checkout (no runs/): nothing is run again, not even the teacher; the kept records make the table.
     fresh = tmp_path / "fresh"
-    grid.run_grid(Namespace(**dict(vars(args), root=fresh)))
-    assert launched == ["distill"] and not fresh.exists()
+    args = Namespace(**dict(vars(args), root=fresh))
+    grid.run_grid(args)
+    assert launched == ["cache-teacher", "distill"] and not fresh.exists()
     table = results.collect(Namespace(root=keep, tasks=["sst2"], layers=[3], seeds=[1, 2]))
     assert [r["accuracy"] for r in table["sst2"]["rows"]["L3/soft_kd"]] == [0.81, 0.82]
     # Seed 3 needs the teacher: one fine-tuned again that predicts otherwise is refused.
     _fake_run(results.teacher_dir(fresh, "sst2"), {"accuracy": 0.85})
     _predictions(results.teacher_dir(fresh, "sst2"), [1, 0, 1], [1, 1, 1])
+    args.seeds = [3]
     with pytest.raises(SystemExit, match="predicts 1 of 3 dev examples otherwise than the teacher kept in"):
-        grid.run_grid(Namespace(**dict(vars(args), root=fresh, seeds=[3])))
-    assert launched == ["distill"]
+        grid.run_grid(args)
+    assert launched == ["cache-teacher", "distill"]
     _predictions(results.teacher_dir(fresh, "sst2"), [1, 1, 1], [1, 1, 1])  # the same teacher: seed 3 runs
-    grid.run_grid(Namespace(**dict(vars(args), root=fresh, seeds=[3])))
-    assert launched == ["distill", "distill"]
+    grid.run_grid(args)
+    assert launched == ["cache-teacher", "distill"] * 2
     assert grid.completed(grid.kept(keep, results.student_dir(fresh, "sst2", 3, "soft_kd", 3)))
+
+
+def test_rows_that_read_the_shared_teacher_cache_need_only_what_it_stores():
+    """TEACHER_CACHED rows read one cache per task, written with CACHE_RECIPE: each row's terms must be
+    servable by it, and the rows left online must be ones the cache cannot serve."""
+    import pytest
+
+    import dskd.methods  # noqa: F401  (registers the method terms)
+    from dskd.config import load_config
+    from dskd.errors import DskdError
+    from dskd.losses.needs import spec_for
+
+    import sys
+
+    _results_module()
+    grid = sys.modules["results_grid"]
+    pairs = ((1, 2), (2, 4), (3, 6))
+
+    def spec(recipe):
+        return spec_for(load_config(REPO / recipe, check_paths="data").losses, pairs)
+
+    stored = spec(grid.CACHE_RECIPE)
+    assert stored.fields == ("logits", "cls", "attention_qk") and stored.layers == (2, 4, 6)
+    for method in grid.TEACHER_CACHED:
+        need = spec(f"configs/results/{method}.yaml")
+        assert set(need.fields) <= set(stored.fields) and set(need.layers) <= set(stored.layers), method
+    for method in ("tinybert", "minilm", "combined_kd"):
+        with pytest.raises(DskdError, match="which the teacher cache does not store"):
+            spec(f"configs/results/{method}.yaml")
