@@ -23,13 +23,17 @@ wall minutes of a run. ``--compare-root ROOT`` adds each row against the same ro
 same bootstrap (the examples drawn once for every row). ``--pairs ROW:OTHER ...`` tests further
 pairs of rows against each other in the same way (e.g. ``internal_pid:internal_all``, a paper's
 claim that is not a row's own reference). Markdown goes to stdout; ``--json`` prints the numbers
-instead.
+instead. ``--keep DIR`` copies each finished run's record to DIR (results/ in the repository) so
+that the tables can be made from the records alone; ``--docs FILE.md`` rewrites the tables a
+document marks with the arguments that make them (a test checks docs/results.md's).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -272,7 +276,7 @@ def markdown(table: dict, layers_list: list[int]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "results")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -293,12 +297,14 @@ def main() -> None:
                         help="also compare each row with the same row's runs under ROOT (paired bootstrap)")
     parser.add_argument("--pairs", nargs="+", type=pair_arg, default=[], metavar="ROW:OTHER",
                         help="also compare these rows with each other (paired bootstrap), e.g. internal_pid:internal_all")
-    args = parser.parse_args()
-    args.root = args.root.resolve()
-    if args.compare_root is not None and not args.compare_root.is_dir():
-        parser.error(f"--compare-root {args.compare_root}: no such folder")
-    if not args.table_only:
-        run_grid(args)
+    parser.add_argument("--docs", type=Path, metavar="FILE.md",
+                        help="rewrite every table FILE.md holds between '<!-- bench/results.py ARGS -->' and "
+                             "'<!-- /bench/results.py -->' from ARGS (--table-only implied), run nothing else")
+    return parser
+
+
+def tables(args) -> dict:
+    """The collected table of ``args`` (rows, comparisons, pairs), without predictions."""
     here = collect_with_predictions(args, args.root)
     other = compare_roots(args, here, args.compare_root) if args.compare_root is not None else None
     pairs = compare_pairs(args, here, args.pairs) if args.pairs else None
@@ -307,15 +313,60 @@ def main() -> None:
         table["compare_root"] = {"root": str(args.compare_root), "rows": other}
     if pairs is not None:
         table["pairs"] = pairs
-    if args.json:
-        print(json.dumps(table, indent=1))
-        return
+    return table
+
+
+def tables_markdown(args, table: dict) -> str:
     tasks = {t: e for t, e in table.items() if t not in ("compare_root", "pairs")}
-    print(markdown(tasks, args.layers) + "\n\n" + cost_markdown(tasks, args.layers))
+    text = markdown(tasks, args.layers) + "\n\n" + cost_markdown(tasks, args.layers)
     if args.compare_root is not None:
-        print("\n" + compare_roots_markdown(table["compare_root"]["rows"], args.compare_root))
+        text += "\n\n" + compare_roots_markdown(table["compare_root"]["rows"], args.compare_root)
     if args.pairs:
-        print("\n" + pairs_markdown(table["pairs"]))
+        text += "\n\n" + pairs_markdown(table["pairs"])
+    return text
+
+
+# A table in the docs, made by the arguments in its opening marker (paths relative to the repository).
+DOCS_BLOCK = re.compile(r"<!-- bench/results.py (?P<args>[^\n]*?) -->\n(?P<body>.*?)<!-- /bench/results.py -->", re.S)
+
+
+def docs_tables(path: Path) -> list[tuple[str, str, str]]:
+    """(arguments, table in the file, table the kept records give now) of every marked table in ``path``."""
+    found = []
+    for block in DOCS_BLOCK.finditer(path.read_text()):
+        args = build_parser().parse_args([*shlex.split(block["args"]), "--table-only"])
+        args.root = (REPO / args.root).resolve()
+        if args.compare_root is not None:
+            args.compare_root = REPO / args.compare_root
+        found.append((block["args"], block["body"], tables_markdown(args, tables(args)) + "\n"))
+    return found
+
+
+def rewrite_docs(path: Path) -> int:
+    """Rewrite ``path``'s marked tables from their records; the number of tables that changed."""
+    text, changed = path.read_text(), 0
+    for args, old, new in docs_tables(path):
+        changed += old != new
+        text = text.replace(f"<!-- bench/results.py {args} -->\n{old}", f"<!-- bench/results.py {args} -->\n{new}", 1)
+    path.write_text(text)
+    return changed
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.docs is not None:
+        if not args.docs.is_file():
+            parser.error(f"--docs {args.docs}: no such file")
+        print(f"{args.docs}: {rewrite_docs(args.docs)} table(s) rewritten from their records")
+        return
+    args.root = args.root.resolve()
+    if args.compare_root is not None and not args.compare_root.is_dir():
+        parser.error(f"--compare-root {args.compare_root}: no such folder")
+    if not args.table_only:
+        run_grid(args)
+    table = tables(args)
+    print(json.dumps(table, indent=1) if args.json else tables_markdown(args, table))
 
 
 if __name__ == "__main__":

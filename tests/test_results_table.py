@@ -309,3 +309,24 @@ def test_rows_that_read_the_shared_teacher_cache_need_only_what_it_stores():
     for method in ("tinybert", "minilm", "combined_kd"):
         with pytest.raises(DskdError, match="which the teacher cache does not store"):
             spec(f"configs/results/{method}.yaml")
+
+
+def test_the_docs_tables_are_what_their_kept_records_give_and_rewrite_mends_a_stale_one(tmp_path, monkeypatch):
+    """docs/results.md's marked tables are made from results/ by the arguments in their markers."""
+    results = _results_module()
+    found = results.docs_tables(REPO / "docs" / "results.md")
+    assert found, "docs/results.md has no table marked <!-- bench/results.py ARGS -->"
+    for args, written, now in found:
+        assert written == now, f"docs/results.md's table of `{args}` differs from its records: python bench/results.py --docs docs/results.md"
+    # A stale table is rewritten from its records, the text around it untouched.
+    root = tmp_path / "kept"
+    _fake_run(results.teacher_dir(root, "rte"), {"accuracy": 0.6})
+    for seed, acc in ((1, 0.55), (2, 0.57)):
+        _fake_run(results.student_dir(root, "rte", 3, "no_teacher", seed), {"accuracy": acc})
+    marker = f"<!-- bench/results.py --root {root} --layers 3 --seeds 1 2 --tasks rte -->"
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{marker}\n| an old table |\n<!-- /bench/results.py -->\nafter\n")
+    assert results.rewrite_docs(doc) == 1 and results.rewrite_docs(doc) == 0
+    text = doc.read_text()
+    assert text.startswith(f"before\n{marker}\n| student | method |") and text.endswith("<!-- /bench/results.py -->\nafter\n")
+    assert "| 3 layers | student fine-tuned without a teacher |  | 56.0 ± 1.4 (n=2) | - |" in text
