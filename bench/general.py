@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 from results import _cell
-from results_grid import (REPO, TASKS, completed, ensure_teacher, keep_record, kept, launch, sets, student_dir,
-                          teacher_dir)
+from results_grid import (REPO, TASKS, check_remade, completed, ensure_teacher, keep_record, kept, launch, sets,
+                          student_dir, teacher_dir)
 
 from dskd.data import get_task
 
@@ -131,6 +131,7 @@ def ensure_general(args, general: str | None) -> None:
     elif not completed(run):
         launch([sys.executable, "-m", "dskd", "distill", "--config", GENERAL[general], "--output", str(run),
                 "--auto-resume"], args.threads)
+    check_remade(args.keep, run)
     keep_record(args.keep, run)
 
 

@@ -157,19 +157,23 @@ def keep_record(keep: Path | None, run: Path) -> None:
             shutil.copyfile(run / name, dest / name)
 
 
-def check_teacher(keep: Path | None, teacher: Path) -> None:
-    """A teacher fine-tuned again (a new checkout) must predict the dev set as the kept one did, else
-    the kept students learned from another teacher than the new ones would."""
-    dest = kept(keep, teacher)
-    if dest is None or not (dest / PREDICTIONS).is_file() or not (teacher / PREDICTIONS).is_file():
+def check_remade(keep: Path | None, run: Path) -> None:
+    """A run made again that others start from (a teacher, a stage-1 student; a new checkout) must
+    give what the kept one gave: the same dev predictions, or without them the same metrics. Else
+    the kept runs learned from another model than the new ones would."""
+    dest = kept(keep, run)
+    if dest is None or not completed(dest) or not completed(run):
         return
-    old, new = ([json.loads(line)["predicted"] for line in (d / PREDICTIONS).read_text().splitlines() if line]
-                for d in (dest, teacher))
+    if (dest / PREDICTIONS).is_file() and (run / PREDICTIONS).is_file():
+        old, new = ([json.loads(line)["predicted"] for line in (d / PREDICTIONS).read_text().splitlines() if line]
+                    for d in (dest, run))
+        differ = f"predicts {sum(a != b for a, b in zip(old, new)) + abs(len(old) - len(new))} of {len(old)} dev examples otherwise"
+    else:
+        old, new = (json.loads((d / "metrics.json").read_text()) for d in (dest, run))
+        differ = f"has the metrics {new}, not {old},"
     if old != new:
-        differ = sum(a != b for a, b in zip(old, new)) + abs(len(old) - len(new))
-        raise SystemExit(f"{teacher}: this teacher predicts {differ} of {len(old)} dev examples otherwise than the "
-                         f"teacher kept in {dest}, whose students are kept there too; restore that teacher's "
-                         f"model, or keep the new grid in another --keep folder")
+        raise SystemExit(f"{run}: made again, this run {differ} than the run kept in {dest}, from which the runs kept "
+                         f"beside it started; restore that run's model, or keep the new grid in another --keep folder")
 
 
 def sets(assignments: list[str]) -> list[str]:
@@ -235,7 +239,7 @@ def ensure_teacher(args, task: str, variant: str) -> None:
         launch([sys.executable, "-m", "dskd", "finetune", "--config", "configs/results/teacher.yaml", "--output",
                 str(teacher), "--auto-resume", *sets(teacher_sets(task, variant))], args.threads, teacher)
     ensure_predictions(teacher, "configs/results/teacher.yaml", TASKS[task], args.threads)
-    check_teacher(keep, teacher)
+    check_remade(keep, teacher)
     keep_record(keep, teacher)
 
 

@@ -273,12 +273,19 @@ def test_keep_copies_each_finished_record_and_a_new_checkout_runs_only_what_is_n
     _fake_run(results.teacher_dir(fresh, "sst2"), {"accuracy": 0.85})
     _predictions(results.teacher_dir(fresh, "sst2"), [1, 0, 1], [1, 1, 1])
     args.seeds = [3]
-    with pytest.raises(SystemExit, match="predicts 1 of 3 dev examples otherwise than the teacher kept in"):
+    with pytest.raises(SystemExit, match="made again, this run predicts 1 of 3 dev examples otherwise than the run kept in"):
         grid.run_grid(args)
     assert launched == ["cache-teacher", "distill"]
     _predictions(results.teacher_dir(fresh, "sst2"), [1, 1, 1], [1, 1, 1])  # the same teacher: seed 3 runs
     grid.run_grid(args)
     assert launched == ["cache-teacher", "distill"] * 2
+    # A stage-1 student (metrics, no predictions) made again must have the kept one's metrics.
+    first, again = tmp_path / "a" / "general" / "minilm_l3", fresh / "general" / "minilm_l3"
+    _fake_run(first, {"loss": 0.5735, "step": 274})
+    grid.keep_record(keep, first)
+    _fake_run(again, {"loss": 0.5736, "step": 274})
+    with pytest.raises(SystemExit, match=r"has the metrics \{'loss': 0.5736, 'step': 274\}, not \{'loss': 0.5735"):
+        grid.check_remade(keep, again)
     assert grid.completed(grid.kept(keep, results.student_dir(fresh, "sst2", 3, "soft_kd", 3)))
 
 
