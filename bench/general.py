@@ -14,8 +14,9 @@ started from a Kronecker-factored student distilled on WikiText-2 (``kronecker_l
 same recipe started from the nearest Kronecker product of the fine-tuned teacher's layers. CoDIR:
 its fine-tuning recipe (``configs/results/codir.yaml``) started from a student distilled with the
 contrastive term on WikiText-2 (``codir_l3``).
-Finished runs are kept, so the script can be
-stopped and restarted; every command is printed before it runs.
+The task stage reads the teacher cache where its recipe allows, as bench/results.py's rows do
+(``TEACHER_CACHED``). Finished runs are kept (``--keep DIR`` also copies their records there), so
+the script can be stopped and restarted; every command is printed before it runs.
 
     python bench/general.py --root runs/results            # run what is missing, print the table
     python bench/general.py --root runs/results --table-only
@@ -30,8 +31,8 @@ import time
 from pathlib import Path
 
 from results import _cell
-from results_grid import (REPO, TASKS, check_remade, completed, ensure_teacher, keep_record, kept, launch, sets,
-                          student_dir, teacher_dir)
+from results_grid import (REPO, TASKS, check_remade, completed, ensure_teacher, keep_record, kept, launch,
+                          method_inputs, sets, student_dir, teacher_dir)
 
 from dskd.data import get_task
 
@@ -115,9 +116,10 @@ def run_grid(args) -> None:
                 ensure_teacher(args, task, "")
                 student = ([f"student.init={general_dir(args.root, general)}", "student.layers=null"] if general
                            else ["student.layers=3"]) + extra
+                inputs = method_inputs(args, task, Path(recipe).stem, "", teacher)  # the teacher cache, as the table's rows
                 launch([sys.executable, "-m", "dskd", "distill", "--config", recipe, "--output", str(out), "--auto-resume",
                         *sets(TASKS[task] + [f"teacher.path={teacher}", f"seed={seed}"] + student
-                              + args.student_sets)], args.threads, out)
+                              + args.student_sets + inputs)], args.threads, out)
                 keep_record(args.keep, out)
 
 

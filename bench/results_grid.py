@@ -108,7 +108,8 @@ def probes_dir(root: Path, task: str) -> Path:
 # they read the task's shared cache instead of running the teacher (0.41-0.47x the step time,
 # docs/benchmarks.md "Teacher cache"). TinyBERT (hidden states), MiniLM (values) and Combined-KD
 # (the generator's text) need the online teacher; Glitter reads its own cache with the candidates.
-TEACHER_CACHED = ("soft_kd", "internal_all", "internal_pid", "internal_sid", "codir", "annealing_kd", "pkd")
+TEACHER_CACHED = ("soft_kd", "internal_all", "internal_pid", "internal_sid", "codir", "annealing_kd", "pkd",
+                  "kroneckerbert")
 CACHE_RECIPE = "configs/results/internal_all.yaml"  # its terms need every field the rows above read
 
 

@@ -123,6 +123,25 @@ def test_cached_run_equals_the_online_run_bitwise(setup, nproc, seed):
     assert run["teacher_cache"] == str(setup["store"])
 
 
+def test_a_cached_run_starts_from_student_init_as_the_online_run_does(setup, tmp_path):
+    """The task stage of two-stage distillation with a teacher cache: the student comes from
+    student.init (it crashed, and would otherwise have been copied from the teacher)."""
+    from transformers import BertTokenizerFast
+
+    from dskd.config import ArchConfig
+    from dskd.models import build_from_arch
+
+    tokenizer = BertTokenizerFast(vocab=str(BERT_VOCAB))
+    stage1 = tmp_path / "stage1"
+    build_from_arch(ArchConfig(layers=2, hidden=32, heads=4, intermediate=64), len(tokenizer), 2,
+                    tokenizer.pad_token_id, 11, "student.arch", "AutoModel").save_pretrained(stage1)
+    tokenizer.save_pretrained(stage1)
+    init = ["--set", f"student.init={stage1}", "--set", "student.layers=null", "--set", "seed=5"]
+    _, cached = _run(setup, "init-cached", *init)
+    _, online = _run(setup, "init-online", *init, cached=False)
+    _assert_same_run(cached, online)
+
+
 def test_a_cached_run_resumes_exactly(setup):
     full = setup["root"] / "cached-1"
     if not (full / "metrics.json").is_file():

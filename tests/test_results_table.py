@@ -337,3 +337,39 @@ def test_the_docs_tables_are_what_their_kept_records_give_and_rewrite_mends_a_st
     text = doc.read_text()
     assert text.startswith(f"before\n{marker}\n| student | method |") and text.endswith("<!-- /bench/results.py -->\nafter\n")
     assert "| 3 layers | student fine-tuned without a teacher |  | 56.0 ± 1.4 (n=2) | - |" in text
+
+
+def test_bench_general_task_stage_reads_the_shared_teacher_cache_and_keeps_its_records(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("general_bench", REPO / "bench" / "general.py")
+    general = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(general)
+    grid = sys.modules["results_grid"]
+    launched = []
+
+    def fake_launch(cmd, threads, run=None):
+        out = Path(cmd[cmd.index("--output") + 1])
+        launched.append((cmd[3], out.name, [a for a in cmd if a.startswith("teacher.cache=")]))
+        if cmd[3] == "cache-teacher":
+            out.mkdir(parents=True)
+            (out / "manifest.json").write_text("{}")
+        else:
+            _fake_run(out, {"f1": 0.8, "loss": 0.5})
+
+    monkeypatch.setattr(grid, "launch", fake_launch)
+    monkeypatch.setattr(general, "launch", fake_launch)
+    root, keep = tmp_path / "runs", tmp_path / "results"
+    _fake_run(grid.teacher_dir(root, "mrpc"), {"f1": 0.85})
+    _predictions(grid.teacher_dir(root, "mrpc"), [1, 0], [1, 1])
+    args = Namespace(root=root, keep=keep, tasks=["mrpc"], seeds=[1], threads=1, student_sets=[],
+                     rows=["general_init", "kronecker_general"])
+    general.run_grid(args)
+    cache = [f"teacher.cache={grid.teacher_cache_dir(root, 'mrpc')}"]
+    assert launched == [("distill", "minilm_l3", []), ("cache-teacher", "teacher-cache", []),
+                        ("distill", "L3-general_init-s1", cache), ("distill", "kronecker_l3", []),
+                        ("distill", "L3-kronecker_general-s1", cache)]
+    for run in (general.general_dir(root, "minilm_l3"), general.task_dir(root, "mrpc", "general_init", 1)):
+        assert grid.completed(grid.kept(keep, run))

@@ -221,7 +221,9 @@ def _prepare_cached(common: dict) -> Job:
     if t_config.num_labels != task.num_labels:
         raise DskdError(f"`teacher.cache`: {store.path} holds a teacher with {t_config.num_labels} output labels; "
                         f"{task.name} has {task.num_labels}")
-    if cfg.student.init_from_teacher:
+    if cfg.student.init is not None:  # a stage-1 student (two-stage distillation), as the online path takes it
+        student, layers = models.student_from_folder(cfg.student.init, task.num_labels, cfg.seed, task.model_class), []
+    elif cfg.student.init_from_teacher:
         found = models.student_from_teacher_files(cfg.teacher.path, cfg.student, task.num_labels) \
             if cfg.teacher.path is not None else None
         if found is None:  # no safetensors (or a teacher built from arch): build it, copy, drop it
