@@ -17,7 +17,9 @@ from ``dskd evaluate --predictions``) and the wall time of each launch (``wall.j
 table gives mean ± standard deviation over seeds and, per cell, the difference to a reference
 row (a method: soft-label KD; soft-label KD: no teacher; a variant: the row without it) with the
 95% interval and p of a paired bootstrap over dev examples and seeds (dskd/data/significance.py);
-``*`` marks p < 0.05. A second table gives each row's share of its own teacher and the median
+``*`` marks p < 0.05, ``†`` an adjusted p < 0.05 once the column's tests are counted as one family
+(Holm's step-down adjustment over a task's comparisons; likewise for each task's pairs). A second
+table gives each row's share of its own teacher and the median
 wall minutes of a run. ``--compare-root ROOT`` adds each row against the same row of another grid
 (e.g. one without length-grouped batches) and the mean of those differences over rows, with the
 same bootstrap (the examples drawn once for every row). ``--pairs ROW:OTHER ...`` tests further
@@ -47,7 +49,7 @@ from results_grid import (  # noqa: E402
     run_grid, split_method, student_dir, table_rows, teacher_dir)
 
 from dskd.data import get_task  # noqa: E402
-from dskd.data.significance import paired_bootstrap, pooled_paired_bootstrap  # noqa: E402
+from dskd.data.significance import holm, paired_bootstrap, pooled_paired_bootstrap  # noqa: E402
 
 POOLED = "mean over rows"  # compare_roots' key for the pooled test
 ALPHA = 0.05
@@ -96,6 +98,7 @@ def collect(args, table: dict | None = None) -> dict:
                     stats = compare(entry["rows"][row], entry["rows"][f"L{layers}/{ref}"], spec)
                     if stats is not None:
                         entry.setdefault("compare", {})[row] = dict(stats, reference=f"L{layers}/{ref}")
+        adjust_family(entry.get("compare", {}).values())
         for rows in entry["rows"].values():
             for record in rows:
                 record.pop("predicted", None), record.pop("labels", None)
@@ -122,6 +125,14 @@ def compare(rows: list[dict], ref_rows: list[dict], spec) -> dict | None:
                             rows[0]["labels"], num_labels=spec.num_labels)
 
 
+def adjust_family(family) -> None:
+    """Add ``p_holm`` to each comparison of one table column (a family: one task's tests), so the
+    table can mark what stays significant when the column's tests are counted together."""
+    family = list(family)
+    for stats, adjusted in zip(family, holm([s["p"] for s in family])):
+        stats["p_holm"] = adjusted
+
+
 def _cell(values: list[float]) -> str:
     mean = 100 * statistics.fmean(values)
     if len(values) == 1:
@@ -132,7 +143,7 @@ def _cell(values: list[float]) -> str:
 def _delta(stats: dict | None) -> str:
     if stats is None:
         return "-"
-    mark = "*" if stats["p"] < ALPHA else ""
+    mark = ("*" if stats["p"] < ALPHA else "") + ("†" if stats.get("p_holm", 1.0) < ALPHA else "")
     return (f"{100 * stats['diff']:+.1f}{mark} [{100 * stats['low']:+.1f}, {100 * stats['high']:+.1f}] "
             f"p={stats['p']:.2g}")
 
@@ -192,6 +203,7 @@ def compare_roots(args, here: dict, other: Path) -> dict:
             # Across rows: does the other grid's setting move every method the same way?
             pooled = pooled_paired_bootstrap(spec.main_metric, pairs, labels, num_labels=spec.num_labels)
             out[task][POOLED] = dict(pooled, n=len(pairs), n_other=len(pairs))
+        adjust_family(stats for row, stats in out.get(task, {}).items() if row != POOLED)
     return out
 
 
@@ -234,6 +246,7 @@ def compare_pairs(args, here: dict, pairs: list[tuple[str, str]]) -> dict:
                 if mine and theirs and (stats := compare(mine, theirs, spec)) is not None:
                     out.setdefault(task, []).append(dict(stats, row=f"L{layers}/{row}", other=f"L{layers}/{other}",
                                                          n=len(mine), n_other=len(theirs)))
+        adjust_family(out.get(task, []))
     return out
 
 

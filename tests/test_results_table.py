@@ -65,7 +65,7 @@ def _fake_runs_with_predictions(results, root, rows, labels, rng):
 def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
     import numpy as np
 
-    from dskd.data.significance import paired_bootstrap
+    from dskd.data.significance import holm, paired_bootstrap
 
     results = _results_module()
     rng = np.random.default_rng(0)
@@ -83,7 +83,14 @@ def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
     assert want["p"] < 0.05 and want["diff"] > 0.1
     text = results.markdown(table, [3])
     line = next(x for x in text.splitlines() if "internal KD, SID" in x)
-    assert f"{100 * want['diff']:+.1f}* [{100 * want['low']:+.1f}, {100 * want['high']:+.1f}]" in line
+    # Holm over the column's three tests: the SID gap stays significant (†) when they are counted together.
+    family = list(compare.values())
+    assert [c["p_holm"] for c in family] == holm([c["p"] for c in family])
+    assert compare["L3/internal_sid"]["p_holm"] < 0.05
+    assert f"{100 * want['diff']:+.1f}*† [{100 * want['low']:+.1f}, {100 * want['high']:+.1f}]" in line
+    # Significant alone but not once the family is counted: only the plain mark.
+    assert results._delta({"diff": 0.02, "low": 0.001, "high": 0.04, "p": 0.03, "p_holm": 0.09}) == "+2.0* [+0.1, +4.0] p=0.03"
+    assert results._delta({"diff": -0.01, "low": -0.03, "high": 0.01, "p": 0.4, "p_holm": 1.0}) == "-1.0 [-3.0, +1.0] p=0.4"
     assert "| teacher on all training rows | - | | 93.0 |" in text
     assert "soft-label KD (teacher fine-tuned on all training rows) | soft-label KD |" in text
     assert results.student_dir(tmp_path, "sst2", 3, "soft_kd@full+unlabeled", 2).name == "L3-soft_kd@full+unlabeled-s2"
@@ -137,7 +144,7 @@ def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_pa
     import numpy as np
     import pytest
 
-    from dskd.data.significance import paired_bootstrap, pooled_paired_bootstrap
+    from dskd.data.significance import holm, paired_bootstrap, pooled_paired_bootstrap
 
     results = _results_module()
     rng = np.random.default_rng(1)
@@ -160,6 +167,9 @@ def test_compare_root_tests_each_row_against_the_same_row_of_another_grid(tmp_pa
                                      labels)
     assert {k: result["sst2"][results.POOLED][k] for k in pooled} == pooled
     assert pooled["diff"] == pytest.approx((want["diff"] + result["sst2"]["L3/minilm"]["diff"]) / 2)
+    # The rows form one Holm family; the pooled line is a test of its own, outside it.
+    rows = [result["sst2"][r] for r in ("L3/soft_kd", "L3/minilm")]
+    assert [r["p_holm"] for r in rows] == holm([r["p"] for r in rows]) and "p_holm" not in result["sst2"][results.POOLED]
     text = results.compare_roots_markdown(result, there)
     assert f"| sst2 | 3 layers, soft-label KD | 3 / 1 | {100 * want['diff']:+.1f}" in text
     assert f"| sst2 | mean over the 2 rows above | - | {100 * pooled['diff']:+.1f}" in text
@@ -191,6 +201,7 @@ def test_pairs_test_two_rows_against_each_other_and_refuse_a_row_that_is_not_one
         ("L3/internal_pid", "L3/internal_all", 2, 3)]
     want = paired_bootstrap("accuracy", kept["internal_pid"], kept["internal_all"], labels)
     assert {k: result["sst2"][0][k] for k in want} == want and want["diff"] > 0.1 and want["p"] < 0.05
+    assert result["sst2"][0]["p_holm"] == want["p"]  # a family of one test: nothing to adjust
     text = results.pairs_markdown(result)
     assert (f"| sst2 | 3 layers, internal KD, PID | internal KD, all layers | 2 / 3 | {100 * want['diff']:+.1f}*"
             in text)

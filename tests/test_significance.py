@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dskd.data import metrics
-from dskd.data.significance import _replicate_scores, paired_bootstrap, pooled_paired_bootstrap
+from dskd.data.significance import _replicate_scores, holm, paired_bootstrap, pooled_paired_bootstrap
 
 METRIC_FNS = {"accuracy": metrics.accuracy, "f1": metrics.f1, "matthews_corrcoef": metrics.matthews_corrcoef}
 
@@ -103,3 +103,13 @@ def test_pooled_bootstrap_averages_the_pairs_differences_on_shared_examples():
     assert both["seeds"] == [[1, 1], [1, 1]]
     with pytest.raises(ValueError, match="at least one"):
         pooled_paired_bootstrap("accuracy", [], labels)
+
+
+def test_holm_adjustment_by_hand():
+    # m = 4; sorted p: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06, kept monotone), 0.5 (x1).
+    assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert holm([0.4, 0.3]) == pytest.approx([0.6, 0.6])  # 0.3 x 2 = 0.6; 0.4 x 1 < 0.6 -> 0.6
+    assert holm([0.9, 0.8, 0.7]) == [1.0, 1.0, 1.0]  # capped
+    assert holm([0.004]) == [0.004] and holm([]) == []
+    with pytest.raises(ValueError, match="position 1"):
+        holm([0.1, 1.5])
