@@ -14,4 +14,4 @@ while [ -n "$(git ls-files --others --modified --exclude-standard results)" ]; d
 done
 git add docs/results.md
 git commit -qm "${1:-results/seeds: more kept records of the seeds grid; the table of docs/results.md rewritten from them}"
-git log --oneline | head -1
+git log --oneline -1
