@@ -77,12 +77,26 @@ def collect_with_predictions(args, root: Path) -> dict:
         if completed(teacher_dir(root, task, "full")):
             entry["teacher_full"] = json.loads((teacher_dir(root, task, "full") / "metrics.json").read_text())
         for layers in args.layers:
-            for name in table_rows():
+            for name in shown_rows(args):
                 runs = [r for r in (student_dir(root, task, layers, name, s) for s in args.seeds) if completed(r)]
                 if runs:
                     entry["rows"][f"L{layers}/{name}"] = [_run_record(r) for r in runs]
         table[task] = entry
     return table
+
+
+def shown_rows(args) -> list[str]:
+    """The rows the tables hold: ``--rows`` and, so that each is tested, the chain of rows it is
+    compared with (soft_kd@full+unlabeled: soft_kd@full, soft_kd, no_teacher); default every row."""
+    wanted = getattr(args, "rows", None)
+    if not wanted:
+        return table_rows()
+    keep = set()
+    for row in wanted:
+        while row is not None and row not in keep:
+            keep.add(row)
+            row = reference(row)
+    return [r for r in table_rows() if r in keep]
 
 
 def collect(args, table: dict | None = None) -> dict:
@@ -223,6 +237,14 @@ def compare_roots_markdown(result: dict, other: Path) -> str:
     return "\n".join(lines)
 
 
+def row_arg(text: str) -> str:
+    if text not in table_rows():
+        variants = " or @".join(v for v in VARIANTS if v)
+        raise argparse.ArgumentTypeError(f"{text!r}: a row is a method ({', '.join(METHODS)}; optionally "
+                                         f"@{variants}) or a two-stage row ({', '.join(GENERAL_ROWS)})")
+    return text
+
+
 def pair_arg(text: str) -> tuple[str, str]:
     row, sep, other = text.partition(":")
     rows = table_rows()
@@ -310,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also compare each row with the same row's runs under ROOT (paired bootstrap)")
     parser.add_argument("--pairs", nargs="+", type=pair_arg, default=[], metavar="ROW:OTHER",
                         help="also compare these rows with each other (paired bootstrap), e.g. internal_pid:internal_all")
+    parser.add_argument("--rows", nargs="+", type=row_arg, metavar="ROW",
+                        help="tables: only these rows and the rows each is compared with (default: every row "
+                             "with finished runs); e.g. the stronger-teacher table: soft_kd@full+unlabeled")
     parser.add_argument("--docs", type=Path, metavar="FILE.md",
                         help="rewrite every table FILE.md holds between '<!-- bench/results.py ARGS -->' and "
                              "'<!-- /bench/results.py -->' from ARGS (--table-only implied), run nothing else")

@@ -384,3 +384,30 @@ def test_bench_general_task_stage_reads_the_shared_teacher_cache_and_keeps_its_r
                         ("distill", "L3-kronecker_general-s1", cache)]
     for run in (general.general_dir(root, "minilm_l3"), general.task_dir(root, "mrpc", "general_init", 1)):
         assert grid.completed(grid.kept(keep, run))
+
+
+def test_rows_option_keeps_the_listed_rows_and_the_chain_they_are_compared_with(tmp_path, capsys):
+    import numpy as np
+    import pytest
+
+    from dskd.data.significance import holm
+
+    results = _results_module()
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 200).tolist()
+    _fake_run(results.teacher_dir(tmp_path, "sst2"), {"accuracy": 0.85})
+    _fake_run(results.teacher_dir(tmp_path, "sst2", "full"), {"accuracy": 0.9})
+    _fake_runs_with_predictions(results, tmp_path, {m: (right, (1, 2)) for m, right in (
+        ("no_teacher", 0.7), ("soft_kd", 0.72), ("internal_all", 0.8), ("soft_kd@full", 0.78),
+        ("soft_kd@full+unlabeled", 0.85))}, labels, rng)
+    args = results.build_parser().parse_args(["--root", str(tmp_path), "--tasks", "sst2", "--layers", "3", "--seeds",
+                                              "1", "2", "--rows", "soft_kd@full+unlabeled", "--table-only"])
+    table = results.tables(args)
+    # The variant's chain of references (its own, soft_kd's, no_teacher's) stays; internal_all goes.
+    assert list(table["sst2"]["rows"]) == ["L3/no_teacher", "L3/soft_kd", "L3/soft_kd@full", "L3/soft_kd@full+unlabeled"]
+    family = list(table["sst2"]["compare"].values())
+    assert len(family) == 3 and [c["p_holm"] for c in family] == holm([c["p"] for c in family])
+    assert "internal KD" not in results.tables_markdown(args, table)
+    with pytest.raises(SystemExit):
+        results.build_parser().parse_args(["--rows", "soft_kd@half"])
+    assert "'soft_kd@half': a row is a method" in capsys.readouterr().err
