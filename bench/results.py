@@ -27,7 +27,10 @@ pairs of rows against each other in the same way (e.g. ``internal_pid:internal_a
 claim that is not a row's own reference). Markdown goes to stdout; ``--json`` prints the numbers
 instead. ``--keep DIR`` copies each finished run's record to DIR (results/ in the repository) so
 that the tables can be made from the records alone; ``--docs FILE.md`` rewrites the tables a
-document marks with the arguments that make them (a test checks docs/results.md's).
+document marks with the arguments that make them (a test checks docs/results.md's). For such
+tables: ``--rows ROW ...`` keeps those rows and the rows they are compared with, ``--metric NAME``
+reports and tests another metric than the task's own (MRPC accuracy beside its F1), ``--no-cost``
+leaves out the second table.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from dskd.data import get_task  # noqa: E402
 from dskd.data.significance import holm, paired_bootstrap, pooled_paired_bootstrap  # noqa: E402
 
 POOLED = "mean over rows"  # compare_roots' key for the pooled test
+METRIC_CHOICES = ("accuracy", "f1", "matthews_corrcoef")  # what the paired bootstrap computes
 ALPHA = 0.05
 
 
@@ -73,7 +77,12 @@ def collect_with_predictions(args, root: Path) -> dict:
         teacher = teacher_dir(root, task)
         if not completed(teacher):
             continue
-        entry = {"metric": spec.main_metric, "teacher": json.loads((teacher / "metrics.json").read_text()), "rows": {}}
+        entry = {"metric": getattr(args, "metric", None) or spec.main_metric,
+                 "teacher": json.loads((teacher / "metrics.json").read_text()), "rows": {}}
+        if entry["metric"] not in entry["teacher"]:
+            reported = sorted(k for k in entry["teacher"] if k in METRIC_CHOICES)
+            raise SystemExit(f"--metric {entry['metric']}: {task}'s runs report {', '.join(reported)}; "
+                             f"choose one of those (or leave --metric out for the task's own metric)")
         if completed(teacher_dir(root, task, "full")):
             entry["teacher_full"] = json.loads((teacher_dir(root, task, "full") / "metrics.json").read_text())
         for layers in args.layers:
@@ -109,7 +118,7 @@ def collect(args, table: dict | None = None) -> dict:
             for name in table_rows():
                 row, ref = f"L{layers}/{name}", reference(name)
                 if row in entry["rows"] and ref is not None and f"L{layers}/{ref}" in entry["rows"]:
-                    stats = compare(entry["rows"][row], entry["rows"][f"L{layers}/{ref}"], spec)
+                    stats = compare(entry["rows"][row], entry["rows"][f"L{layers}/{ref}"], spec, entry["metric"])
                     if stats is not None:
                         entry.setdefault("compare", {})[row] = dict(stats, reference=f"L{layers}/{ref}")
         adjust_family(entry.get("compare", {}).values())
@@ -131,11 +140,11 @@ def _run_record(run: Path) -> dict:
     return record
 
 
-def compare(rows: list[dict], ref_rows: list[dict], spec) -> dict | None:
+def compare(rows: list[dict], ref_rows: list[dict], spec, metric: str) -> dict | None:
     """Paired bootstrap of a row against its reference, when every run of both kept its predictions."""
     if not all("predicted" in r for r in rows + ref_rows):
         return None
-    return paired_bootstrap(spec.main_metric, [r["predicted"] for r in rows], [r["predicted"] for r in ref_rows],
+    return paired_bootstrap(metric, [r["predicted"] for r in rows], [r["predicted"] for r in ref_rows],
                             rows[0]["labels"], num_labels=spec.num_labels)
 
 
@@ -209,13 +218,13 @@ def compare_roots(args, here: dict, other: Path) -> dict:
         pairs = []
         for row, runs in entry["rows"].items():
             theirs = there.get(task, {}).get("rows", {}).get(row)
-            if theirs and (stats := compare(runs, theirs, spec)) is not None:
+            if theirs and (stats := compare(runs, theirs, spec, entry["metric"])) is not None:
                 out.setdefault(task, {})[row] = dict(stats, n=len(runs), n_other=len(theirs))
                 pairs.append(([r["predicted"] for r in runs], [r["predicted"] for r in theirs]))
                 labels = runs[0]["labels"]
         if len(pairs) > 1:
             # Across rows: does the other grid's setting move every method the same way?
-            pooled = pooled_paired_bootstrap(spec.main_metric, pairs, labels, num_labels=spec.num_labels)
+            pooled = pooled_paired_bootstrap(entry["metric"], pairs, labels, num_labels=spec.num_labels)
             out[task][POOLED] = dict(pooled, n=len(pairs), n_other=len(pairs))
         adjust_family(stats for row, stats in out.get(task, {}).items() if row != POOLED)
     return out
@@ -265,7 +274,7 @@ def compare_pairs(args, here: dict, pairs: list[tuple[str, str]]) -> dict:
         for layers in args.layers:
             for row, other in pairs:
                 mine, theirs = entry["rows"].get(f"L{layers}/{row}"), entry["rows"].get(f"L{layers}/{other}")
-                if mine and theirs and (stats := compare(mine, theirs, spec)) is not None:
+                if mine and theirs and (stats := compare(mine, theirs, spec, entry["metric"])) is not None:
                     out.setdefault(task, []).append(dict(stats, row=f"L{layers}/{row}", other=f"L{layers}/{other}",
                                                          n=len(mine), n_other=len(theirs)))
         adjust_family(out.get(task, []))
@@ -332,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also compare each row with the same row's runs under ROOT (paired bootstrap)")
     parser.add_argument("--pairs", nargs="+", type=pair_arg, default=[], metavar="ROW:OTHER",
                         help="also compare these rows with each other (paired bootstrap), e.g. internal_pid:internal_all")
+    parser.add_argument("--metric", choices=METRIC_CHOICES,
+                        help="report and test this metric instead of each task's own (e.g. MRPC accuracy beside "
+                             "its F1); every task in --tasks must report it")
+    parser.add_argument("--cost", action=argparse.BooleanOptionalAction, default=True,
+                        help="the second table: share of the teacher and minutes per run (--no-cost: leave it out)")
     parser.add_argument("--rows", nargs="+", type=row_arg, metavar="ROW",
                         help="tables: only these rows and the rows each is compared with (default: every row "
                              "with finished runs); e.g. the stronger-teacher table: soft_kd@full+unlabeled")
@@ -356,7 +370,9 @@ def tables(args) -> dict:
 
 def tables_markdown(args, table: dict) -> str:
     tasks = {t: e for t, e in table.items() if t not in ("compare_root", "pairs")}
-    text = markdown(tasks, args.layers) + "\n\n" + cost_markdown(tasks, args.layers)
+    text = markdown(tasks, args.layers)
+    if getattr(args, "cost", True):
+        text += "\n\n" + cost_markdown(tasks, args.layers)
     if args.compare_root is not None:
         text += "\n\n" + compare_roots_markdown(table["compare_root"]["rows"], args.compare_root)
     if args.pairs:

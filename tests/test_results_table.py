@@ -411,3 +411,42 @@ def test_rows_option_keeps_the_listed_rows_and_the_chain_they_are_compared_with(
     with pytest.raises(SystemExit):
         results.build_parser().parse_args(["--rows", "soft_kd@half"])
     assert "'soft_kd@half': a row is a method" in capsys.readouterr().err
+
+
+def test_metric_option_reports_and_tests_another_metric_and_names_a_task_without_it(tmp_path):
+    import numpy as np
+    import pytest
+
+    from dskd.data import metrics
+    from dskd.data.significance import paired_bootstrap
+
+    results = _results_module()
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 150)
+    _fake_run(results.teacher_dir(tmp_path, "mrpc"), {"f1": 0.85, "accuracy": 0.8})
+    kept = {}
+    for method, right in (("no_teacher", 0.7), ("soft_kd", 0.75)):
+        kept[method] = []
+        for seed in (1, 2):
+            predicted = np.where(rng.random(150) < right, labels, 1 - labels)
+            folder = results.student_dir(tmp_path, "mrpc", 3, method, seed)
+            _fake_run(folder, {"f1": metrics.f1(predicted, labels), "accuracy": metrics.accuracy(predicted, labels)})
+            _predictions(folder, predicted.tolist(), labels.tolist())
+            kept[method].append(predicted.tolist())
+    args = results.build_parser().parse_args(["--root", str(tmp_path), "--tasks", "mrpc", "--layers", "3", "--seeds",
+                                              "1", "2", "--metric", "accuracy", "--table-only"])
+    table = results.tables(args)
+    assert table["mrpc"]["metric"] == "accuracy"
+    want = paired_bootstrap("accuracy", kept["soft_kd"], kept["no_teacher"], labels.tolist())
+    assert {k: table["mrpc"]["compare"]["L3/soft_kd"][k] for k in want} == want
+    mean = 100 * np.mean([np.mean(np.array(p) == labels) for p in kept["soft_kd"]])
+    text = results.markdown({"mrpc": table["mrpc"]}, [3])
+    assert text.startswith("| student | method | vs | mrpc accuracy | Δ [95% CI] p |") and "| 80.0 |" in text
+    assert f"| soft-label KD | student fine-tuned without a teacher | {mean:.1f} ± " in text
+    assert "% of teacher" in results.tables_markdown(args, table)
+    args.cost = False  # --no-cost: the main table alone
+    assert results.tables_markdown(args, table) == text
+    _fake_run(results.teacher_dir(tmp_path, "sst2"), {"accuracy": 0.9})
+    args.tasks, args.metric = ["sst2"], "f1"
+    with pytest.raises(SystemExit, match="--metric f1: sst2's runs report accuracy; choose one of those"):
+        results.tables(args)
