@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The seeds grid of docs/results.md ("Seeds, intervals and paired tests") in two lanes that never
 # share a run folder, split by measured run time, one thread each:
-#   S: SST-2's core rows (seeds 1-3), then the stronger SST-2 teacher's rows, then three SST-2 rows
-#      with random batches (results/random);
+#   S: SST-2's core rows (seeds 1-3), then three SST-2 rows with random batches (results/random),
+#      then the stronger SST-2 teacher's rows;
 #   M: MRPC's core rows (seeds 1-3), then the two-stage rows (bench/general.py) on MRPC and SST-2.
 # Start both, side by side, once each task's teacher is fine-tuned (or let one lane fine-tune it first):
 #   for L in S M; do nohup bench/seeds_grid.sh $L >> runs/logs/seeds-$L.log 2>&1 & done
@@ -16,17 +16,17 @@ CORE=(no_teacher soft_kd internal_all internal_pid internal_sid codir tinybert m
 core() { python bench/results.py "${G[@]}" --tasks "$1" --seeds "$2" --methods "${CORE[@]}"; }
 case "${1:-}" in
   S) for seed in 1 2 3; do core sst2 "$seed"; done
-     python bench/results.py "${G[@]}" --tasks sst2 --seeds 1 2 3 --methods soft_kd@full soft_kd@full+unlabeled
      # random batches against grouped ones (--compare-root results/random): does grouping move the dev metric?
      # Same teacher and cache as the grid (links, so neither is made twice).
      mkdir -p runs/random/sst2 runs/seeds/sst2/teacher runs/seeds/sst2/teacher-cache
      for d in teacher teacher-cache; do ln -sfn "../../seeds/sst2/$d" "runs/random/sst2/$d"; done
      python bench/results.py --root runs/random --keep results/random --layers 3 --threads 1 --tasks sst2 \
-       --seeds 1 2 3 --methods no_teacher soft_kd internal_all ;;
+       --seeds 1 2 3 --methods no_teacher soft_kd internal_all
+     python bench/results.py "${G[@]}" --tasks sst2 --seeds 1 2 3 --methods soft_kd@full soft_kd@full+unlabeled ;;
   M) for seed in 1 2 3; do core mrpc "$seed"; done
      python bench/general.py --root runs/seeds --keep results/seeds --seeds 1 2 3 --threads 1 \
        --set training.group_by_length=true --tasks mrpc sst2 \
        --rows general_init codir_general kronecker_general kronecker_single pretrained_copy ;;
-  *) echo "usage: bench/seeds_grid.sh S|M  (the lane: S = SST-2 core rows, the stronger teacher, random batches; M = MRPC core rows, then the two-stage rows)" >&2
+  *) echo "usage: bench/seeds_grid.sh S|M  (the lane: S = SST-2 core rows, random batches, the stronger teacher; M = MRPC core rows, then the two-stage rows)" >&2
      exit 2 ;;
 esac
