@@ -237,6 +237,8 @@ class TrainingConfig:
     # `group_by_length`): each window of `group_by_length_megabatch` micro-steps of the epoch's
     # seeded permutation is sorted by length; the micro-steps still run in a seeded random order,
     # the longest first. The same examples per epoch as random batches; a no-op on a corpus.
+    # Off by default only because a grouped run resumes mid-epoch on as many ranks as it had; it
+    # halves an SST-2 run without moving the dev metric (docs/results.md).
     group_by_length: bool = False
     group_by_length_megabatch: int = 50
     lr: float = 5e-5
