@@ -96,10 +96,11 @@ def collect_with_predictions(args, root: Path) -> dict:
 
 def shown_rows(args) -> list[str]:
     """The rows the tables hold: ``--rows`` and, so that each is tested, the chain of rows it is
-    compared with (soft_kd@full+unlabeled: soft_kd@full, soft_kd, no_teacher); default every row."""
-    wanted = getattr(args, "rows", None)
-    if not wanted:
+    compared with (soft_kd@full+unlabeled: soft_kd@full, soft_kd, no_teacher), and the rows of
+    ``--pairs`` so that no pair is silently left out; default every row."""
+    if not getattr(args, "rows", None):
         return table_rows()
+    wanted = list(args.rows) + [row for pair in getattr(args, "pairs", None) or [] for row in pair]
     keep = set()
     for row in wanted:
         while row is not None and row not in keep:

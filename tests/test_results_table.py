@@ -408,6 +408,8 @@ def test_rows_option_keeps_the_listed_rows_and_the_chain_they_are_compared_with(
     family = list(table["sst2"]["compare"].values())
     assert len(family) == 3 and [c["p_holm"] for c in family] == holm([c["p"] for c in family])
     assert "internal KD" not in results.tables_markdown(args, table)
+    args.pairs = [("internal_all", "soft_kd")]  # a pair's rows are kept even when --rows leaves them out
+    assert "L3/internal_all" in results.tables(args)["sst2"]["rows"]
     with pytest.raises(SystemExit):
         results.build_parser().parse_args(["--rows", "soft_kd@half"])
     assert "'soft_kd@half': a row is a method" in capsys.readouterr().err
