@@ -22,24 +22,28 @@ def _order(n: int, seed: int, epoch: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("old_world, old_accum, new_world, new_accum", [(2, 2, 1, 4), (1, 4, 2, 2), (4, 1, 2, 2)])
+@pytest.mark.parametrize("grouped", [False, True], ids=["random", "grouped"])
 def test_a_new_world_size_continues_the_epoch_without_repeating_or_skipping(old_world, old_accum, new_world,
-                                                                            new_accum):
+                                                                            new_accum, grouped):
     """Global batch 16 (batch_size 4) before and after; the old ranks did 3 optimizer steps."""
     n, seed, size, steps_done = 101, 7, 4, 3
+    lengths = [(i * 37) % 23 + 2 for i in range(n)] if grouped else None
 
     def steps(world: int, accum: int, skip: int) -> list[set[int]]:
-        per_rank = [epoch_batches(n, 0, seed, r, world, size, accum, skip=skip) for r in range(world)]
+        per_rank = [epoch_batches(n, 0, seed, r, world, size, accum, lengths, 2, skip=skip) for r in range(world)]
         return [{i for rank in per_rank for batch in rank[s * accum:(s + 1) * accum] for i in batch}
                 for s in range(len(per_rank[0]) // accum)]
 
     before = steps(old_world, old_accum, 0)
     used = set().union(*before[:steps_done])
-    after = steps(new_world, new_accum, len(used))
-    order = _order(n, seed)
-    assert used == set(order[:48])  # 3 steps x 16: a prefix of the epoch's order, whoever took it
-    assert not used & set().union(*after)
+    after = steps(new_world, new_accum, 16 * steps_done)
+    assert len(used) == 48 and not used & set().union(*after)
+    if not grouped:
+        assert used == set(_order(n, seed)[:48])  # 3 steps x 16: a prefix of the epoch's order, whoever took it
     # Every later optimizer step averages exactly the examples it would have on the old ranks.
     assert after == before[steps_done:] and len(after) == 101 // 16 - steps_done
+    # And every optimizer step, from the first, is the one the new layout makes from scratch.
+    assert steps(new_world, new_accum, 0) == before
 
 
 def test_a_move_that_would_change_the_global_batch_is_refused_with_the_fix(tmp_path):
@@ -58,14 +62,6 @@ def test_a_move_that_would_change_the_global_batch_is_refused_with_the_fix(tmp_p
     fixed = load_experiment(write_config(tmp_path / "b.yaml", {"training.global_batch_size": 64})).training
     assert rescale.check(folder, 2, at_world_size(fixed, 1), fixed, "training") == 2  # 1 x 16 x 4 = 2 x 16 x 2
     assert rescale.check(folder, 1, at_world_size(fixed, 1), fixed, "training") is None  # not moved
-    # Length-grouped batches: only from the end of an epoch.
-    folder.mkdir(parents=True)
-    torch.save({"dskd": {"epoch": 0, "batch_in_epoch": 10, "epoch_offset": 0}}, folder / "mp_rank_00_model_states.pt")
-    with pytest.raises(DskdError, match=r"step00000005 is in the middle of epoch 0, and with `training.group_by_length`"
-                                        r".* resume on 2 rank\(s\), or from a checkpoint at the end of an epoch"):
-        rescale.check(folder, 2, at_world_size(fixed, 1), fixed, "training", grouped=True)
-    torch.save({"dskd": {"epoch": 1, "batch_in_epoch": 0, "epoch_offset": 0}}, folder / "mp_rank_00_model_states.pt")
-    assert rescale.check(folder, 2, at_world_size(fixed, 1), fixed, "training", grouped=True) == 2
 
 
 # -------------------------------------------------------------- real runs, 2 -> 1 and 1 -> 2 ranks
@@ -163,6 +159,26 @@ def test_a_run_moved_from_one_rank_to_two_ends_where_the_two_rank_run_ends(moved
 
 
 @pytest.mark.slow
+def test_a_length_grouped_run_moved_from_two_ranks_to_one_ends_where_it_would_have(moved, stayed):
+    """Grouped batches are whole optimizer steps sorted by length, so a grouped run moves mid-epoch
+    as exactly as a random one (windows of 2 steps here, so the grouping does reorder examples)."""
+    root, _, fixed = moved
+    grouped = ["--set", "training.group_by_length=true", "--set", "training.group_by_length_megabatch=2"]
+    reference = root / "grouped-stayed"
+    proc = _ok(run_dskd(["distill", "--config", fixed, "--output", reference, *grouped], root, nproc=2))
+    assert "[data] micro-batches grouped by length" in proc.stderr
+    a, b = _weights(reference), _weights(stayed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3  # not the random batches' trajectory
+    out = root / "grouped-two-to-one"
+    _ok(run_dskd(["distill", "--config", fixed, "--output", out, "--set", "training.halt_after_steps=5", *grouped],
+                 root, nproc=2))
+    proc = _ok(run_dskd(["distill", "--config", fixed, "--output", out, "--resume", *grouped], root))
+    assert "epoch 0 continues after its first 160 examples" in proc.stderr
+    _assert_ends_like(out, reference, 1)
+    shutil.rmtree(out)
+
+
+@pytest.mark.slow
 def test_a_zero3_run_moved_from_two_ranks_to_one_keeps_adams_step(moved, stayed):
     """ZeRO-3 partitions the weights too. Its trajectory equals ZeRO-2's to float rounding
     (measured max|dW| 1.2e-7 between the two unmoved 2-rank runs), so the ZeRO-2 run that stayed
@@ -179,11 +195,11 @@ def test_a_zero3_run_moved_from_two_ranks_to_one_keeps_adams_step(moved, stayed)
     shutil.rmtree(out)
 
 
-def test_length_grouped_batches_refuse_a_prefix_to_skip():
-    """Grouped micro-steps depend on the rank layout (rescale refuses such a move mid-epoch)."""
+def test_a_skip_inside_an_optimizer_step_of_grouped_batches_is_refused():
+    """A checkpoint is written between optimizer steps, so what was used is whole steps."""
     lengths = list(range(1, 33))
-    assert epoch_batches(32, 0, 7, 0, 2, 4, 1, lengths, skip=0)
-    with pytest.raises(ValueError, match="skip works with random batches only"):
-        epoch_batches(32, 0, 7, 0, 2, 4, 1, lengths, skip=8)
+    assert epoch_batches(32, 0, 7, 0, 2, 4, 1, lengths, skip=8) == epoch_batches(32, 0, 7, 0, 2, 4, 1, lengths)[1:]
+    with pytest.raises(ValueError, match="skip 4 is not a whole number of optimizer steps of 8 examples"):
+        epoch_batches(32, 0, 7, 0, 2, 4, 1, lengths, skip=4)
     # Equal lengths (a corpus job's blocks) batch at random, so a prefix can be skipped there.
     assert epoch_batches(32, 0, 7, 0, 2, 4, 1, [5] * 32, skip=8) == epoch_batches(32, 0, 7, 0, 2, 4, 1, skip=8)

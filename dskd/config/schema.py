@@ -234,11 +234,12 @@ class TrainingConfig:
     # batch_size) at launch; null: grad_accum as given, so the global batch grows with the ranks.
     global_batch_size: Optional[int] = None
     # Put examples of similar length into the same micro-step (less padding, as Hugging Face's
-    # `group_by_length`): each window of `group_by_length_megabatch` micro-steps of the epoch's
-    # seeded permutation is sorted by length; the micro-steps still run in a seeded random order,
-    # the longest first. The same examples per epoch as random batches; a no-op on a corpus.
-    # Off by default only because a grouped run resumes mid-epoch on as many ranks as it had; it
-    # halves an SST-2 run without moving the dev metric (docs/results.md).
+    # `group_by_length`): each window of `group_by_length_megabatch` optimizer steps of the
+    # epoch's seeded permutation is sorted by length and cut into steps, which run in a seeded
+    # random order, the longest first. The same examples per epoch as random batches, the same
+    # steps on any number of ranks (resume moves freely); a no-op on a corpus. It halves an SST-2
+    # run without moving the dev metric (docs/results.md): turn it on. Off by default only so
+    # that the commands recorded in docs/ with random batches reproduce their tables.
     group_by_length: bool = False
     group_by_length_megabatch: int = 50
     lr: float = 5e-5

@@ -50,17 +50,21 @@ def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_si
                   lengths=None, megabatch: int = 50, skip: int = 0):
     """This rank's micro-batches for one epoch: a seeded permutation, equal work on every rank.
 
-    ``lengths`` (token counts per example, :func:`example_lengths`): group examples of similar
-    length into the same micro-step (``training.group_by_length``). The examples are those random
-    batching uses in this epoch; each window of ``megabatch`` micro-steps of the permutation (across
-    all ranks) is sorted by length and cut into micro-steps, each split across the ranks by striding,
-    so every rank's micro-batch pads to about the same length. The micro-steps then run in a seeded
-    random order, the one holding the longest example first (an out-of-memory error shows at once).
-    Equal lengths (a corpus job's blocks) give exactly the random batches.
+    After ``k`` optimizer steps the first ``k x G`` examples of the permutation have been used
+    (``G = world x batch_size x grad_accum``, the global batch), however the ranks shared them:
+    ``skip`` leaves out such a prefix (a run resumed on another number of ranks with the same
+    global batch, ``dskd.training.rescale``).
 
-    After ``k`` random micro-batches per rank the first ``k x batch_size x world`` examples of the
-    order have been used, whatever ``world`` is; ``skip`` leaves out such a prefix (a run resumed
-    on another number of ranks, ``dskd.training.rescale``; random batches only)."""
+    ``lengths`` (token counts per example, :func:`example_lengths`): group examples of similar
+    length (``training.group_by_length``). The examples are those random batching uses in this
+    epoch; each window of ``megabatch`` optimizer steps of the permutation is sorted by length and
+    cut into optimizer steps, which then run in a seeded random order, the one holding the
+    longest example first (an out-of-memory error shows at once). An optimizer step is cut into
+    ``grad_accum`` micro-steps, each split across the ranks by striding, so every rank's
+    micro-batch pads to about the same length. Windows and steps are made of whole global
+    batches, so which examples an optimizer step averages does not depend on ``world``: a grouped
+    run resumes on another number of ranks as exactly as a random one. Equal lengths (a corpus
+    job's blocks) give exactly the random batches."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
     if lengths is not None:
@@ -72,22 +76,23 @@ def epoch_batches(n: int, epoch: int, seed: int, rank: int, world: int, batch_si
         mine = rest[rank::world][: len(rest) // world]
         batches = [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
         return batches[: len(batches) // grad_accum * grad_accum]
-    if skip:  # grouped micro-steps depend on the rank layout: no prefix of the order is "done"
-        raise ValueError("skip works with random batches only, not with training.group_by_length")
     span = world * batch_size  # one micro-step's examples, all ranks together
-    micro_steps = (n // world) // batch_size // grad_accum * grad_accum
-    # The random batches above use exactly order[: micro_steps * span]: the same examples here.
-    used = np.asarray(order[: micro_steps * span], dtype=np.int64)
+    step_size = span * grad_accum  # one optimizer step's
+    if skip % step_size:
+        raise ValueError(f"skip {skip} is not a whole number of optimizer steps of {step_size} examples")
+    # The random batches above use exactly order[: n // step_size * step_size]: the same examples here.
+    used = np.asarray(order[: n // step_size * step_size], dtype=np.int64)
     steps = []
-    for start in range(0, len(used), megabatch * span):
-        window = used[start : start + megabatch * span]
+    for start in range(0, len(used), megabatch * step_size):
+        window = used[start : start + megabatch * step_size]
         window = window[np.argsort(-lengths[window], kind="stable")]
-        steps += [window[i : i + span] for i in range(0, len(window), span)]
+        steps += [window[i : i + step_size] for i in range(0, len(window), step_size)]
     if not steps:
         return []
     longest = int(np.argmax([lengths[step[0]] for step in steps]))  # a window's first step holds its longest
     shuffled = [j for j in torch.randperm(len(steps), generator=generator).tolist() if j != longest]
-    return [steps[j][rank::world].tolist() for j in [longest] + shuffled]
+    ordered = [steps[j] for j in [longest] + shuffled][skip // step_size :]
+    return [step[i : i + span][rank::world].tolist() for step in ordered for i in range(0, step_size, span)]
 
 
 def grouping_note(lengths, seed: int, rank: int, world: int, batch_size: int, grad_accum: int,

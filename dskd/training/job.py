@@ -114,8 +114,7 @@ def prepare(cfg: ExperimentConfig, role: str, out: Path, deepspeed_path: str | N
     if resume_tag is not None:
         folder = out / "checkpoints" / resume_tag
         resume_world = rescale.check(folder, rescale.written_by(folder, read_run_info(out).get("world_size")),
-                                     training, getattr(cfg, section), section,
-                                     training.group_by_length and cfg.data.corpus is None)
+                                     training, getattr(cfg, section), section)
         if resume_world is not None and reshard.partitioned(folder):
             ds_config = reshard.reload_config(ds_config)  # re-partitions the optimizer state on load
     task = data.task_for(cfg, uses_mlm(losses))

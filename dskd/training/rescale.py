@@ -10,7 +10,10 @@ What moves, and how exactly:
   order in batches of ``batch_size``, so after ``k`` micro-batches per rank exactly the first
   ``k x batch_size x W`` examples of the order have been trained on, whatever ``W`` was. The
   resumed run skips that prefix (``epoch_offset``) and shares the rest among its own ranks:
-  no example of the epoch is repeated or skipped.
+  no example of the epoch is repeated or skipped. Length-grouped batches
+  (``training.group_by_length``) form whole optimizer steps before the ranks share them
+  (``dskd.data.batches.epoch_batches``): ``k`` steps used the first ``k`` of the epoch's
+  seeded list of steps, whatever ``W`` was, and the resumed run skips those.
 * **Global batch.** The resumed run must have the same global batch (``ranks x batch_size x
   grad_accum``), which ``training.global_batch_size`` keeps by deriving ``grad_accum``. Then
   every optimizer step averages the same examples as it would have on the old ranks, so the
@@ -41,12 +44,10 @@ def written_by(folder: Path, run_world: int | None) -> int | None:
         return run_world
 
 
-def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: TrainingConfig, section: str,
-          grouped: bool = False) -> int | None:
+def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: TrainingConfig, section: str) -> int | None:
     """The number of ranks the checkpoint in ``folder`` was written by when it differs from this
-    job's (None when the same). Refuses a change that would alter the global batch, and one in
-    the middle of an epoch of length-grouped batches (``grouped``), whose micro-steps depend on
-    the rank layout. ``training``: this job's (``grad_accum`` derived), ``raw``: as configured."""
+    job's (None when the same). Refuses a change that would alter the global batch.
+    ``training``: this job's (``grad_accum`` derived), ``raw``: as configured."""
     world = dist.world_size()
     if old_world is None or old_world == world:
         return None
@@ -62,26 +63,7 @@ def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: Tr
             f"{world} rank(s) it would be {now}, which changes the steps per epoch and the optimizer's trajectory. "
             f"Resume with `{fix}` (grad_accum is then derived for each world size), or on {old_world} rank(s)"
         )
-    if grouped:
-        position = _position(folder)
-        if position["batch_in_epoch"] or position.get("epoch_offset"):
-            raise DskdError(
-                f"--resume: {folder.name} is in the middle of epoch {position['epoch']}, and with "
-                f"`{section}.group_by_length` an epoch's micro-steps depend on the number of ranks, so the rest of "
-                f"it cannot be shared among {world} rank(s) without repeating or skipping examples; resume on "
-                f"{old_world} rank(s), or from a checkpoint at the end of an epoch ({section}.save_every: 0 saves "
-                "there)"
-            )
     return old_world
-
-
-def _position(folder: Path) -> dict:
-    """The data position in a checkpoint's client state (DeepSpeed's model-states file of rank 0)."""
-    import torch
-
-    states = sorted(folder.glob("*mp_rank_00_model_states.pt"))
-    client = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)
-    return client["dskd"]
 
 
 def load(engine, ckpt_dir: Path, tag: str, old_world: int, batch_size: int) -> dict:
