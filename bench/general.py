@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from results import _cell
-from results_grid import (REPO, TASKS, check_remade, completed, ensure_teacher, keep_record, kept, launch,
+from results_grid import (REPO, TASKS, busy, check_remade, completed, ensure_teacher, keep_record, kept, launch,
                           method_inputs, sets, student_dir, teacher_dir)
 
 from dskd.data import get_task
@@ -74,10 +74,10 @@ def task_dir(root: Path, task: str, row: str, seed: int) -> Path:
 
 
 def wait_for(run: Path) -> None:
-    """A teacher another script is fine-tuning: wait until it completes."""
-    while not completed(run):
-        if not (run / "run.json").is_file():
-            return
+    """A run another lane is writing (a teacher, a stage-1 student): wait while its process lives."""
+    from dskd.training.run_lock import live_holder
+
+    while not completed(run) and live_holder(run) is not None:
         time.sleep(30)
 
 
@@ -109,7 +109,7 @@ def run_grid(args) -> None:
                 if completed(out):
                     keep_record(args.keep, out)
                     continue
-                if (dest := kept(args.keep, out)) is not None and completed(dest):
+                if (dest := kept(args.keep, out)) is not None and completed(dest) or busy(out):
                     continue
                 ensure_general(args, general)
                 wait_for(teacher)
@@ -128,6 +128,7 @@ def ensure_general(args, general: str | None) -> None:
     if general is None:
         return
     run = general_dir(args.root, general)
+    wait_for(run)  # another lane may be making it: this lane needs it
     if general == "pretrained_copy" and not completed(run):
         write_pretrained_copy(run)
     elif not completed(run):

@@ -142,6 +142,16 @@ def completed(run: Path) -> bool:
     return (run / "metrics.json").is_file() and info.is_file() and json.loads(info.read_text())["status"] == "completed"
 
 
+def busy(run: Path) -> bool:
+    """Another lane's process is writing ``run`` now (its lock is live): say so and leave it to that lane."""
+    from dskd.training.run_lock import live_holder
+
+    if (holder := live_holder(run)) is None:
+        return False
+    print(f"- {run}: being written by pid {holder.get('pid')} since {holder.get('since')}; left to it", flush=True)
+    return True
+
+
 def kept(keep: Path | None, run: Path) -> Path | None:
     """Where ``run``'s record is kept under ``keep`` (same TASK/RUN layout), or None without ``keep``."""
     return None if keep is None else keep / run.parent.name / run.name
@@ -225,7 +235,7 @@ def run_grid(args) -> None:
                         ensure_predictions(out, recipe, base + args.student_sets, args.threads)
                         keep_record(keep, out)
                         continue
-                    if (dest := kept(keep, out)) is not None and completed(dest):
+                    if (dest := kept(keep, out)) is not None and completed(dest) or busy(out):
                         continue
                     ensure_teacher(args, task, variant)
                     launch([*dskd, "distill", "--config", recipe, "--output", str(out), "--auto-resume",

@@ -121,9 +121,11 @@ def test_a_live_lock_is_refused_and_a_dead_one_taken_over(tmp_path):
         with pytest.raises(DskdError, match=rf"being written by another dskd process \(pid {sleeper.pid} on .*"
                                             rf"delete {re.escape(str(lock))}"):
             run_lock.acquire(tmp_path)
+        assert run_lock.live_holder(tmp_path)["pid"] == sleeper.pid
     finally:
         sleeper.kill()
         sleeper.wait()
+    assert run_lock.live_holder(tmp_path) is None
     run_lock.acquire(tmp_path)  # its process is gone: stale
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     run_lock.release()

@@ -452,3 +452,28 @@ def test_metric_option_reports_and_tests_another_metric_and_names_a_task_without
     args.tasks, args.metric = ["sst2"], "f1"
     with pytest.raises(SystemExit, match="--metric f1: sst2's runs report accuracy; choose one of those"):
         results.tables(args)
+
+
+def test_a_run_another_lane_is_writing_is_left_to_it(tmp_path, capsys):
+    """Lanes of one grid may meet at a run: the one that finds it locked by a live process moves on."""
+    import os
+    import subprocess
+    import sys
+
+    _results_module()
+    grid = sys.modules["results_grid"]
+    out = grid.student_dir(tmp_path, "rte", 3, "soft_kd", 1)
+    out.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "slurm_job": None,
+                                               "since": "then"}))
+        args = Namespace(root=tmp_path, keep=None, seeds=[1], layers=[3], tasks=["rte"], methods=["soft_kd"],
+                         threads=1, student_sets=[])
+        grid.run_grid(args)  # without the skip it would fine-tune the teacher and train the student here
+        assert f"- {out}: being written by pid {sleeper.pid} since then; left to it" in capsys.readouterr().out
+        assert not (tmp_path / "rte" / "teacher").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not grid.busy(out)  # its process is gone: the run is any lane's again

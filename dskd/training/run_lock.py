@@ -58,6 +58,13 @@ def _read(path: Path) -> dict | None:
     return holder if isinstance(holder, dict) else None
 
 
+def live_holder(out: Path) -> dict | None:
+    """The process that holds ``out``'s lock now (host, pid, Slurm job, since), or None when the
+    lock is free or stale: a grid of runs in several lanes skips a run another lane is writing."""
+    holder = _read(out / LOCK_FILE) if (out / LOCK_FILE).is_file() else None
+    return None if holder is None or _stale(holder, _me()) else holder
+
+
 def acquire(out: Path) -> None:
     """Take ``out``'s lock (rank 0; the other ranks write under rank 0's). Idempotent."""
     if dist.rank() != 0 or not out.is_dir():
