@@ -300,7 +300,8 @@ def markdown(table: dict, layers_list: list[int]) -> str:
     lines = [head, "|" + "---|" * (2 * len(tasks) + 3)]
     lines.append("| teacher (6 layers, fine-tuned MiniLM) | - | | "
                  + " | ".join(f"{100 * table[t]['teacher'][table[t]['metric']]:.1f} | " for t in tasks) + " |")
-    if any("teacher_full" in table[t] for t in tasks):
+    if any("teacher_full" in table[t] and any(split_method(row.split("/", 1)[1])[1] for row in table[t]["rows"])
+           for t in tasks):  # the stronger teacher's line only where one of its students is a row
         lines.append("| teacher on all training rows | - | | " + " | ".join(
             (f"{100 * table[t]['teacher_full'][table[t]['metric']]:.1f} | " if "teacher_full" in table[t] else "- | ")
             for t in tasks) + " |")

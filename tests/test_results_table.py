@@ -92,6 +92,9 @@ def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
     assert results._delta({"diff": 0.02, "low": 0.001, "high": 0.04, "p": 0.03, "p_holm": 0.09}) == "+2.0* [+0.1, +4.0] p=0.03"
     assert results._delta({"diff": -0.01, "low": -0.03, "high": 0.01, "p": 0.4, "p_holm": 1.0}) == "-1.0 [-3.0, +1.0] p=0.4"
     assert "| teacher on all training rows | - | | 93.0 |" in text
+    # A table without its students (--rows of the core rows) leaves the stronger teacher out.
+    table["sst2"]["rows"].pop("L3/soft_kd@full")
+    assert "teacher on all training rows" not in results.markdown(table, [3])
     assert "soft-label KD (teacher fine-tuned on all training rows) | soft-label KD |" in text
     assert results.student_dir(tmp_path, "sst2", 3, "soft_kd@full+unlabeled", 2).name == "L3-soft_kd@full+unlabeled-s2"
     assert results.reference("soft_kd@full+unlabeled") == "soft_kd@full" and results.reference("no_teacher") is None
