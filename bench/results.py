@@ -9,7 +9,8 @@ this script runs what is missing of it, then collects the finished runs into tab
 A method may carry a teacher variant: ``soft_kd@full`` distils from a teacher fine-tuned on every
 training row (SST-2: 67,349 sentences, not the students' 8,000), ``soft_kd@full+unlabeled`` also
 trains on the rows after the students' 8,000 without their labels (``data.unlabeled``), taught
-through a teacher cache. ``--set KEY=VALUE`` applies to every student (e.g.
+through a teacher cache, and ``no_teacher@all`` trains on every row with its label (one epoch, as
+many steps as ``@full+unlabeled``: what the labels alone give). ``--set KEY=VALUE`` applies to every student (e.g.
 training.group_by_length=true).
 
 Every finished run keeps its dev predictions (``dev_predictions.jsonl``; older runs get them
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--layers", nargs="+", type=int, default=[3, 2])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, type=method_arg,
-                        help="methods (configs/results/<method>.yaml), each optionally @full or @full+unlabeled")
+                        help="methods (configs/results/<method>.yaml), each optionally @full, @full+unlabeled or @all")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--set", dest="student_sets", action="append", default=[], metavar="KEY=VALUE",

@@ -66,6 +66,7 @@ VARIANTS = {
     "": "",
     "full": "teacher fine-tuned on all training rows",
     "full+unlabeled": "teacher on all rows, + the other rows unlabeled",
+    "all": "every training row labelled, teacher on all rows",
 }
 PREDICTIONS, WALL = "dev_predictions.jsonl", "wall.json"
 # A run's record: all the tables read (a few kB, no weights). ``--keep DIR`` copies it to DIR/TASK/RUN
@@ -295,6 +296,8 @@ def method_inputs(args, task: str, method: str, variant: str, teacher: Path) -> 
                     "--overwrite", *sets(given)], args.threads)
         # One epoch over all rows (SST-2: 67,349, 2,105 steps: 4x the labelled-only run's 500), checkpointed often.
         extra += ["data.unlabeled=true", f"teacher.cache={store}", "training.epochs=1", "training.save_every=200"]
+    if variant == "all":  # every row with its label (no_teacher@all: what the labels alone give), as many steps
+        extra += ["data.train_limit=null", "training.epochs=1", "training.save_every=200"]
     return extra
 
 
@@ -307,7 +310,7 @@ def reference(name: str) -> str | None:
     """The row a method's cell is compared with (see the module doc)."""
     method, variant = split_method(name)
     if variant:
-        return method if variant == "full" else f"{method}@full"
+        return f"{method}@full" if variant == "full+unlabeled" else method
     two_stage = {"general_init": "soft_kd", "pretrained_copy": "soft_kd", "codir_general": "codir",
                  "kronecker_general": "kroneckerbert"}
     return {"no_teacher": None, "soft_kd": "no_teacher", **two_stage}.get(method, "soft_kd")

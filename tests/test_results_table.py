@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from argparse import Namespace
 
 from conftest import REPO
@@ -99,6 +100,11 @@ def test_cells_carry_the_paired_bootstrap_against_their_reference_row(tmp_path):
     assert results.student_dir(tmp_path, "sst2", 3, "soft_kd@full+unlabeled", 2).name == "L3-soft_kd@full+unlabeled-s2"
     assert results.reference("soft_kd@full+unlabeled") == "soft_kd@full" and results.reference("no_teacher") is None
     assert results.reference("codir_general") == "codir" and "general_init" in results.table_rows()
+    # no_teacher@all: every row with its label, as many steps as @full+unlabeled; compared with the 8,000-row run.
+    assert results.reference("no_teacher@all") == "no_teacher" and results.reference("soft_kd@full") == "soft_kd"
+    grid = sys.modules["results_grid"]
+    extra = grid.method_inputs(Namespace(root=tmp_path), "sst2", "no_teacher", "all", tmp_path / "teacher")
+    assert extra == ["data.train_limit=null", "training.epochs=1", "training.save_every=200"]
 
 
 def test_noise_table_reuses_the_clean_rows_at_rate_zero_and_leaves_missing_cells_empty(tmp_path):
