@@ -10,8 +10,8 @@ A method may carry a teacher variant: ``soft_kd@full`` distils from a teacher fi
 training row (SST-2: 67,349 sentences, not the students' 8,000), ``soft_kd@full+unlabeled`` also
 trains on the rows after the students' 8,000 without their labels (``data.unlabeled``), taught
 through a teacher cache, and ``no_teacher@all`` trains on every row with its label (one epoch, as
-many steps as ``@full+unlabeled``: what the labels alone give). ``--set KEY=VALUE`` applies to every student (e.g.
-training.group_by_length=true).
+many steps as ``@full+unlabeled``: what the labels alone give). ``--set KEY=VALUE`` applies to
+every student (e.g. training.group_by_length=true).
 
 Every finished run keeps its dev predictions (``dev_predictions.jsonl``; older runs get them
 from ``dskd evaluate --predictions``) and the wall time of each launch (``wall.json``). The

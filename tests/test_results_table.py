@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from argparse import Namespace
 
@@ -465,10 +467,6 @@ def test_metric_option_reports_and_tests_another_metric_and_names_a_task_without
 
 def test_a_run_another_lane_is_writing_is_left_to_it(tmp_path, capsys):
     """Lanes of one grid may meet at a run: the one that finds it locked by a live process moves on."""
-    import os
-    import subprocess
-    import sys
-
     _results_module()
     grid = sys.modules["results_grid"]
     out = grid.student_dir(tmp_path, "rte", 3, "soft_kd", 1)

@@ -44,7 +44,8 @@ def written_by(folder: Path, run_world: int | None) -> int | None:
         return run_world
 
 
-def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: TrainingConfig, section: str) -> int | None:
+def check(folder: Path, old_world: int | None, training: TrainingConfig, raw: TrainingConfig,
+          section: str) -> int | None:
     """The number of ranks the checkpoint in ``folder`` was written by when it differs from this
     job's (None when the same). Refuses a change that would alter the global batch.
     ``training``: this job's (``grad_accum`` derived), ``raw``: as configured."""
