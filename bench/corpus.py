@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from dskd.config import ArchConfig, StudentConfig, TrainingConfig  # noqa: E402
 from dskd.data.corpus import BlockMasker, pack_corpus, read_corpus  # noqa: E402
 from dskd.losses import LayerGeometry, build_loss_terms  # noqa: E402
 from dskd.models.capture import QKCapture  # noqa: E402
+from dskd.runtime.launch import free_port  # noqa: E402
 from dskd.teacher.online import TeacherSide  # noqa: E402
 from dskd.training import engine as eng  # noqa: E402
 from dskd.training.module import DistillationModule, train_step  # noqa: E402
@@ -141,12 +141,6 @@ def dskd_loop(teacher, student, batch, training: TrainingConfig, total: int, ds_
     return step
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -217,7 +211,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--kernel", kernel, "--memory-seq", str(args.memory_seq),
                    "--batch", str(args.memory_batch), "--hidden", str(args.hidden), "--heads", str(args.heads),
                    "--teacher-layers", str(args.teacher_layers), "--deepspeed", args.deepspeed]
-            env = dict(os.environ, MASTER_PORT=str(_free_port()))  # this process holds the default port
+            env = dict(os.environ, MASTER_PORT=str(free_port()))  # this process holds the default port
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"memory run ({kernel}) failed:\n{proc.stderr[-3000:]}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from dskd.runtime.launch import free_port  # noqa: E402  imports no torch: the ranks' baseline stays theirs
 
 # Shapes of the three cases. batch/length are per rank; the data is MRPC (sentence pairs,
 # mean ~50 tokens), so that activations are not negligible; steps are optimizer steps.
@@ -150,10 +150,7 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
     env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world),
                LOCAL_WORLD_SIZE=str(world), PYTHONPATH=str(REPO))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    env["MASTER_PORT"] = str(sock.getsockname()[1])
-    sock.close()
+    env["MASTER_PORT"] = str(free_port())
     argv = ["distill", "--config", str(cfg_file), "--deepspeed", ds, "--output", str(case / "run")]
     argv += [item for value in overrides for item in ("--set", value)]
     start = time.time()
@@ -161,14 +158,28 @@ def run_case(shape: str, zero: int, dtype: str, world: int, workdir: Path, batch
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
                               stderr=open(case / f"rank{r}.log", "w"))
              for r in range(world)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"{case}: ranks exited {codes}; see {case}/rank*.log")
+    codes = wait_ranks(procs)
+    if any(codes):  # the logs' tails, so that a CI failure shows its cause without the files
+        tails = "\n".join(f"--- rank{r}.log (last 40 lines):\n" + "\n".join(
+            (case / f"rank{r}.log").read_text(errors="replace").splitlines()[-40:]) for r in range(world))
+        raise SystemExit(f"{case}: ranks exited {codes}; see {case}/rank*.log\n{tails}")
     ranks = [json.loads((case / f"rank{r}.json").read_text()) for r in range(world)]
     row = {"shape": shape, "zero": zero, "dtype": dtype, "world": world, "task": task, "batch": batch,
            "max_length": length, "steps": steps, "seconds": round(time.time() - start, 1), "ranks": ranks,
            "config": str(cfg_file), "overrides": list(overrides)}
     return add_plan(row)
+
+
+def wait_ranks(procs: list) -> list[int]:
+    """The ranks' exit codes. As launchers/local.sh does, the first rank to fail takes the others
+    down: they would wait for it in a collective (or a rendezvous) until torch's 30-minute timeout."""
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.2)
+    return [p.returncode for p in procs]
 
 
 def add_plan(row: dict) -> dict:

@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from dskd.commands.arguments import build_parser, check_command
-from dskd.errors import DskdError
+from dskd.errors import DskdError, RankError
 
 # Warnings our normal runs print that a user can do nothing about: (category, message, module),
 # regular expressions as in warnings.filterwarnings. Found by running the quick start, tiny runs
@@ -288,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             print(export_run(args.run, args.out, args.tag, overwrite=args.overwrite))
             code = 0
     except DskdError as exc:
-        # Every rank hits the same input error; one copy of the message is enough.
-        if os.environ.get("RANK", "0") == "0":
+        # Every rank hits the same input error; one copy of the message is enough. A RankError
+        # is this rank's alone: it always speaks, and exits 1 so that the others are stopped.
+        alone = isinstance(exc, RankError)
+        if alone or os.environ.get("RANK", "0") == "0":
             print(f"dskd: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if alone else 2
     return code
 
 

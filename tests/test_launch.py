@@ -91,6 +91,53 @@ def test_launchers_exit_with_the_ranks_code_and_one_line(script, session_tmp, tm
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
 
 
+def test_free_port_is_bindable_and_below_the_ephemeral_range(monkeypatch, tmp_path):
+    """Below the range, no other job's outgoing connection can be handed the port between the
+    probe and the master's listen (the race behind a CI failure of a 2-rank run)."""
+    import socket
+
+    from dskd.runtime import launch
+
+    (tmp_path / "range").write_text("40000\t50000\n")  # the kernel file's format
+    assert launch.ephemeral_ports(str(tmp_path / "range")) == (40000, 50000)
+    assert launch.ephemeral_ports(str(tmp_path / "absent")) == (32768, 60999)
+    low, high = launch.ephemeral_ports()
+    ports = {launch.free_port() for _ in range(20)}
+    assert len(ports) > 1
+    for port in ports:
+        assert (20000 <= port < low) if low - 20000 > 1000 else low <= port <= high
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # and free
+    # A node whose range starts at 20500 leaves no room below it: the kernel's own choice.
+    monkeypatch.setattr(launch, "ephemeral_ports", lambda: (20500, high))
+    assert low <= launch.free_port() <= high
+
+
+@pytest.mark.slow
+def test_a_taken_master_port_is_one_line_and_the_launcher_stops_the_other_rank(session_tmp, tmp_path):
+    """Rank 0 cannot listen: it says so and exits 1 (not 2: rank 1 never sees the problem), and
+    launchers/local.sh takes rank 1 down instead of leaving it connected to the wrong socket."""
+    import socket
+    import subprocess
+
+    from conftest import REPO, dskd_env
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(4)  # accepts into the backlog and never answers, as a stranger's listener
+        port = held.getsockname()[1]
+        out = tmp_path / "run"
+        proc = subprocess.run(["timeout", "-k", "5", "200", "bash", "launchers/local.sh", "2", "distill", "--config",
+                               "configs/tiny.yaml", "--output", str(out)], cwd=REPO,
+                              env=dict(dskd_env(session_tmp), MASTER_PORT=str(port)), capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dskd: error:")]
+    assert errors == [f"dskd: error: rank 0 cannot listen on MASTER_PORT={port} (127.0.0.1): another process holds "
+                      "it (another job's rendezvous or a rank left from an earlier run). Set MASTER_PORT to a free "
+                      "port, or leave it unset and launchers/local.sh picks one"]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 @pytest.mark.slow
 def test_local_launcher_passes_a_signal_on_and_exits_85(session_tmp):
     import json
@@ -220,14 +267,13 @@ def test_two_nodes_of_one_rank_end_where_one_node_of_two_ranks_ends(two_rank_ref
     NNODES=2), one rank each, meeting at a c10d rendezvous on 127.0.0.1, train the same job as
     two ranks of one node (`two_rank_reference`, launchers/local.sh) and end on the same bits."""
     import json
-    import socket
     import subprocess
 
     from conftest import REPO, assert_same_run, dskd_env
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from dskd.runtime.launch import free_port
+
+    port = free_port()
     out = session_tmp / "two-nodes"
     env = dict(dskd_env(session_tmp), NNODES="2", RDZV=f"127.0.0.1:{port}")
     cmd = ["timeout", "-k", "5", "300", "bash", "launchers/torchrun.sh", "1", "distill", "--config",

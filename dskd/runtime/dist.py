@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from dskd.errors import DskdError
+from dskd.errors import DskdError, RankError
 
 
 def prepare_environment(announce: bool = False) -> None:
@@ -47,7 +47,16 @@ def init_distributed() -> None:
         # results, so skip it unless asked for (DSKD_SHM_COMM=1).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if is_cpu() else "nccl", auto_mpi_discovery=False)
+        try:
+            deepspeed.init_distributed(dist_backend="gloo" if is_cpu() else "nccl", auto_mpi_discovery=False)
+        except torch.distributed.DistNetworkError as exc:
+            if "EADDRINUSE" not in str(exc):
+                raise
+            addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+            raise RankError(f"rank {os.environ.get('RANK', '0')} cannot listen on MASTER_PORT={port} "
+                            f"({addr}): another process holds it (another job's rendezvous or a rank left "
+                            "from an earlier run). Set MASTER_PORT to a free port, or leave it unset and "
+                            "launchers/local.sh picks one") from None
 
 
 def rank() -> int:

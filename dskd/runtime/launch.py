@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from dskd.errors import DskdError
 
@@ -86,9 +87,35 @@ def _int(env, name: str) -> int:
         raise DskdError(f"the launch environment has {name}={env.get(name)!r}; expected an integer") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The range the kernel hands out to ``bind(port 0)`` and to every outgoing connection."""
+    try:
+        low, high = map(int, Path(path).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 200) -> int:
+    """A port free on ``host`` now, below the ephemeral range. A port that ``bind(0)`` picked
+    is itself ephemeral: between its probe and the master's listen, any outgoing connection
+    of another job on the node (gloo opens many) may be given it, and the rendezvous then
+    fails with EADDRINUSE. Ports below the range are only ever taken by an explicit bind."""
+    import random
+
+    low = 20000  # above the ports services listen on (Slurm 6817-6819, TensorBoard 6006, Jupyter 8888)
+    high = ephemeral_ports()[0]
+    pick = random.SystemRandom()  # not the seeded global generator: two seeded jobs would agree
+    for _ in range(tries if high - low > 1000 else 0):
+        port = pick.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range on this node: the kernel's choice
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -118,7 +145,7 @@ def _from_env(env) -> Launch:
                         "address and port (torchrun and the deepspeed launcher set them)")
     launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "CROSS_RANK" in env else "env"
     return Launch(launcher, _int(env, "RANK"), world, int(env.get("LOCAL_RANK", 0)),
-                  env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port()))
+                  env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port()))
 
 
 def _from_mpirun(env) -> Launch:
@@ -260,7 +287,7 @@ def _detect(env) -> Launch:
     elif "SLURM_PROCID" in env:
         launch = _from_srun(env)
     else:
-        launch = Launch("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()))
+        launch = Launch("single", 0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()))
     if launch.world < 1 or not 0 <= launch.rank < launch.world or not 0 <= launch.local_rank < launch.world:
         raise DskdError(f"inconsistent launch environment ({launch.launcher}): rank {launch.rank}, local rank "
                         f"{launch.local_rank}, world size {launch.world}")
