@@ -72,6 +72,8 @@ def test_launcher_scripts_start_two_ranks(script, name, session_tmp):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[launch] {name}: 2 rank(s), this is rank 0 (local 0)" in proc.stderr
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    if name == "deepspeed":  # a free port of its own, not the deepspeed launcher's fixed 29500
+        assert "master 127.0.0.1:" in proc.stderr and "master 127.0.0.1:29500," not in proc.stderr
 
 
 @pytest.mark.slow
