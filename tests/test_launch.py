@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dskd.errors import DskdError
-from dskd.runtime.launch import choose_threads, configure_threads, detect, first_host, local_ranks
+from dskd.runtime.launch import choose_threads, configure_threads, detect, first_host, local_ranks, slurm_port
 
 
 def test_single_process():
@@ -27,7 +27,9 @@ def test_srun_step():
            "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
     launch = detect(env)
     assert (launch.launcher, launch.rank, launch.world, launch.local_rank) == ("srun", 3, 4, 1)
-    assert launch.master_port == 20000 + 123456 % 40000
+    assert launch.master_port == 23456  # 20000 + 123456 mod 12000
+    # Every job's port lies below Linux's default ephemeral range (32768-60999).
+    assert [slurm_port(j) for j in (0, 11999, 12000, 10**9 + 7)] == [20000, 31999, 20000, 24007]
     assert launch.master_addr in ("gpu07",)  # scontrol (if present) and the fallback parser agree
 
 

@@ -11,8 +11,9 @@ before DeepSpeed starts, from whichever launcher it finds (first match wins):
   rank 0's host name broadcast with mpi4py when it is installed, else 127.0.0.1 when every
   rank is on this node.
 * ``srun``: a Slurm job step's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``; the
-  master is the step's first node, the port ``20000 + job id mod 40000`` (two jobs on one
-  node do not collide; all ranks of a job agree without talking).
+  master is the step's first node, the port ``20000 + job id mod 12000``: all ranks of a job
+  agree without talking, two jobs on one node meet only when their ids differ by a multiple of
+  12000, and the port stays below the kernel's ephemeral range (``slurm_port``).
 * ``single``: none of the above, one process.
 
 Inconsistent environments (a rank outside the world, ``RANK`` without ``WORLD_SIZE``, the
@@ -173,6 +174,14 @@ def _from_mpirun(env) -> Launch:
     return Launch(launcher, rank, world, local, addr, int(env.get("MASTER_PORT", 29500)))
 
 
+def slurm_port(job_id: int) -> int:
+    """The master port of a Slurm job: every rank computes it alone. 20000-31999 stays below
+    Linux's default ephemeral range (32768-60999): on a busy node, a port in that range may be
+    the local end of any outgoing connection, and the master could not listen on it. A constant
+    band, not this node's range, since all nodes of the job must agree on it."""
+    return 20000 + job_id % 12000
+
+
 def _from_srun(env) -> Launch:
     if "SLURM_STEP_NUM_TASKS" not in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         raise DskdError(
@@ -183,7 +192,7 @@ def _from_srun(env) -> Launch:
     rank, local = _int(env, "SLURM_PROCID"), int(env.get("SLURM_LOCALID", 0))
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
     addr = env.get("MASTER_ADDR") or first_host(nodes)
-    port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 40000)
+    port = int(env.get("MASTER_PORT") or slurm_port(int(env.get("SLURM_JOB_ID", 0))))
     return Launch("srun", rank, world, local, addr, port)
 
 
