@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 import socket
 import subprocess
@@ -102,8 +103,6 @@ def free_port(host: str = "127.0.0.1", tries: int = 200) -> int:
     is itself ephemeral: between its probe and the master's listen, any outgoing connection
     of another job on the node (gloo opens many) may be given it, and the rendezvous then
     fails with EADDRINUSE. Ports below the range are only ever taken by an explicit bind."""
-    import random
-
     low = 20000  # above the ports services listen on (Slurm 6817-6819, TensorBoard 6006, Jupyter 8888)
     high = ephemeral_ports()[0]
     pick = random.SystemRandom()  # not the seeded global generator: two seeded jobs would agree
