@@ -23,6 +23,13 @@ run_reporting() {
   report_exit "$rc"
 }
 
+# master_port PYTHON: $MASTER_PORT when given, else a port free on this node below the kernel's
+# ephemeral range (dskd.runtime.launch.free_port), not a fixed default two jobs would share.
+master_port() {
+  if [ -n "${MASTER_PORT:-}" ]; then echo "$MASTER_PORT"; return; fi
+  "$1" -c 'from dskd.runtime.launch import free_port; print(free_port())'
+}
+
 report_exit() {
   case "$1" in
     0|2) ;;

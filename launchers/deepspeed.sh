@@ -14,7 +14,7 @@ if ! "$python" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() els
   export DS_ACCELERATOR=cpu LOCAL_SIZE="$nproc" GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
 fi
 # The launcher's own default port is a fixed 29500, which two jobs on one node would share.
-port=${MASTER_PORT:-$("$python" -c 'from dskd.runtime.launch import free_port; print(free_port())')}
+port=$(master_port "$python")
 # --no_local_rank: dskd reads LOCAL_RANK from the environment, not from a --local_rank argument.
 run_reporting "$python" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" --no_local_rank \
   --module dskd "$@"

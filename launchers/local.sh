@@ -20,7 +20,7 @@ if ! "$python" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() els
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
 fi
 export MASTER_ADDR=127.0.0.1 WORLD_SIZE=$nproc LOCAL_WORLD_SIZE=$nproc
-export MASTER_PORT=${MASTER_PORT:-$("$python" -c 'from dskd.runtime.launch import free_port; print(free_port())')}
+MASTER_PORT=$(master_port "$python"); export MASTER_PORT
 pids=()
 for ((r = 0; r < nproc; r++)); do
   RANK=$r LOCAL_RANK=$r "$python" -m dskd "$@" &

@@ -15,9 +15,8 @@ args=(-np "$nproc" --bind-to none -x PATH -x DSKD_EXIT_FILE)
 [ "$(id -u)" = 0 ] && args+=(--allow-run-as-root)
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE") || args+=(--oversubscribe --mca btl self,vader --mca oob_tcp_if_include lo)
 # One node: a port free here, not torch's fixed 29500, which two jobs on this node would share.
-if [ -z "${HOSTFILE:-}" ] && [ -z "${MASTER_PORT:-}" ]; then
-  MASTER_PORT=$("$python" -c 'from dskd.runtime.launch import free_port; print(free_port())')
-  export MASTER_PORT
+if [ -z "${HOSTFILE:-}" ]; then
+  MASTER_PORT=$(master_port "$python"); export MASTER_PORT
 fi
 for var in PYTHONPATH LD_LIBRARY_PATH VIRTUAL_ENV MASTER_ADDR MASTER_PORT DS_ACCELERATOR GLOO_SOCKET_IFNAME OMP_NUM_THREADS HF_HUB_OFFLINE HF_DATASETS_OFFLINE \
            HF_DATASETS_CACHE NCCL_SOCKET_IFNAME TRITON_INTERPRET; do

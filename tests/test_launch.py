@@ -138,7 +138,7 @@ def test_a_taken_master_port_is_one_line_and_the_launcher_stops_the_other_rank(s
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dskd: error:")]
     assert errors == [f"dskd: error: rank 0 cannot listen on MASTER_PORT={port} (127.0.0.1): another process holds "
                       "it (another job's rendezvous or a rank left from an earlier run). Set MASTER_PORT to a free "
-                      "port, or leave it unset and launchers/local.sh picks one"]
+                      "port, or leave it unset: launchers/local.sh, deepspeed.sh and mpirun.sh pick one"]
     assert "Traceback" not in proc.stderr and not out.exists()
 
 

@@ -55,8 +55,8 @@ def init_distributed() -> None:
             addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
             raise RankError(f"rank {os.environ.get('RANK', '0')} cannot listen on MASTER_PORT={port} "
                             f"({addr}): another process holds it (another job's rendezvous or a rank left "
-                            "from an earlier run). Set MASTER_PORT to a free port, or leave it unset and "
-                            "launchers/local.sh picks one") from None
+                            "from an earlier run). Set MASTER_PORT to a free port, or leave it unset: launchers/local.sh, "
+                            "deepspeed.sh and mpirun.sh pick one") from None
 
 
 def rank() -> int:
