@@ -1,16 +1,22 @@
 """The package's architecture, checked from its source: layers import downwards only, no
-module imports itself back through others, the training loop names no method, and no
-module outgrows a reader (docs/design.md draws the layers)."""
+module imports itself back through others, the training loop names no method, no module
+outgrows a reader (docs/design.md draws the layers), and no script's module hides a library."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dskd"
+# Folders whose modules sit first on sys.path when their scripts run (`python bench/x.py`) or
+# when pytest collects them; a module there named like a library hides that library.
+SCRIPT_FOLDERS = [PACKAGE.parent / "bench", PACKAGE.parent / "tests"]
 
 # Each top-level part of dskd and its layer: a module may import from lower layers and from
 # its own part, never from a higher layer or a sibling of the same layer.
@@ -128,3 +134,46 @@ def test_the_training_layer_names_no_method():
 def test_modules_stay_readable(path):
     lines = len(path.read_text().splitlines())
     assert lines < MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines; split it by idea"
+
+
+def script_modules() -> dict[str, Path]:
+    return {path.stem: path for folder in SCRIPT_FOLDERS for path in sorted(folder.glob("*.py"))}
+
+
+def importers_of(names: set[str]) -> dict[str, list[str]]:
+    """Installed files that import one of ``names`` as a top-level module, optional imports
+    included: transformers 5.25 imports the `kernels` package, and a bench/kernels.py hid it
+    from every bench script (CI, 2026-12-03)."""
+    alternatives = "|".join(sorted(map(re.escape, names)))
+    statement = re.compile(rf"^[ \t]*(?:from[ \t]+({alternatives})[ \t]+import\b|import[ \t]+({alternatives})[ \t]*$)",
+                           re.MULTILINE)
+    site = Path(sysconfig.get_paths()["purelib"])
+    found: dict[str, list[str]] = {}
+    for path in sorted(site.rglob("*.py")):
+        top = path.relative_to(site).parts[0].split(".")[0]
+        for match in statement.finditer(path.read_text(errors="ignore")):
+            name = match.group(1) or match.group(2)
+            if name != top and str(path.relative_to(site)) not in found.get(name, []):  # not itself
+                found.setdefault(name, []).append(str(path.relative_to(site)))
+    return found
+
+
+def test_no_script_module_hides_a_library():
+    names = set(script_modules())
+    distributions = importlib.metadata.packages_distributions()
+    clashes = [f"{name}: Python's own module" for name in sorted(names & set(sys.stdlib_module_names))]
+    clashes += [f"{name}: the top-level module of {', '.join(distributions[name])}"
+                for name in sorted(names & set(distributions))]
+    clashes += [f"{name}: imported by {', '.join(paths[:3])}" for name, paths in sorted(importers_of(names).items())]
+    assert not clashes, "rename these modules of " + ", ".join(str(f.name) for f in SCRIPT_FOLDERS) + ":\n" + "\n".join(
+        f"{script_modules()[c.split(':')[0]].relative_to(PACKAGE.parent)} ({c})" for c in clashes)
+
+
+def test_the_library_check_sees_an_optional_import(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "somelib").mkdir(parents=True)
+    (site / "somelib" / "hub.py").write_text("try:\n    from kernels import CUDAProperties\nexcept ImportError:\n    pass\n")
+    (site / "kernels").mkdir()
+    (site / "kernels" / "__init__.py").write_text("import kernels\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"purelib": str(site)})
+    assert importers_of({"kernels", "common"}) == {"kernels": ["somelib/hub.py"]}

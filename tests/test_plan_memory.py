@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -82,19 +81,14 @@ def test_plan_is_within_a_quarter_of_a_measured_two_rank_run(tmp_path):
     against the plan of the same config (~25 s on the idle 2-core machine). The tiny run is mostly
     the runtime line; the larger shapes are in docs/benchmarks.md (bench/plan_memory.py), all
     within 0.95-1.04 there; 25% leaves room for another machine's libraries."""
-    for attempt in (1, 2):
-        out = tmp_path / f"rows{attempt}.json"
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "bench" / "plan_memory.py"), "--shape", "tiny", "--zero", "3", "--task",
-             "sst2", "--data", "pkg://glue-sample", "--steps", "2", "--workdir", str(tmp_path / f"work{attempt}"),
-             "--json", str(out)],
-            cwd=REPO, env=dskd_env(tmp_path), capture_output=True, text=True, timeout=240)
-        if proc.returncode == 0:
-            break
-        # The 2-rank run is this test's instrument, not its subject (test_e2e's ZeRO-3 runs are, with
-        # no retry). It failed once on CI with both ranks exiting 1, for a cause not yet known: a
-        # first failure is reported with the ranks' log tails and retried; a second fails the test.
-        warnings.warn(f"the measured 2-rank run failed (attempt {attempt}); its ranks' logs:\n{proc.stderr[-8000:]}")
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "plan_memory.py"), "--shape", "tiny", "--zero", "3", "--task",
+         "sst2", "--data", "pkg://glue-sample", "--steps", "2", "--workdir", str(tmp_path / "work"),
+         "--json", str(out)],
+        cwd=REPO, env=dskd_env(tmp_path), capture_output=True, text=True, timeout=240)
+    # On failure the bench's message carries each rank's log tail: that is how CI's failure of
+    # 2026-12-03 showed its cause (bench/kernels.py hid transformers' `kernels` package).
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
     (row,) = json.loads(out.read_text())
     assert [r["rank"] for r in row["ranks"]] == [0, 1] and all(r["code"] == 0 for r in row["ranks"])

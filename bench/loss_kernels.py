@@ -14,7 +14,7 @@ runs forward + backward once in a fresh process and reports how far its peak res
 memory (Linux ``VmHWM`` after resetting it; ``max_memory_allocated`` on CUDA) rose above the level after the
 inputs were made, so allocator noise from other cases cannot leak in. Prints one JSON object.
 
-    python bench/kernels.py [--rounds 5] [--cases attention soft_kl hidden]
+    python bench/loss_kernels.py [--rounds 5] [--cases attention soft_kl hidden]
 """
 
 from __future__ import annotations
