@@ -148,25 +148,26 @@ def importers_of(names: set[str]) -> dict[str, list[str]]:
     statement = re.compile(rf"^[ \t]*(?:from[ \t]+({alternatives})[ \t]+import\b|import[ \t]+({alternatives})[ \t]*$)",
                            re.MULTILINE)
     site = Path(sysconfig.get_paths()["purelib"])
-    found: dict[str, list[str]] = {}
-    for path in sorted(site.rglob("*.py")):
-        top = path.relative_to(site).parts[0].split(".")[0]
+    found: dict[str, set[str]] = {}
+    for path in site.rglob("*.py"):
+        where = path.relative_to(site)
         for match in statement.finditer(path.read_text(errors="ignore")):
             name = match.group(1) or match.group(2)
-            if name != top and str(path.relative_to(site)) not in found.get(name, []):  # not itself
-                found.setdefault(name, []).append(str(path.relative_to(site)))
-    return found
+            if name != where.parts[0].split(".")[0]:  # a package importing itself
+                found.setdefault(name, set()).add(str(where))
+    return {name: sorted(paths) for name, paths in found.items()}
 
 
 def test_no_script_module_hides_a_library():
-    names = set(script_modules())
+    scripts = script_modules()
     distributions = importlib.metadata.packages_distributions()
-    clashes = [f"{name}: Python's own module" for name in sorted(names & set(sys.stdlib_module_names))]
-    clashes += [f"{name}: the top-level module of {', '.join(distributions[name])}"
-                for name in sorted(names & set(distributions))]
-    clashes += [f"{name}: imported by {', '.join(paths[:3])}" for name, paths in sorted(importers_of(names).items())]
-    assert not clashes, "rename these modules of " + ", ".join(str(f.name) for f in SCRIPT_FOLDERS) + ":\n" + "\n".join(
-        f"{script_modules()[c.split(':')[0]].relative_to(PACKAGE.parent)} ({c})" for c in clashes)
+    clashes = {name: "Python's own module" for name in set(scripts) & set(sys.stdlib_module_names)}
+    clashes |= {name: f"the top-level module of {', '.join(distributions[name])}"
+                for name in set(scripts) & set(distributions) if name not in clashes}
+    clashes |= {name: f"imported by {', '.join(paths[:3])}"
+                for name, paths in importers_of(set(scripts)).items() if name not in clashes}
+    assert not clashes, "rename these script modules:\n" + "\n".join(
+        f"{scripts[name].relative_to(PACKAGE.parent)}: {name} is {why}" for name, why in sorted(clashes.items()))
 
 
 def test_the_library_check_sees_an_optional_import(tmp_path, monkeypatch):

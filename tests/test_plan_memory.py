@@ -83,9 +83,8 @@ def test_plan_is_within_a_quarter_of_a_measured_two_rank_run(tmp_path):
     within 0.95-1.04 there; 25% leaves room for another machine's libraries."""
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "plan_memory.py"), "--shape", "tiny", "--zero", "3", "--task",
-         "sst2", "--data", "pkg://glue-sample", "--steps", "2", "--workdir", str(tmp_path / "work"),
-         "--json", str(out)],
+        [sys.executable, str(REPO / "bench" / "plan_memory.py"), "--shape", "tiny", "--zero", "3", "--task", "sst2",
+         "--data", "pkg://glue-sample", "--steps", "2", "--workdir", str(tmp_path / "work"), "--json", str(out)],
         cwd=REPO, env=dskd_env(tmp_path), capture_output=True, text=True, timeout=240)
     # On failure the bench's message carries each rank's log tail: that is how CI's failure of
     # 2026-12-03 showed its cause (bench/kernels.py hid transformers' `kernels` package).
